@@ -1,0 +1,201 @@
+"""Projected gradient attacks (Madry et al. 2018) for training and evaluation.
+
+The training attack maximises the same divergence the objective minimises
+(SCORE Sec. 5: TRADES maximises D(p(x), p(x')), PGD-AT maximises D(target, p(x'))).
+The evaluation attack is PGD-k on cross-entropy with restarts.
+
+BatchNorm running statistics never change during an attack: the model is put in eval
+mode for the attack (as the official SCORE/TRADES code does) and its mode is restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .losses import Objective, smooth_onehot
+
+NORMS = ("linf", "l2")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """A PGD threat model and budget.
+
+    ``eps`` is the radius of B(x) in ``norm``; ``step_size`` defaults to 2.5 eps / steps
+    (Madry et al.); ``pixel_range`` is the valid input box (``None`` for unbounded inputs
+    such as the 1-D toy).
+    """
+
+    eps: float
+    norm: str = "linf"
+    steps: int = 10
+    step_size: float | None = None
+    random_start: bool = True
+    pixel_range: tuple[float, float] | None = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm '{self.norm}'; choose one of: {', '.join(NORMS)}")
+        if self.eps < 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if self.steps < 0:
+            raise ValueError(f"attack steps must be >= 0, got {self.steps}")
+
+    @property
+    def alpha(self) -> float:
+        if self.step_size is not None:
+            return self.step_size
+        return 2.5 * self.eps / max(self.steps, 1)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode (BN uses and keeps its running stats) and restore each module's mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, cfg: AttackConfig) -> torch.Tensor:
+    """Project onto B(x) ∩ pixel box: clip (linf) or rescale (l2) the perturbation, then clamp."""
+    delta = x_adv - x
+    if cfg.norm == "linf":
+        delta = delta.clamp(-cfg.eps, cfg.eps)
+    else:
+        delta = delta * torch.clamp(cfg.eps / _flat_norm(delta), max=1.0)
+    out = x + delta
+    if cfg.pixel_range is not None:
+        out = out.clamp(*cfg.pixel_range)
+    return out
+
+
+def random_init(x: torch.Tensor, cfg: AttackConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uniform random point of B(x) (linf: uniform cube; l2: uniform direction, uniform radius)."""
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) if cfg.norm == "linf" else None
+    if cfg.norm == "linf":
+        delta = (2 * noise - 1) * cfg.eps
+    else:
+        d = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        r = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+        delta = d / _flat_norm(d) * r * cfg.eps
+    return project(x + delta, x, cfg)
+
+
+def _ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, cfg: AttackConfig) -> torch.Tensor:
+    if cfg.norm == "linf":
+        return x_adv + cfg.alpha * grad.sign()
+    return x_adv + cfg.alpha * grad / _flat_norm(grad)
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    per_sample_loss: Callable[[torch.Tensor], torch.Tensor],
+    cfg: AttackConfig,
+    *,
+    x_init: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Maximise ``per_sample_loss(model(x'))`` over x' in B(x) by projected gradient ascent.
+
+    ``per_sample_loss`` maps logits to a per-sample tensor; the gradient of its sum is
+    followed. Returns the detached adversarial input. The model runs in eval mode.
+    """
+    x = x.detach()
+    if x_init is not None:
+        x_adv = project(x_init.detach(), x, cfg)
+    elif cfg.random_start and cfg.eps > 0:
+        x_adv = random_init(x, cfg, generator)
+    else:
+        x_adv = x.clone()
+    with eval_mode(model), torch.enable_grad():
+        for _ in range(cfg.steps):
+            x_adv.requires_grad_(True)
+            loss = per_sample_loss(model(x_adv)).float().sum()
+            (grad,) = torch.autograd.grad(loss, [x_adv])
+            x_adv = project(_ascent_step(x_adv.detach(), grad, cfg), x, cfg)
+    return x_adv.detach()
+
+
+def training_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    objective: Objective,
+    cfg: AttackConfig,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The inner maximisation of adversarial training for ``objective``.
+
+    TRADES: start at x + 0.001 N(0, I) (Zhang et al.), maximise D(p(x), p(x')) with p(x)
+    computed once in eval mode and held fixed.  PGD-AT: uniform random start, maximise
+    D(target, p(x')) (cross-entropy for KL).
+    """
+    div = objective.divergence
+    if objective.method == "trades":
+        with eval_mode(model), torch.no_grad():
+            p_nat = F.softmax(model(x).float(), dim=-1)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_init = x + 0.001 * noise
+
+        def attack_loss(logits: torch.Tensor) -> torch.Tensor:
+            if objective.loss == "kl":  # KL(p(x) || p(x')) as in TRADES
+                return (p_nat * (torch.log(p_nat.clamp_min(1e-12)) - F.log_softmax(logits.float(), dim=-1))).sum(-1)
+            return div(p_nat, F.softmax(logits.float(), dim=-1))
+
+        return pgd(model, x, attack_loss, cfg, x_init=x_init, generator=generator)
+
+    def pgdat_loss(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        target = smooth_onehot(y, logits.shape[-1], objective.label_smoothing)
+        if objective.loss == "kl":
+            return -(target * F.log_softmax(logits, dim=-1)).sum(-1)
+        return div(target, F.softmax(logits, dim=-1))
+
+    return pgd(model, x, pgdat_loss, cfg, generator=generator)
+
+
+def pgd_ce(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: AttackConfig,
+    *,
+    restarts: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Evaluation PGD-k on cross-entropy with ``restarts`` random restarts.
+
+    Per sample it keeps the first restart that fools the model (else the last one).
+    """
+    x_best = x.detach().clone()
+    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+
+    def ce(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y, reduction="none")
+
+    for _ in range(max(restarts, 1)):
+        x_adv = pgd(model, x, ce, cfg, generator=generator)
+        with eval_mode(model), torch.no_grad():
+            wrong = model(x_adv).argmax(-1) != y
+        take = ~fooled
+        x_best[take] = x_adv[take]
+        fooled |= wrong
+        if bool(fooled.all()):
+            break
+    return x_best

@@ -1,0 +1,486 @@
+"""The training engine: one epoch of adversarial training, evaluation, optimisers,
+schedules, EMA, seeding and checkpoints. Framework-free (plain torch); Ray Train and the
+CLI drive it.
+
+Multi-worker use: pass ``rank``/``world_size`` and a DDP-wrapped ``model``; attacks and
+evaluation use the unwrapped network, metric sums are all-reduced when
+``torch.distributed`` is initialised, so every rank reports the global mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attacks import AttackConfig, eval_mode, pgd_ce, training_attack
+from .config import ExperimentConfig, OptimConfig
+from .data import BatchLoader, Dataset, load_dataset
+from .losses import Objective, madry_kl
+from .models import build_model
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read (missing, truncated, not a scoretune checkpoint)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss."""
+
+
+# ----------------------------------------------------------------------------- devices, seeds
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda if available, else mps, else cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a DDP / compiled wrapper."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def autocast_context(device: torch.device, amp: str):
+    """bf16 autocast on CUDA when ``amp`` is 'auto' or 'on'; fp32 elsewhere."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int, steps_per_epoch: int) -> float:
+    """LR multiplier at optimiser step ``step``: linear warm-up, then cosine / piecewise / constant."""
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(total_steps - warm, 1)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.schedule == "piecewise":
+        return cfg.gamma ** sum(progress >= m for m in cfg.milestones)
+    return 1.0
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    total = epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg, total, steps_per_epoch)
+    )
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights (and copied buffers), as in Rebuffi et al. 2021."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(unwrap(model)).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        src = unwrap(model).state_dict()
+        for k, v in self.module.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(self.decay).add_(src[k].detach(), alpha=1.0 - self.decay)
+            else:
+                v.copy_(src[k])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class MetricSums:
+    """Sums and counts accumulated on the device, all-reduced once per epoch."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, total: torch.Tensor, count: int) -> None:
+        t = self.sums.get(name)
+        if t is None:
+            t = self.sums[name] = torch.zeros(2, dtype=torch.float64, device=self.device)
+        t[0] += total.detach().to(torch.float64)
+        t[1] += count
+
+    def means(self) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        names = sorted(self.sums)
+        stacked = torch.stack([self.sums[n] for n in names])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stacked)
+        stacked = stacked.cpu()
+        return {n: float(s[0] / s[1]) if s[1] > 0 else float("nan") for n, s in zip(names, stacked)}
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    objective: Objective,
+    attack: AttackConfig,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    *,
+    device: torch.device,
+    amp: str = "auto",
+    ema: ModelEMA | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One epoch of adversarial training (TRADES or PGD-AT under ``objective``).
+
+    Returns global means of: ``train_loss`` (the objective), ``train_natural`` and
+    ``train_robust`` (its terms), ``train_madry_kl`` (per-sample CE on the adversarial
+    input, the summand of R_Madry that the floor rule watches), ``train_clean_acc`` and
+    ``train_adv_acc``.  Raises :class:`NonFiniteLossError` on a NaN/inf loss.
+    """
+    net = unwrap(model)
+    model.train()
+    sums = MetricSums(device)
+    for x, y in loader:
+        with autocast_context(device, amp):
+            x_adv = training_attack(net, x, y, objective, attack, generator=generator)
+        with autocast_context(device, amp):
+            if objective.method == "trades":
+                logits = model(torch.cat([x, x_adv])) if _no_batchnorm(net) else None
+                if logits is not None:
+                    logits_nat, logits_adv = logits.float().chunk(2)
+                else:
+                    logits_nat = model(x).float()
+                    logits_adv = model(x_adv).float()
+            else:
+                logits_nat = None
+                logits_adv = model(x_adv).float()
+            terms = objective.per_sample(logits_adv, y, logits_nat)
+            loss = terms["loss"].mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) : lower optim.lr, or check the data for NaN/inf"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        n = y.shape[0]
+        with torch.no_grad():
+            sums.add("train_loss", terms["loss"].sum(), n)
+            sums.add("train_natural", terms["natural"].sum(), n)
+            sums.add("train_robust", terms["robust"].sum(), n)
+            sums.add("train_madry_kl", madry_kl(logits_adv.detach(), y).sum(), n)
+            sums.add("train_adv_acc", (logits_adv.argmax(-1) == y).sum(), n)
+            if logits_nat is not None:
+                sums.add("train_clean_acc", (logits_nat.argmax(-1) == y).sum(), n)
+    return sums.means()
+
+
+def _no_batchnorm(net: nn.Module) -> bool:
+    """True when clean and adversarial halves can share one forward pass without changing the
+    result: no batch-statistics layer couples the samples of a batch."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+@torch.no_grad()
+def _correct(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (net(x).argmax(-1) == y).sum()
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    attack: AttackConfig | None,
+    *,
+    device: torch.device,
+    restarts: int = 1,
+    prefix: str = "val",
+    max_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Clean accuracy and PGD-k (cross-entropy) robust accuracy, in eval mode.
+
+    Returns ``{prefix}_clean_acc`` and (when ``attack`` is given) ``{prefix}_pgd_acc``,
+    global over ranks when ``torch.distributed`` is initialised.
+    """
+    net = unwrap(model)
+    sums = MetricSums(device)
+    seen = 0
+    with eval_mode(net):
+        for x, y in loader:
+            if max_samples is not None and seen >= max_samples:
+                break
+            if max_samples is not None and seen + y.shape[0] > max_samples:
+                x, y = x[: max_samples - seen], y[: max_samples - seen]
+            seen += y.shape[0]
+            n = y.shape[0]
+            sums.add(f"{prefix}_clean_acc", _correct(net, x, y), n)
+            if attack is not None:
+                x_adv = pgd_ce(net, x, y, attack, restarts=restarts, generator=generator)
+                sums.add(f"{prefix}_pgd_acc", _correct(net, x_adv, y), n)
+    return sums.means()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` atomically (temp file + rename): a crash never leaves a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code, random bytes ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {first[:200]} (file corrupt or not a scoretune checkpoint; "
+            "delete it to restart from the previous one)"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a scoretune checkpoint (no 'model' entry)")
+    return state
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class Trainer:
+    """Owns everything one training run needs; the CLI and the Ray Train loop drive it.
+
+    ``epoch`` counts finished epochs; ``history`` holds one metrics dict per finished epoch.
+    """
+
+    cfg: ExperimentConfig
+    dataset: Dataset | None = None
+    device: torch.device | None = None
+    rank: int = 0
+    world_size: int = 1
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        self.device = self.device or resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        if self.dataset is None:
+            self.dataset = load_dataset(
+                cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size, seed=cfg.seed,
+                ddpm_path=cfg.data.ddpm_path, **cfg.data.options,
+            )
+        info = self.dataset.info
+        self.model_spec = model_spec(cfg, info)
+        self.net = build_model_from_spec(self.model_spec).to(self.device)
+        if self.device.type == "cuda" and len(info.input_shape) == 3:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.model = self.wrap_model(self.net) if self.wrap_model else self.net
+        self.objective = Objective(**cfg.objective.model_dump())
+        self.train_attack = AttackConfig(
+            eps=cfg.attack.eps, norm=cfg.attack.norm, steps=cfg.attack.steps,
+            step_size=cfg.attack.step_size, pixel_range=info.pixel_range,
+        )
+        self.eval_attack = AttackConfig(
+            eps=cfg.attack.eps, norm=cfg.attack.norm, steps=cfg.eval.pgd_steps,
+            step_size=cfg.attack.step_size if cfg.eval.pgd_steps == cfg.attack.steps else None,
+            pixel_range=info.pixel_range,
+        ) if cfg.eval.pgd_steps > 0 else None
+        if cfg.batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} is not divisible by {self.world_size} workers: "
+                "the global batch is split evenly across workers"
+            )
+        per_rank = cfg.batch_size // self.world_size
+        ds = self.dataset
+        self.train_loader = BatchLoader(
+            ds.train, per_rank, shuffle=True, device=self.device, augment=info.augment, seed=cfg.seed,
+            drop_last=True if len(ds.train) >= cfg.batch_size else False,
+            extra=ds.extra, extra_fraction=cfg.data.ddpm_fraction if ds.extra is not None else 0.0,
+            rank=self.rank, world_size=self.world_size, pixel_range=info.pixel_range or (0.0, 1.0),
+        )
+        eval_bs = max(per_rank, 256)
+        self.val_loader = BatchLoader(ds.val, eval_bs, shuffle=False, device=self.device,
+                                      rank=self.rank, world_size=self.world_size) if len(ds.val) else None
+        self.test_loader = BatchLoader(ds.test, eval_bs, shuffle=False, device=self.device,
+                                       rank=self.rank, world_size=self.world_size)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.epochs, max(len(self.train_loader), 1))
+        self.ema = ModelEMA(self.net, cfg.ema_decay) if cfg.ema_decay else None
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed * 1000 + self.rank)
+
+    # -- the model that is evaluated and exported (EMA weights when enabled)
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.net
+
+    def train_one_epoch(self) -> dict[str, float]:
+        """Train one epoch, evaluate on val (and test), append to ``history``; returns the row."""
+        cfg = self.cfg
+        self.train_loader.set_epoch(self.epoch)
+        t0 = time.perf_counter()
+        row: dict[str, float] = {"epoch": float(self.epoch + 1), "lr": self.optimizer.param_groups[0]["lr"]}
+        row.update(train_epoch(
+            self.model, self.train_loader, self.objective, self.train_attack, self.optimizer, self.scheduler,
+            device=self.device, amp=cfg.amp, ema=self.ema, generator=self.generator,
+        ))
+        row["train_time"] = time.perf_counter() - t0
+        row.update(self.evaluate_splits())
+        row["epoch_time"] = time.perf_counter() - t0
+        self.epoch += 1
+        self.history.append(row)
+        return row
+
+    def evaluate_splits(self) -> dict[str, float]:
+        cfg = self.cfg
+        out: dict[str, float] = {}
+        loaders = [("val", self.val_loader)]
+        if cfg.eval.test:
+            loaders.append(("test", self.test_loader))
+        for prefix, loader in loaders:
+            if loader is None:
+                continue
+            out.update(evaluate(
+                self.eval_model, loader, self.eval_attack, device=self.device, restarts=cfg.eval.restarts,
+                prefix=prefix, max_samples=_per_rank(cfg.eval.max_samples, self.world_size),
+                generator=self.generator,
+            ))
+        return out
+
+    # -- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "scoretune-checkpoint-v1",
+            "model": unwrap(self.net).state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "history": [dict(r) for r in self.history],
+            "rng_torch": torch.get_rng_state(),
+            "rng_attack": self.generator.get_state(),
+            "config": self.cfg.to_json(),
+            "model_spec": json.dumps(self.model_spec),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        self.history = [dict(r) for r in state.get("history", [])]
+        if "rng_torch" in state:
+            torch.set_rng_state(state["rng_torch"])
+        if "rng_attack" in state:
+            self.generator.set_state(state["rng_attack"])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return save_checkpoint(path, self.state_dict())
+
+    def resume(self, path: str | os.PathLike) -> None:
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+
+
+def _per_rank(n: int | None, world_size: int) -> int | None:
+    return None if n is None else max(1, math.ceil(n / world_size))
+
+
+def model_from_checkpoint(
+    state_or_path: dict[str, Any] | str | os.PathLike,
+    *,
+    device: torch.device | str = "cpu",
+    use_ema: bool = True,
+) -> tuple[nn.Module, ExperimentConfig]:
+    """Rebuild the network of a checkpoint (EMA weights when present) in eval mode."""
+    state = state_or_path if isinstance(state_or_path, dict) else load_checkpoint(state_or_path)
+    cfg = ExperimentConfig.model_validate(json.loads(state["config"]))
+    net = build_model_from_spec(json.loads(state["model_spec"]))
+    weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+    net.load_state_dict(weights)
+    return net.to(device).eval(), cfg
+
+
+def model_spec(cfg: ExperimentConfig, info: Any) -> dict[str, Any]:
+    """Everything needed to rebuild the network without the dataset (stored in checkpoints)."""
+    kwargs: dict[str, Any] = dict(cfg.model.options)
+    if cfg.model.activation:
+        kwargs["activation"] = cfg.model.activation
+    return {
+        "name": cfg.model.name, "input_shape": list(info.input_shape), "num_classes": info.num_classes,
+        "mean": list(info.mean), "std": list(info.std), "options": kwargs,
+        "pixel_range": list(info.pixel_range) if info.pixel_range else None, "dataset": info.name,
+    }
+
+
+def build_model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    return build_model(
+        spec["name"], input_shape=tuple(spec["input_shape"]), num_classes=spec["num_classes"],
+        mean=tuple(spec["mean"]), std=tuple(spec["std"]), **spec["options"],
+    )
