@@ -1,0 +1,1 @@
+"""One module per ``scoretune`` subcommand (see :mod:`scoretune.cli`)."""

@@ -1,0 +1,47 @@
+"""Shared fixtures. One local Ray instance serves every Ray test of the session."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_local():
+    """A local Ray with 2 CPUs, started once and shared; re-started if a test shut it down
+    (multi-node tests start their own cluster and shut it down when done)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    yield ray
+
+
+def pytest_sessionfinish(session, exitstatus):
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        pass
+
+
+@pytest.fixture
+def tracking_uri(tmp_path):
+    """A fresh MLflow SQLite store for one test."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
