@@ -1,0 +1,153 @@
+"""The single-process training engine on real (bundled) data."""
+
+import math
+
+import pytest
+import torch
+
+from scoretune.config import build_config
+from scoretune.engine import (
+    CheckpointError,
+    NonFiniteLossError,
+    Trainer,
+    evaluate,
+    load_checkpoint,
+    lr_factor,
+    model_from_checkpoint,
+)
+
+DIGITS_TRADES_SE = {
+    "data": {"name": "digits"},
+    "model": {"name": "small_cnn"},
+    "objective": {"method": "trades", "loss": "se", "beta": 6.0},
+    "attack": {"eps": 0.2, "steps": 10},
+    "eval": {"pgd_steps": 20, "test": False},
+    "optim": {"lr": 0.2},
+    "epochs": 10,
+    "batch_size": 64,
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """TRADES-SE, eps 0.2, 10 epochs on digits: the foundation issue's acceptance run."""
+    out = tmp_path_factory.mktemp("digits")
+    cfg = build_config({**DIGITS_TRADES_SE, "output_dir": str(out)})
+    trainer = Trainer(cfg)
+    for _ in range(cfg.epochs):
+        trainer.train_one_epoch()
+    path = trainer.save(out / "last.pt")
+    return trainer, path
+
+
+def _test_accuracy(net, trainer, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return evaluate(net, trainer.test_loader, trainer.eval_attack, device=trainer.device, prefix="test", generator=gen)
+
+
+def test_trades_se_on_digits_beats_85_clean_and_35_pgd20(trained):
+    trainer, _ = trained
+    metrics = _test_accuracy(trainer.eval_model, trainer)
+    assert metrics["test_clean_acc"] > 0.85
+    assert metrics["test_pgd_acc"] > 0.35
+    assert len(trainer.history) == 10 and trainer.history[-1]["epoch"] == 10
+
+
+def test_training_reports_the_madry_kl_robust_loss(trained):
+    trainer, _ = trained
+    first, last = trainer.history[0], trainer.history[-1]
+    assert 0 < last["train_madry_kl"] < first["train_madry_kl"]
+    assert all(math.isfinite(r["train_loss"]) for r in trainer.history)
+
+
+def test_checkpoint_round_trip_gives_identical_accuracy(trained):
+    trainer, path = trained
+    net, cfg = model_from_checkpoint(path)
+    assert cfg.objective.loss == "se"
+    a = _test_accuracy(trainer.eval_model, trainer, seed=1)
+    b = _test_accuracy(net, trainer, seed=1)
+    assert a == b and a["test_clean_acc"] > 0.85
+
+
+def test_resuming_reproduces_an_uninterrupted_run_exactly(tmp_path):
+    raw = {**DIGITS_TRADES_SE, "epochs": 3, "attack": {"eps": 0.2, "steps": 2}, "eval": {"pgd_steps": 2, "test": False}}
+    cfg = build_config(raw)
+    straight = Trainer(cfg)
+    for _ in range(3):
+        straight.train_one_epoch()
+
+    first = Trainer(cfg)
+    first.train_one_epoch()
+    first.save(tmp_path / "ckpt.pt")
+    resumed = Trainer(cfg)
+    resumed.resume(tmp_path / "ckpt.pt")
+    assert resumed.epoch == 1
+    for _ in range(2):
+        resumed.train_one_epoch()
+    for k, v in straight.net.state_dict().items():
+        torch.testing.assert_close(resumed.net.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert [r["epoch"] for r in resumed.history] == [1.0, 2.0, 3.0]
+
+
+def test_nan_loss_raises_a_clear_error():
+    cfg = build_config({**DIGITS_TRADES_SE, "optim": {"lr": 1e12, "momentum": 0.0, "nesterov": False},
+                        "epochs": 2, "attack": {"eps": 0.2, "steps": 1}})
+    trainer = Trainer(cfg)
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss.*lower optim.lr"):
+        for _ in range(2):
+            trainer.train_one_epoch()
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a zip file")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(bad)
+    assert "cannot read checkpoint" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoints_refuse_pickled_code(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, path, pickle_module=pickle)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "schedule,step,expected",
+    [("cosine", 0, 1.0), ("cosine", 50, 0.5), ("cosine", 100, 0.0),
+     ("piecewise", 49, 1.0), ("piecewise", 50, 0.1), ("piecewise", 80, 0.01), ("constant", 70, 1.0)],
+)
+def test_lr_schedules(schedule, step, expected):
+    cfg = build_config({"optim": {"schedule": schedule}}).optim
+    assert lr_factor(step, cfg, total_steps=100, steps_per_epoch=10) == pytest.approx(expected, abs=1e-9)
+
+
+def test_warmup_ramps_linearly():
+    cfg = build_config({"optim": {"warmup_epochs": 1}}).optim
+    assert [lr_factor(s, cfg, 100, 10) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+
+
+def test_ema_weights_lag_the_trained_weights():
+    cfg = build_config({**DIGITS_TRADES_SE, "epochs": 1, "ema_decay": 0.9,
+                        "attack": {"eps": 0.2, "steps": 1}, "eval": {"pgd_steps": 0, "test": False}})
+    trainer = Trainer(cfg)
+    trainer.train_one_epoch()
+    w = dict(trainer.net.named_parameters())
+    diffs = [(trainer.ema.module.state_dict()[k] - p).abs().max().item() for k, p in w.items()]
+    assert max(diffs) > 0
+    assert trainer.eval_model is trainer.ema.module
+
+
+def test_global_batch_must_split_evenly_across_workers():
+    cfg = build_config({**DIGITS_TRADES_SE, "batch_size": 63})
+    with pytest.raises(ValueError, match="not divisible by 2 workers"):
+        Trainer(cfg, world_size=2)
