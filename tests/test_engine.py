@@ -151,3 +151,14 @@ def test_global_batch_must_split_evenly_across_workers():
     cfg = build_config({**DIGITS_TRADES_SE, "batch_size": 63})
     with pytest.raises(ValueError, match="not divisible by 2 workers"):
         Trainer(cfg, world_size=2)
+
+
+def test_resuming_with_a_larger_budget_follows_the_new_schedule(tmp_path):
+    raw = {**DIGITS_TRADES_SE, "epochs": 1, "attack": {"eps": 0.2, "steps": 1}, "eval": {"pgd_steps": 0, "test": False}}
+    short = Trainer(build_config(raw))
+    short.train_one_epoch()
+    assert short.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # end of a 1-epoch cosine
+    short.save(tmp_path / "ckpt.pt")
+    longer = Trainer(build_config({**raw, "epochs": 2}))
+    longer.resume(tmp_path / "ckpt.pt")
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 0.5, rel=1e-6)  # half-way through 2 epochs

@@ -434,6 +434,10 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule is a function of this config (a resumed run may have a larger epoch
+        # budget): recompute the current LR from it instead of trusting the saved value.
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * fn(self.scheduler.last_epoch)
         self.epoch = int(state["epoch"])
         self.history = [dict(r) for r in state.get("history", [])]
         if "rng_torch" in state:
