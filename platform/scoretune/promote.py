@@ -1,0 +1,104 @@
+"""Promotion: put a search's best model into the MLflow Model Registry under an alias.
+
+    result = promote("quickstart")            # best child run by val_pgd_acc (max)
+    result.uri                                # "models:/scoretune-quickstart@champion"
+
+The search's parent run is found by its ``scoretune.search_name`` tag (the newest one when a name was
+reused); among its child runs that have a logged model (tag ``scoretune.model_uri``), the best by
+``metric`` wins. A child's value is its best-epoch value ``best_<metric>`` when the search optimised
+that metric in that mode, else the best value in the metric's history (so ``--metric aa_acc`` works
+once the evaluation logs it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UserError
+from .search_tracking import TAG_MODEL_URI, child_runs, find_parent_runs
+from .tracking import client as mlflow_client
+from .tracking import resolve_tracking_uri
+
+
+@dataclass(frozen=True)
+class Promotion:
+    model_name: str
+    version: str
+    alias: str
+    run_id: str
+    trial_id: str
+    metric: str
+    value: float
+    source_uri: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.model_name}@{self.alias}"
+
+
+def child_value(cl: Any, run: Any, metric: str, mode: str, optimised: set[str]) -> float | None:
+    """The value a child run is ranked by (see the module docstring), or None when it has none."""
+    import math
+
+    if f"{metric}:{mode}" in optimised and f"best_{metric}" in run.data.metrics:
+        return float(run.data.metrics[f"best_{metric}"])
+    hist = [m.value for m in cl.get_metric_history(run.info.run_id, metric) if math.isfinite(m.value)]
+    if not hist:
+        return None
+    return float(max(hist) if mode == "max" else min(hist))
+
+
+def pick_best(cl: Any, parent: Any, metric: str, mode: str) -> tuple[Any, float]:
+    """The best child run of ``parent`` that has a logged model, and its value."""
+    optimised = {s.strip() for s in parent.data.params.get("search.objective", "").split(",") if s.strip()}
+    children = child_runs(cl, parent)
+    with_model = [r for r in children if r.data.tags.get(TAG_MODEL_URI)]
+    name = parent.data.tags.get("scoretune.search_name", parent.info.run_name)
+    if not with_model:
+        raise UserError(f"no trial of search '{name}' has a logged model (the search logs top_k models when it "
+                        "finishes; resume it with `scoretune search SPACE --resume` if it was interrupted)")
+    scored = [(r, child_value(cl, r, metric, mode, optimised)) for r in with_model]
+    scored = [(r, v) for r, v in scored if v is not None]
+    if not scored:
+        known = sorted({k for r in with_model for k in r.data.metrics})
+        raise UserError(f"no trial with a model has metric '{metric}'; available: {', '.join(known)}")
+    return max(scored, key=lambda rv: rv[1] if mode == "max" else -rv[1])
+
+
+def promote(search: str, *, metric: str = "val_pgd_acc", mode: str = "max", alias: str = "champion",
+            model_name: str | None = None, tracking_uri: str | None = None) -> Promotion:
+    """Register the best model of search ``search`` and point ``alias`` at the new version."""
+    import mlflow
+
+    if mode not in ("max", "min"):
+        raise UserError(f"--mode must be max or min, got {mode!r}")
+    if any(c in search for c in "'\"`\\"):
+        raise UserError(f"--search: a search name has no quotes or backslashes (got {search!r})")
+    uri = resolve_tracking_uri(tracking_uri)
+    cl = mlflow_client(uri)
+    parents = find_parent_runs(cl, search)
+    if not parents:
+        names = sorted({r.data.tags.get("scoretune.search_name", "") for r in _all_parents(cl)} - {""})
+        hint = f"; searches in this store: {', '.join(names)}" if names else "; this store has no searches"
+        raise UserError(f"no search named '{search}' in {uri}{hint} (check --tracking-uri)")
+    parent = parents[0]
+    best, value = pick_best(cl, parent, metric, mode)
+    name = model_name or f"scoretune-{search}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    source = best.data.tags[TAG_MODEL_URI]
+    version = mlflow.register_model(source, name, tags={"scoretune.search_name": search,
+                                                        "scoretune.trial_id": best.data.tags.get("scoretune.trial_id", ""),
+                                                        "scoretune.metric": f"{metric}={value:.6g}"})
+    cl.set_registered_model_alias(name, alias, version.version)
+    return Promotion(model_name=name, version=str(version.version), alias=alias, run_id=best.info.run_id,
+                     trial_id=best.data.tags.get("scoretune.trial_id", ""), metric=metric, value=value,
+                     source_uri=source)
+
+
+def _all_parents(cl: Any) -> list[Any]:
+    exps = [e.experiment_id for e in cl.search_experiments()]
+    if not exps:
+        return []
+    return list(cl.search_runs(exps, filter_string="tags.`scoretune.kind` = 'search'", max_results=200))

@@ -1,0 +1,619 @@
+"""Search spaces (``search_spaces/*.yaml``): a validated schema for a Ray Tune + Optuna search.
+
+A space names a fixed experiment (``base``: an experiment mapping or the path of an experiment
+YAML) and the parameters to search, each a distribution over one experiment key::
+
+    name: quickstart
+    base: ../configs/digits_trades_se.yaml      # or an inline ExperimentConfig mapping
+    params:
+      beta: {loguniform: [1.0, 8.0]}            # alias of objective.beta
+      lr:   {choice: [0.1, 0.05]}               # alias of optim.lr
+      objective.loss: {choice: [se, kl]}        # any dotted experiment key
+    objective: {metric: val_pgd_acc, mode: max} # or a list -> multi-objective (Pareto front)
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
+    stoppers: {floor: {value: 0.1, patience: 2}}
+
+Validation happens before anything runs: every error is one line naming the key and, where
+there is a fixed set, the allowed values. Every point the search can sample is checked to make a
+valid experiment (choice values one by one and in combination, range end points).
+
+This module imports pydantic/yaml and the experiment config only (no Ray, no MLflow).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import os
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .config import (
+    ConfigError,
+    ExperimentConfig,
+    deep_merge,
+    format_validation_error,
+    parse_overrides,
+    read_yaml,
+)
+
+ALIASES: dict[str, str] = {
+    "beta": "objective.beta",
+    "loss": "objective.loss",
+    "method": "objective.method",
+    "clip": "objective.clip",
+    "clip_mode": "objective.clip_mode",
+    "label_smoothing": "objective.label_smoothing",
+    "lr": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "momentum": "optim.momentum",
+    "optimizer": "optim.name",
+    "schedule": "optim.schedule",
+    "warmup_epochs": "optim.warmup_epochs",
+    "eps": "attack.eps",
+    "attack_steps": "attack.steps",
+    "step_size": "attack.step_size",
+    "model": "model.name",
+    "activation": "model.activation",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "ema_decay": "ema_decay",
+}
+"""Short names for the usual searched keys (``beta`` -> ``objective.beta``)."""
+
+ENGINE_METRICS: tuple[str, ...] = (
+    "train_loss", "train_natural", "train_robust", "train_madry_kl", "train_clean_acc", "train_adv_acc",
+    "val_clean_acc", "val_pgd_acc", "test_clean_acc", "test_pgd_acc", "train_time", "epoch_time", "lr",
+)
+"""Per-epoch metrics a trial reports (the engine's row), usable as objectives and stopper metrics."""
+
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
+_MAX_JOINT_CHECKS = 512  # joint validation of every combination of probe values up to this many
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ParamSpec(_Strict):
+    """Exactly one of ``loguniform: [lo, hi]``, ``uniform: [lo, hi]``, ``int: [lo, hi]`` (both ends
+    included) or ``choice: [v1, v2, ...]``."""
+
+    loguniform: Optional[tuple[float, float]] = None
+    uniform: Optional[tuple[float, float]] = None
+    int_: Optional[tuple[int, int]] = Field(None, alias="int")
+    choice: Optional[list[Any]] = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_kind(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"expected a mapping with one of: {', '.join(DISTRIBUTIONS)} (e.g. {{loguniform: [1.0, 8.0]}})"
+            )
+        data = {k: v for k, v in data.items() if v is not None}
+        given = [k for k in data if k in DISTRIBUTIONS or k == "int_"]
+        unknown = [k for k in data if k not in DISTRIBUTIONS and k != "int_"]
+        if unknown:
+            raise ValueError(f"unknown distribution '{unknown[0]}'; choose one of: {', '.join(DISTRIBUTIONS)}")
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of: {', '.join(DISTRIBUTIONS)} (got {len(given)})")
+        return data
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "ParamSpec":
+        kind = self.kind
+        if kind == "choice":
+            if not self.choice:
+                raise ValueError("choice: needs a non-empty list of values")
+            for v in self.choice:
+                if v is not None and not isinstance(v, (bool, int, float, str)):
+                    raise ValueError(f"choice: values must be numbers, strings, booleans or null (got {v!r})")
+            if len({repr(v) for v in self.choice}) != len(self.choice):
+                raise ValueError(f"choice: values must be distinct (got {self.choice})")
+            return self
+        lo, hi = self.bounds
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{kind}: bounds must be finite (got [{lo}, {hi}])")
+        if not lo < hi:
+            raise ValueError(f"{kind}: needs lo < hi (got [{lo}, {hi}])")
+        if kind == "loguniform" and lo <= 0:
+            raise ValueError(f"loguniform: needs lo > 0 (got [{lo}, {hi}]); use uniform for ranges that include 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        for k in ("loguniform", "uniform", "choice"):
+            if getattr(self, k) is not None:
+                return k
+        return "int"
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        v = {"loguniform": self.loguniform, "uniform": self.uniform, "int": self.int_}[self.kind]
+        return v  # type: ignore[return-value]
+
+    def probe_values(self) -> list[Any]:
+        """The values that decide validity: every choice, or the two ends of a range."""
+        return list(self.choice) if self.kind == "choice" else list(self.bounds)
+
+    def contains(self, value: Any) -> bool:
+        if self.kind == "choice":
+            return value in self.choice  # type: ignore[operator]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        lo, hi = self.bounds
+        if self.kind == "int" and int(value) != value:
+            return False
+        return lo <= value <= hi
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return f"choice{self.choice}"
+        lo, hi = self.bounds
+        return f"{self.kind}[{lo:g}, {hi:g}]"
+
+    def optuna_distribution(self):
+        import optuna
+
+        d = optuna.distributions
+        if self.kind == "choice":
+            return d.CategoricalDistribution(list(self.choice))  # type: ignore[arg-type]
+        lo, hi = self.bounds
+        if self.kind == "int":
+            return d.IntDistribution(int(lo), int(hi))
+        return d.FloatDistribution(float(lo), float(hi), log=self.kind == "loguniform")
+
+
+class ObjectiveSpec(_Strict):
+    metric: str = "val_pgd_acc"
+    mode: Literal["max", "min"] = "max"
+
+    def __str__(self) -> str:
+        return f"{self.metric}:{self.mode}"
+
+
+class ResourcesSpec(_Strict):
+    """Per trial: ``workers`` Ray Train workers (1 = the engine runs inside the Tune trial process),
+    ``cpus`` and ``gpus`` per worker."""
+
+    workers: int = Field(1, ge=1)
+    cpus: float = Field(1.0, gt=0.0)
+    gpus: float = Field(0.0, ge=0.0)
+
+
+class SchedulerSpec(_Strict):
+    """``asha``: AsyncHyperBand on ``epoch`` (``max_t`` defaults to the epoch budget); ``none``: FIFO."""
+
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_t: Optional[int] = Field(None, ge=1)
+
+
+class SamplerSpec(_Strict):
+    """``tpe`` (seeded, multivariate; multi-objective too), ``random``, or ``grid`` (every combination of
+    ``choice`` params once: num_samples defaults to the grid size)."""
+
+    type: Literal["tpe", "random", "grid"] = "tpe"
+    n_startup_trials: Optional[int] = Field(None, ge=1)
+
+
+class FloorSpec(_Strict):
+    """SCORE's floor rule: stop a trial after ``patience`` epochs with ``metric`` (the robust KL training
+    loss) below (C^l1)^2/2. Give the floor as ``value``, or ``estimate: true`` (exact for toy data; other
+    data need ``proxy_checkpoint``, a trained scoretune checkpoint whose posterior stands in for p_d)."""
+
+    value: Optional[float] = Field(None, ge=0.0)
+    estimate: bool = False
+    proxy_checkpoint: Optional[str] = None
+    patience: int = Field(2, ge=1)
+    metric: str = "train_madry_kl"
+    samples: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "FloorSpec":
+        if (self.value is None) == (not self.estimate):
+            raise ValueError("give either value: F (the floor (C^l1)^2/2, see `scoretune bound`) or estimate: true")
+        return self
+
+
+class PlateauSpec(_Strict):
+    metric: str = "val_pgd_acc"
+    mode: Literal["max", "min"] = "max"
+    patience: int = Field(5, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class StoppersSpec(_Strict):
+    floor: Optional[FloorSpec] = None
+    plateau: Optional[PlateauSpec] = None
+
+
+class SearchSpace(_Strict):
+    """A whole search: ``base`` experiment + searched ``params`` + how to search and stop."""
+
+    name: str = Field(..., min_length=1)
+    base: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, ParamSpec]
+    objective: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec()])
+    num_samples: Optional[int] = Field(None, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    stoppers: StoppersSpec = Field(default_factory=StoppersSpec)
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+    seed: int = 0
+    storage_path: str = "ray_results"
+    keep_checkpoints: int = Field(2, ge=1)
+    top_k: int = Field(3, ge=0)
+    tracking_uri: Optional[str] = None
+    experiment: Optional[str] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        bad = set(v) & set("/\\ '\"")
+        if bad:
+            raise ValueError(f"use letters, digits, '-', '_' or '.' in a search name (got {v!r})")
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _some_params(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("give at least one searched parameter, e.g. beta: {loguniform: [1.0, 8.0]}")
+        return v
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_list(cls, v: Any) -> Any:
+        if isinstance(v, (dict, str)):
+            v = [v]
+        if isinstance(v, list):
+            v = [{"metric": o} if isinstance(o, str) else o for o in v]
+            if not v:
+                raise ValueError("give at least one objective, e.g. {metric: val_pgd_acc, mode: max}")
+        return v
+
+    # -- derived views
+    @property
+    def targets(self) -> dict[str, str]:
+        """Searched name -> dotted experiment key."""
+        return {name: ALIASES.get(name, name) for name in self.params}
+
+    @property
+    def primary(self) -> ObjectiveSpec:
+        return self.objective[0]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective) > 1
+
+    @property
+    def experiment_name(self) -> str:
+        return self.experiment or self.name
+
+    @property
+    def total_samples(self) -> int:
+        if self.num_samples is not None:
+            return self.num_samples
+        if self.sampler.type == "grid":
+            return grid_size(self)
+        return 8
+
+    def base_config(self) -> ExperimentConfig:
+        return ExperimentConfig.model_validate(self.base)
+
+    def experiment_config(self, point: dict[str, Any], *, name: str | None = None) -> ExperimentConfig:
+        """The experiment of one sampled point (``{"beta": 3.2, "lr": 0.05}``)."""
+        raw = apply_params(self.base, self.targets, point)
+        if name is not None:
+            raw["name"] = name
+        return ExperimentConfig.model_validate(raw)
+
+    def epoch_budget(self, point: dict[str, Any] | None = None) -> int:
+        """Epochs a trial of ``point`` runs when nothing stops it early (capped by ASHA's ``max_t``)."""
+        epochs = int(apply_params(self.base, self.targets, point or {}).get("epochs", self.base_config().epochs))
+        if self.scheduler.type == "asha" and self.scheduler.max_t is not None:
+            return min(epochs, self.scheduler.max_t)
+        return epochs
+
+    def max_epochs(self) -> int:
+        """The largest epoch budget of any point (ASHA's default ``max_t``)."""
+        key = "epochs"
+        for name, dotted in self.targets.items():
+            if dotted == key:
+                return int(max(self.params[name].probe_values()))
+        return self.base_config().epochs
+
+    def summary(self) -> dict[str, str]:
+        """Search settings as flat strings (the parent MLflow run's params)."""
+        out = {
+            "search.name": self.name,
+            "search.objective": ", ".join(str(o) for o in self.objective),
+            "search.num_samples": str(self.total_samples),
+            "search.max_concurrent": str(self.max_concurrent),
+            "search.sampler": self.sampler.type,
+            "search.scheduler": self.scheduler.type if self.scheduler.type == "none" else (
+                f"asha(grace_period={self.scheduler.grace_period}, reduction_factor={self.scheduler.reduction_factor:g}, "
+                f"max_t={self.scheduler.max_t or self.max_epochs()})"),
+            "search.resources": f"workers={self.resources.workers} cpus={self.resources.cpus:g} gpus={self.resources.gpus:g}",
+            "search.seed": str(self.seed),
+            "search.top_k": str(self.top_k),
+        }
+        for name, spec in self.params.items():
+            out[f"space.{name}"] = spec.describe()
+        if self.stoppers.floor is not None:
+            f = self.stoppers.floor
+            out["search.stopper.floor"] = (f"value={f.value:g}" if f.value is not None else "estimate") + \
+                f" patience={f.patience} metric={f.metric}"
+        if self.stoppers.plateau is not None:
+            p = self.stoppers.plateau
+            out["search.stopper.plateau"] = f"{p.metric}:{p.mode} patience={p.patience} min_delta={p.min_delta:g}"
+        return out
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(d, "objective.beta", 3.0)`` creates intermediate mappings as needed."""
+    node = d
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = node[p] = {}
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_params(base: dict[str, Any], targets: dict[str, str], point: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``base`` with every sampled value written at its dotted key."""
+    raw = copy.deepcopy(base)
+    for name, value in point.items():
+        set_dotted(raw, targets.get(name, ALIASES.get(name, name)), value)
+    return raw
+
+
+def grid_size(space: SearchSpace) -> int:
+    n = 1
+    for spec in space.params.values():
+        n *= len(spec.choice or [])
+    return n
+
+
+def _field_annotation(dotted: str) -> tuple[bool, Any]:
+    """(known, annotation) of a dotted experiment key; keys under a dict field (``data.options.x``)
+    are known with annotation ``Any``."""
+    model: Any = ExperimentConfig
+    parts = dotted.split(".")
+    for i, p in enumerate(parts):
+        fields = getattr(model, "model_fields", None)
+        if fields is None or p not in fields:
+            return False, None
+        ann = fields[p].annotation
+        inner = _strip_optional(ann)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            if i == len(parts) - 1:
+                return True, inner  # a whole section
+            model = inner
+            continue
+        if typing.get_origin(inner) is dict or inner is dict:
+            return True, Any
+        return (i == len(parts) - 1), ann
+    return False, None
+
+
+def _strip_optional(ann: Any) -> Any:
+    if typing.get_origin(ann) is Union:
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return ann
+
+
+def allowed_values(dotted: str) -> tuple[Any, ...] | None:
+    """The fixed set of values of a Literal-typed key (``objective.loss`` -> the eight losses), else None."""
+    known, ann = _field_annotation(dotted)
+    inner = _strip_optional(ann) if known else None
+    if inner is not None and typing.get_origin(inner) is Literal:
+        return typing.get_args(inner)
+    return None
+
+
+def _is_int_field(dotted: str) -> bool:
+    known, ann = _field_annotation(dotted)
+    return known and _strip_optional(ann) is int
+
+
+def _where(source: str) -> str:
+    return f"{source}: " if source else ""
+
+
+def _check_value(space: SearchSpace, name: str, kind: str, value: Any, source: str) -> None:
+    """One sampled value on top of ``base`` must make a valid experiment; raise a one-line ConfigError."""
+    dotted = space.targets[name]
+    allowed = allowed_values(dotted)
+    if allowed is not None and value not in allowed:
+        what = dotted.split(".")[-1]
+        raise ConfigError(
+            f"{_where(source)}params.{name}.{kind}: unknown {what} {value!r} for {dotted}; "
+            f"choose from: {', '.join(str(a) for a in allowed)}"
+        )
+    try:
+        ExperimentConfig.model_validate(apply_params(space.base, space.targets, {name: value}))
+    except ValidationError as e:
+        raise ConfigError(
+            f"{_where(source)}params.{name}.{kind}: value {value!r} makes an invalid experiment: "
+            f"{format_validation_error(e)}"
+        ) from None
+
+
+def validate_space(space: SearchSpace, source: str = "") -> SearchSpace:
+    """Check what pydantic cannot: the base experiment, every param key and every value the search can
+    sample, objective and stopper metrics, points_to_evaluate. Raises :class:`ConfigError` (one line)."""
+    try:
+        base = ExperimentConfig.model_validate(space.base)
+    except ValidationError as e:
+        raise ConfigError(f"{_where(source)}base: {format_validation_error(e)}") from None
+    alias_list = ", ".join(sorted(ALIASES))
+    for name, spec in space.params.items():
+        dotted = space.targets[name]
+        known, ann = _field_annotation(dotted)
+        if not known:
+            raise ConfigError(
+                f"{_where(source)}params.{name}: unknown parameter; use a dotted experiment key "
+                f"(e.g. objective.beta, optim.lr) or an alias: {alias_list}"
+            )
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            raise ConfigError(f"{_where(source)}params.{name}: '{dotted}' is a section; search one of its keys "
+                              f"(e.g. {dotted}.{next(iter(ann.model_fields))})")
+        if spec.kind in ("uniform", "loguniform") and _is_int_field(dotted):
+            lo, hi = spec.bounds
+            raise ConfigError(f"{_where(source)}params.{name}.{spec.kind}: {dotted} takes integers; "
+                              f"use int: [{int(lo)}, {int(hi)}]")
+        for value in spec.probe_values():
+            _check_value(space, name, spec.kind, value, source)
+    _check_joint(space, source)
+    metrics = set(ENGINE_METRICS)
+    if base.data.val_size == 0:
+        metrics -= {"val_clean_acc", "val_pgd_acc"}
+    if not base.eval.test:
+        metrics -= {"test_clean_acc", "test_pgd_acc"}
+    if base.eval.pgd_steps == 0:
+        metrics -= {"val_pgd_acc", "test_pgd_acc"}
+    known_metrics = ", ".join(m for m in ENGINE_METRICS if m in metrics)
+    for i, obj in enumerate(space.objective):
+        if obj.metric not in metrics:
+            raise ConfigError(f"{_where(source)}objective.{i}.metric: '{obj.metric}' is not reported by the trials "
+                              f"of this base experiment; choose one of: {known_metrics}")
+    if len({o.metric for o in space.objective}) != len(space.objective):
+        raise ConfigError(f"{_where(source)}objective: each metric may appear once")
+    stoppers = [("stoppers.floor.metric", space.stoppers.floor), ("stoppers.plateau.metric", space.stoppers.plateau)]
+    for key, st in stoppers:
+        if st is not None and st.metric not in metrics:
+            raise ConfigError(f"{_where(source)}{key}: '{st.metric}' is not reported by the trials; "
+                              f"choose one of: {known_metrics}")
+    if space.sampler.type == "grid":
+        ranged = [n for n, s in space.params.items() if s.kind != "choice"]
+        if ranged:
+            raise ConfigError(f"{_where(source)}sampler.type: grid needs choice params only; "
+                              f"params.{ranged[0]} is a {space.params[ranged[0]].kind} range")
+    sch = space.scheduler
+    if sch.type == "asha" and sch.grace_period > (sch.max_t or space.max_epochs()):
+        raise ConfigError(f"{_where(source)}scheduler.grace_period: {sch.grace_period} epochs is more than "
+                          f"max_t={sch.max_t or space.max_epochs()}; lower it (ASHA needs grace_period <= max_t)")
+    if space.sampler.type == "grid" and space.num_samples is not None and space.num_samples > grid_size(space):
+        raise ConfigError(f"{_where(source)}num_samples: {space.num_samples} is more than the {grid_size(space)} "
+                          "grid points; lower it or leave it out")
+    for i, point in enumerate(space.points_to_evaluate):
+        for name, value in point.items():
+            if name not in space.params:
+                raise ConfigError(f"{_where(source)}points_to_evaluate.{i}.{name}: not a searched param; "
+                                  f"choose from: {', '.join(space.params)}")
+            if not space.params[name].contains(value):
+                raise ConfigError(f"{_where(source)}points_to_evaluate.{i}.{name}: {value!r} is outside "
+                                  f"{space.params[name].describe()}")
+        missing = [n for n in space.params if n not in point]
+        if missing:
+            raise ConfigError(f"{_where(source)}points_to_evaluate.{i}: give a value for every searched param "
+                              f"(missing: {', '.join(missing)})")
+    if space.resources.workers > 1 and base.batch_size % space.resources.workers:
+        raise ConfigError(f"{_where(source)}resources.workers: {space.resources.workers} workers do not divide "
+                          f"batch_size {base.batch_size}; pick a worker count that divides it")
+    floor = space.stoppers.floor
+    if floor is not None and floor.estimate and floor.proxy_checkpoint is None and base.data.name != "toy":
+        raise ConfigError(
+            f"{_where(source)}stoppers.floor.estimate: C^l1 is known exactly only for the toy data; for "
+            f"'{base.data.name}' give stoppers.floor.value (from `scoretune bound`) or "
+            "stoppers.floor.proxy_checkpoint (a trained scoretune checkpoint used as the posterior)"
+        )
+    return space
+
+
+def _check_joint(space: SearchSpace, source: str) -> None:
+    """Every combination of probe values (choices, range ends) together, when there are few enough:
+    catches cross-field rules such as clip_mode 'value' with method 'pgdat'."""
+    names = list(space.params)
+    probes = [space.params[n].probe_values() for n in names]
+    if len(names) < 2 or math.prod(len(p) for p in probes) > _MAX_JOINT_CHECKS:
+        return
+    for combo in itertools.product(*probes):
+        point = dict(zip(names, combo))
+        try:
+            ExperimentConfig.model_validate(apply_params(space.base, space.targets, point))
+        except ValidationError as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in point.items())
+            raise ConfigError(
+                f"{_where(source)}params: the combination {shown} makes an invalid experiment: "
+                f"{format_validation_error(e)} (narrow the choices or ranges)"
+            ) from None
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _resolve_base(raw: dict[str, Any], path: Path | None) -> dict[str, Any]:
+    base = raw.get("base", {})
+    if base is None:
+        return {}
+    if isinstance(base, (str, os.PathLike)):
+        p = Path(base).expanduser()
+        if not p.is_absolute() and path is not None and not p.exists():
+            p = path.parent / p
+        try:
+            return read_yaml(p)
+        except ConfigError as e:
+            raise ConfigError(f"base: {e}") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"base: expected an experiment mapping or the path of an experiment YAML, "
+                          f"got {type(base).__name__}")
+    return base
+
+
+def build_space(raw: dict[str, Any], overrides: list[str] | None = None, *, source: str = "search space",
+                path: Path | None = None) -> SearchSpace:
+    """Validate a raw space mapping (plus ``key=value`` overrides such as ``num_samples=4`` or
+    ``base.epochs=2``) into a :class:`SearchSpace`; raises a one-line :class:`ConfigError`."""
+    raw = dict(raw)
+    extra = parse_overrides(overrides)
+    if isinstance(extra.get("base"), str):  # ``--set base=configs/other.yaml`` swaps the whole base
+        raw["base"] = extra.pop("base")
+        path = None
+    try:
+        raw["base"] = _resolve_base(raw, path)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    for name, spec in (extra.get("params") or {}).items():
+        # ``--set params.lr.choice=[0.1]`` replaces the distribution the file gave (not merged with it)
+        if isinstance(spec, dict) and any(k in DISTRIBUTIONS for k in spec) and isinstance(raw.get("params"), dict):
+            raw["params"] = {**raw["params"], name: {}}
+    merged = deep_merge(raw, extra)
+    try:
+        space = SearchSpace.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_format_space_error(e)}") from None
+    return validate_space(space, source)
+
+
+def _format_space_error(err: ValidationError) -> str:
+    text = format_validation_error(err)
+    return text.replace("(check the spelling; see `scoretune train --help`)",
+                        "(check the spelling; see search_spaces/quickstart.yaml for the keys)").replace(".int_", ".int")
+
+
+def load_space(path: str | os.PathLike, overrides: list[str] | None = None) -> SearchSpace:
+    """Read and validate ``SPACE.yaml`` (a ``base:`` path is relative to the working directory or,
+    failing that, to the YAML's folder)."""
+    p = Path(path)
+    raw = read_yaml(p)
+    return build_space(raw, overrides, source=str(p), path=p)
