@@ -35,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run through Ray Train on N workers (DDP); without it training runs in this process")
     p.add_argument("--address", default=None,
                    help="Ray cluster to use with --workers: 'auto', ray://host:10001 or host:port")
+    p.add_argument("--early-stop", choices=["none", "floor"], default=None,
+                   help="early-stopping rule (overrides early_stop.rule): 'floor' stops once train_madry_kl "
+                        "stays below --floor for --patience epochs (SCORE Corollary 1)")
+    p.add_argument("--floor", type=float, default=None, metavar="F",
+                   help="the floor (C^l1)^2/2 printed by `scoretune bound` (overrides early_stop.floor)")
+    p.add_argument("--patience", type=int, default=None, metavar="N",
+                   help="epochs below the floor before stopping (overrides early_stop.patience)")
 
 
 def format_header() -> str:
@@ -61,7 +68,7 @@ def selection_metric(row: dict[str, Any]) -> float:
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, list(args.set) + early_stop_overrides(args))
     if args.workers is not None:
         from ..errors import UserError
 
@@ -70,9 +77,21 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as e:  # pragma: no cover - the module ships with the package
             raise UserError(f"Ray Train support is not installed: {e}") from None
         return run_distributed(cfg, args)
+    from ..stopping import build_stopper
+
     train_single_process(cfg, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                         resume=args.resume, use_mlflow=not args.no_mlflow)
+                         resume=args.resume, use_mlflow=not args.no_mlflow, stopper=build_stopper(cfg.early_stop))
     return 0
+
+
+def early_stop_overrides(args: argparse.Namespace) -> list[str]:
+    """``--early-stop/--floor/--patience`` as ``--set`` overrides (applied after the user's ``--set``)."""
+    out = []
+    for flag, key in (("early_stop", "rule"), ("floor", "floor"), ("patience", "patience")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"early_stop.{key}={value}")
+    return out
 
 
 def train_single_process(

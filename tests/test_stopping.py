@@ -1,0 +1,218 @@
+"""Early-stopping rules (scoretune.stopping), the Ray Tune adapter (trainables.stoppers) and
+`scoretune train --early-stop floor`."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from scoretune.stopping import AnyRule, FloorRule, PlateauRule, build_stopper
+
+FLOOR = 0.03
+DIGITS_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits_trades_se.yaml")
+
+
+def feed(rule, values, metric="train_madry_kl"):
+    """Feed one row per epoch (epochs 1, 2, ...); return the epoch the rule stopped at, or None."""
+    for epoch, v in enumerate(values, start=1):
+        if rule.should_stop({"epoch": epoch, metric: v}):
+            return epoch
+    return None
+
+
+# ----------------------------------------------------------------------------- FloorRule
+
+
+def test_floor_rule_stops_after_patience_epochs_below_the_floor():
+    rule = FloorRule(FLOOR, patience=2)
+    assert feed(rule, [0.50, 0.20, 0.05, 0.02, 0.01, 0.005]) == 5
+    assert rule.first_below_epoch == 4 and rule.stopped_epoch == 5
+    assert rule.reason == "floor: train_madry_kl below (C^l1)^2/2=0.03 for 2 epochs since epoch 4"
+
+
+def test_floor_rule_never_stops_before_patience_epochs_below():
+    rule = FloorRule(FLOOR, patience=3)
+    decisions = [rule.should_stop({"epoch": e, "train_madry_kl": 0.001}) for e in (1, 2, 3)]
+    assert decisions == [False, False, True]
+    assert rule.first_below_epoch == 1
+
+
+def test_floor_rule_never_stops_while_the_loss_stays_above_the_floor():
+    rule = FloorRule(FLOOR, patience=1)
+    approaching = [FLOOR + 1.0 / (e + 1) for e in range(200)] + [FLOOR]  # at the floor is not below it
+    assert feed(rule, approaching) is None
+    assert rule.first_below_epoch is None and rule.reason == ""
+
+
+def test_floor_rule_resets_on_a_rise_and_remembers_the_first_crossing():
+    rule = FloorRule(FLOOR, patience=2)
+    #               1     2     3     4     5     6
+    assert feed(rule, [0.02, 0.05, 0.02, 0.04, 0.01, 0.01]) == 6
+    assert rule.first_below_epoch == 1
+    assert rule.streak_start_epoch == 5
+    assert "since epoch 5" in rule.reason
+
+
+def test_floor_rule_takes_values_and_explicit_epochs_and_stays_stopped():
+    rule = FloorRule(FLOOR, patience=2)
+    assert rule.update(0.01, epoch=7) is False
+    assert rule.update(0.01, epoch=8) is True
+    assert rule.stopped_epoch == 8 and "since epoch 7" in rule.reason
+    assert rule.update(1.0, epoch=9) is True  # once stopped, stays stopped
+
+
+def test_floor_rule_ignores_rows_without_the_metric():
+    rule = FloorRule(FLOOR, patience=2)
+    assert not rule.should_stop({"epoch": 1, "train_madry_kl": 0.01})
+    assert not rule.should_stop({"epoch": 2, "val_pgd_acc": 0.5})  # neither counts nor resets
+    assert not rule.should_stop({"epoch": 3, "train_madry_kl": float("nan")})
+    assert rule.should_stop({"epoch": 4, "train_madry_kl": 0.01})
+
+
+def test_floor_rule_counts_epochs_when_rows_carry_none():
+    rule = FloorRule(FLOOR, patience=2, metric="robust_kl")
+    assert feed(rule, [0.5, 0.01, 0.01], metric="robust_kl") == 3
+    rule2 = FloorRule(FLOOR, patience=2, metric="robust_kl")
+    for v in (0.5, 0.01, 0.01):
+        stopped = rule2.should_stop({"robust_kl": v})
+    assert stopped and rule2.stopped_epoch == 3 and rule2.first_below_epoch == 2
+
+
+def test_floor_rule_from_C_uses_corollary_1():
+    assert FloorRule.from_C(0.2).floor == pytest.approx(0.02)
+
+
+@pytest.mark.parametrize("kwargs", [dict(floor=-0.1), dict(floor=float("nan")), dict(floor=0.1, patience=0)])
+def test_floor_rule_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError):
+        FloorRule(**kwargs)
+
+
+# ----------------------------------------------------------------------------- PlateauRule, AnyRule
+
+
+def test_plateau_rule_stops_when_the_metric_stops_improving():
+    rule = PlateauRule("val_pgd_acc", mode="max", patience=3)
+    #                                   1     2     3     4      5     6
+    assert feed(rule, [0.30, 0.40, 0.41, 0.40, 0.39, 0.405], metric="val_pgd_acc") == 6
+    assert rule.best == 0.41 and rule.best_epoch == 3
+    assert rule.reason.startswith("plateau: val_pgd_acc has not improved on 0.41 (epoch 3) for 3 epochs")
+
+
+def test_plateau_rule_improvement_resets_and_min_delta_counts_small_gains_as_none():
+    rule = PlateauRule("val_pgd_acc", patience=2)
+    assert feed(rule, [0.3, 0.29, 0.31, 0.30, 0.32, 0.31], metric="val_pgd_acc") is None
+    strict = PlateauRule("val_pgd_acc", patience=2, min_delta=0.05)
+    assert feed(strict, [0.3, 0.31, 0.32], metric="val_pgd_acc") == 3
+
+
+def test_plateau_rule_min_mode():
+    rule = PlateauRule("val_loss", mode="min", patience=2)
+    assert feed(rule, [1.0, 0.8, 0.9, 0.85], metric="val_loss") == 4
+    with pytest.raises(ValueError):
+        PlateauRule(mode="up")
+
+
+def test_any_rule_stops_on_the_first_rule_and_every_rule_sees_every_row():
+    floor, plateau = FloorRule(FLOOR, patience=2), PlateauRule("val_pgd_acc", patience=3)
+    rule = AnyRule([floor, plateau])
+    rows = [{"epoch": e, "train_madry_kl": kl, "val_pgd_acc": acc}
+            for e, (kl, acc) in enumerate([(0.5, 0.3), (0.02, 0.4), (0.04, 0.35), (0.02, 0.36), (0.01, 0.37)], 1)]
+    stopped_at = next((r["epoch"] for r in rows if rule.should_stop(r)), None)
+    assert stopped_at == 5
+    assert rule.reason == floor.reason and rule.reason.startswith("floor:")
+    assert plateau.bad_epochs == 3  # the plateau rule saw every row too (and fired on the same epoch)
+
+
+def test_build_stopper_maps_the_config():
+    from scoretune.config import build_config
+
+    assert build_stopper(None) is None
+    assert build_stopper({"rule": "none"}) is None
+    rule = build_stopper({"rule": "floor", "floor": 0.05, "patience": 3})
+    assert isinstance(rule, FloorRule) and rule.floor == 0.05 and rule.patience == 3
+    cfg = build_config({"early_stop": {"rule": "floor", "floor": 0.1}})
+    from_cfg = build_stopper(cfg.early_stop)
+    assert isinstance(from_cfg, FloorRule) and from_cfg.floor == 0.1 and from_cfg.patience == 2
+    assert build_stopper(build_config({}).early_stop) is None
+    with pytest.raises(ValueError, match="floor"):
+        build_stopper({"rule": "floor"})
+
+
+# ----------------------------------------------------------------------------- the Ray Tune adapter
+
+
+def test_tune_floor_stopper_keeps_one_rule_per_trial_and_records_reasons():
+    from ray.tune import Stopper
+
+    from trainables.stoppers import FloorStopper
+
+    stopper = FloorStopper(floor=FLOOR, patience=2)
+    assert isinstance(stopper, Stopper)
+    a = [0.5, 0.02, 0.01, 0.01]  # trial a: below from epoch 2, stops at 3
+    b = [0.5, 0.02, 0.05, 0.02]  # trial b: rises at epoch 3, never 2 in a row
+    decisions = {"a": [], "b": []}
+    for epoch in range(4):
+        for tid, curve in (("a", a), ("b", b)):
+            decisions[tid].append(stopper(tid, {"epoch": epoch + 1, "train_madry_kl": curve[epoch],
+                                                "training_iteration": epoch + 1}))
+    assert decisions["a"] == [False, False, True, True]
+    assert decisions["b"] == [False, False, False, False]
+    assert stopper.stop_all() is False
+    assert set(stopper.reasons) == {"a"}
+    assert stopper.reasons["a"] == "floor: train_madry_kl below (C^l1)^2/2=0.03 for 2 epochs since epoch 2"
+    assert stopper.stopped_epochs["a"] == 3
+
+
+def test_tune_rule_stopper_with_any_rule_and_pickles():
+    import functools
+
+    from trainables.stoppers import FloorStopper, RuleStopper
+
+    stopper = RuleStopper(functools.partial(PlateauRule, "val_pgd_acc", "max", 2))
+    for i, acc in enumerate([0.5, 0.4, 0.3], 1):
+        stop = stopper("t1", {"training_iteration": i, "val_pgd_acc": acc})
+    assert stop and stopper.reasons["t1"].startswith("plateau:")
+    assert stopper("t2", {"training_iteration": 1, "val_pgd_acc": 0.1}) is False
+    clone = pickle.loads(pickle.dumps(FloorStopper(0.1, 3)))
+    assert clone.floor == 0.1 and clone.patience == 3 and clone("x", {"train_madry_kl": 0.0}) is False
+    with pytest.raises(ValueError):
+        FloorStopper(floor=-1)
+
+
+# ----------------------------------------------------------------------------- `scoretune train --early-stop floor`
+
+
+@pytest.fixture
+def one_thread():
+    """A small CNN on 8x8 digits is fastest on one thread (the test machine's cores are shared)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_train_early_stop_floor_stops_early(tmp_path, capsys, one_thread):
+    from scoretune.cli import main
+    from scoretune.engine import load_checkpoint
+
+    rc = main(["train", DIGITS_CONFIG, "--set", "epochs=4", "--set", "attack.steps=1", "--set", "batch_size=128",
+               "--set", "eval.pgd_steps=0", "--set", f"output_dir={tmp_path}", "--set", "name=es",
+               "--no-mlflow", "--early-stop", "floor", "--floor", "100", "--patience", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "early stop after epoch 1: floor: train_madry_kl below (C^l1)^2/2=100 for 1 epochs since epoch 1" in out
+    assert load_checkpoint(tmp_path / "es" / "last.pt")["epoch"] == 1
+
+
+def test_train_floor_without_a_value_is_a_one_line_error(capsys):
+    from scoretune.cli import main
+
+    rc = main(["train", DIGITS_CONFIG, "--early-stop", "floor", "--no-mlflow"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "early_stop.floor" in err

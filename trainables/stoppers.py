@@ -1,0 +1,64 @@
+"""Ray Tune adapters for the early-stopping rules of :mod:`scoretune.stopping`.
+
+Tune calls ``stopper(trial_id, result)`` after every reported result (one epoch of a trial)
+and ``stopper.stop_all()`` to end the whole experiment. :class:`RuleStopper` keeps one rule
+per trial, so trials never share state, and records why each stopped trial stopped in
+``reasons`` (the search's MLflow logging tags the trial's run with it).
+
+    from trainables.stoppers import FloorStopper
+    tune.RunConfig(stop=FloorStopper(floor=0.03, patience=2))
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from ray.tune import Stopper
+
+from scoretune.stopping import FloorRule, Rule
+
+__all__ = ["RuleStopper", "FloorStopper"]
+
+
+class RuleStopper(Stopper):
+    """One rule per trial from ``rule_factory()``; a trial stops when its rule says so.
+
+    ``reasons[trial_id]`` is the stopping rule's reason, ``stopped_epochs[trial_id]`` the epoch
+    it stopped at (when the rule records one). Never stops the whole experiment.
+    Keep ``rule_factory`` picklable (a class or ``functools.partial``, not a lambda) so the
+    stopper can be checkpointed with the experiment.
+    """
+
+    def __init__(self, rule_factory: Callable[[], Rule]):
+        self.rule_factory = rule_factory
+        self.rules: dict[str, Rule] = {}
+        self.reasons: dict[str, str] = {}
+        self.stopped_epochs: dict[str, int | None] = {}
+
+    def rule(self, trial_id: str) -> Rule:
+        """The rule watching ``trial_id`` (created on first use)."""
+        if trial_id not in self.rules:
+            self.rules[trial_id] = self.rule_factory()
+        return self.rules[trial_id]
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        rule = self.rule(trial_id)
+        stop = bool(rule.should_stop(result))
+        if stop and trial_id not in self.reasons:
+            self.reasons[trial_id] = rule.reason or "early_stopped"
+            self.stopped_epochs[trial_id] = getattr(rule, "stopped_epoch", None)
+        return stop
+
+    def stop_all(self) -> bool:
+        return False
+
+
+class FloorStopper(RuleStopper):
+    """SCORE's floor rule per trial: stop after ``patience`` epochs with ``metric`` (the robust KL
+    training loss) below ``floor`` = (C^l1)^2/2 (Pang et al. 2022, Corollary 1)."""
+
+    def __init__(self, floor: float, patience: int = 2, metric: str = "train_madry_kl"):
+        FloorRule(floor, patience, metric)  # validate now, not at the first result
+        super().__init__(functools.partial(FloorRule, float(floor), int(patience), metric))
+        self.floor, self.patience, self.metric = float(floor), int(patience), metric
