@@ -338,7 +338,7 @@ def test_killed_search_resumes_without_running_a_trial_twice(ray_local, tmp_path
     # the Optuna study went on across the kill: Tune keeps the searcher (study included) in the experiment dir
     import pickle
 
-    state = max((tmp_path / "ray" / "resume").glob("searcher-state-*.pkl"), key=lambda p: p.stat().st_mtime)
+    state = max((tmp_path / "ray" / "resume").glob("searcher-state-*.pkl"))  # newest by name, as Tune picks
     study = pickle.loads(state.read_bytes())["_ot_study"]
     assert len(study.trials) == 6 and all(t.state.name == "COMPLETE" for t in study.trials)
     assert sorted(round(t.params["lr"], 10) for t in study.trials) == sorted(

@@ -17,7 +17,6 @@ from typing import Any
 
 from .errors import UserError
 from .search_tracking import TAG_MODEL_URI, child_runs, find_parent_runs
-from .tracking import client as mlflow_client
 from .tracking import resolve_tracking_uri
 
 
@@ -75,8 +74,10 @@ def promote(search: str, *, metric: str = "val_pgd_acc", mode: str = "max", alia
         raise UserError(f"--mode must be max or min, got {mode!r}")
     if any(c in search for c in "'\"`\\"):
         raise UserError(f"--search: a search name has no quotes or backslashes (got {search!r})")
+    from mlflow.tracking import MlflowClient
+
     uri = resolve_tracking_uri(tracking_uri)
-    cl = mlflow_client(uri)
+    cl = MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry lives in the same store
     parents = find_parent_runs(cl, search)
     if not parents:
         names = sorted({r.data.tags.get("scoretune.search_name", "") for r in _all_parents(cl)} - {""})

@@ -30,7 +30,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from .errors import UserError
-from .search_space import SearchSpace
+from .search_space import ObjectiveSpec, SearchSpace
 from .search_tracking import (
     EARLY,
     MlflowSearchCallback,
@@ -75,26 +75,21 @@ class BestEpochOptunaSearch(OptunaSearch):
         if result:
             row = {m: result[m] for m, _ in self._objectives if m in result}
             row["epoch"] = result.get("epoch", result.get("training_iteration", 0))
-            self._rows.setdefault(trial_id, []).append(row)
+            rows = self._rows.setdefault(trial_id, [])
+            if all(r["epoch"] != row["epoch"] for r in rows):
+                rows.append(row)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._remember(trial_id, result)
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if result and not result.get("__duplicate__"):
-            self._remember(trial_id, result)
+        self._remember(trial_id, result)
         rows = self._rows.pop(trial_id, [])
         if result and not error:
-            objs = [_Obj(m, mode) for m, mode in self._objectives]
-            best = best_values(rows, objs)
+            best = best_values(rows, [ObjectiveSpec(metric=m, mode=mode) for m, mode in self._objectives])
             result = {**result, **{m: best[f"best_{m}"] for m, _ in self._objectives if f"best_{m}" in best}}
         super().on_trial_complete(trial_id, result, error)
-
-
-class _Obj:
-    def __init__(self, metric: str, mode: str):
-        self.metric, self.mode = metric, mode
 
 
 def build_sampler(space: SearchSpace):
@@ -147,15 +142,17 @@ def build_stoppers(space: SearchSpace, floor: float | None) -> list[Any]:
     """The Tune stoppers of the space (each has ``reasons[trial_id]``)."""
     import functools
 
-    from trainables.stoppers import FloorStopper, RuleStopper
-
-    from .stopping import PlateauRule
-
     out: list[Any] = []
     if space.stoppers.floor is not None and floor is not None:
+        from trainables.stoppers import FloorStopper
+
         f = space.stoppers.floor
         out.append(FloorStopper(floor=floor, patience=f.patience, metric=f.metric))
     if space.stoppers.plateau is not None:
+        from trainables.stoppers import RuleStopper
+
+        from .stopping import PlateauRule
+
         p = space.stoppers.plateau
         out.append(RuleStopper(functools.partial(PlateauRule, p.metric, p.mode, p.patience, p.min_delta)))
     return out
@@ -360,6 +357,16 @@ def _quiet_tune():
 
 
 def _read_state(ray_path: str) -> dict[str, Any]:
+    """The search's own state file in the Ray experiment directory (local path or storage URI)."""
+    if "://" in ray_path:
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(f"{ray_path}/{STATE_FILE}")
+        try:
+            with fs.open_input_stream(path) as f:
+                return json.loads(f.read().decode())
+        except (FileNotFoundError, OSError):
+            raise UserError(f"{ray_path} is not a scoretune search (no {STATE_FILE}); start it without --resume") from None
     p = Path(ray_path) / STATE_FILE
     if not p.is_file():
         raise UserError(f"{ray_path} is not a scoretune search (no {STATE_FILE}); start it without --resume")
@@ -367,10 +374,19 @@ def _read_state(ray_path: str) -> dict[str, Any]:
 
 
 def _write_state(ray_path: str, state: dict[str, Any]) -> None:
+    text = json.dumps(state, indent=1)
+    if "://" in ray_path:
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(f"{ray_path}/{STATE_FILE}")
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode())
+        return
     p = Path(ray_path)
     p.mkdir(parents=True, exist_ok=True)
     tmp = p / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, p / STATE_FILE)
 
 

@@ -24,7 +24,7 @@ def ui_command(tracking_uri: str, host: str, port: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import subprocess
+    import os
 
     from ..errors import UserError
     from ..tracking import resolve_tracking_uri
@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_command:
         print(" ".join(cmd))
         return 0
-    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C to stop)")
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    # MLflow's background job runner (GenAI evaluation jobs) is not needed to browse runs and models
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    os.execv(cmd[0], cmd)  # this process becomes `mlflow ui`: signals reach it (and its workers) directly
+    return 0  # pragma: no cover
