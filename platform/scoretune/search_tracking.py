@@ -598,9 +598,10 @@ def log_plots(cl: Any, summary: SearchSummary, space: SearchSpace) -> list[str]:
     axes[0].set(xlabel="epoch", ylabel=primary.metric, title=f"{primary.metric} per trial")
     axes[1].set(xlabel="epoch", ylabel="train_madry_kl (R_Madry)", title="robust KL training loss")
     if floor is not None:
-        axes[1].axhline(floor, color="k", ls="--", lw=1, label=f"floor (C^l1)^2/2 = {floor:.3g}")
+        line = axes[1].axhline(floor, color="k", ls="--", lw=1, label=f"floor (C^l1)^2/2 = {floor:.3g}")
+        axes[1].legend(handles=[line], fontsize=8, loc="upper right")
     if len(summary.trials) <= 12:
-        axes[1].legend(fontsize=7)
+        axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     cl.log_figure(summary.parent_run_id, fig, "plots/learning_curves.png")
     plt.close(fig)
@@ -619,7 +620,10 @@ def log_plots(cl: Any, summary: SearchSummary, space: SearchSpace) -> list[str]:
         else:
             ax.scatter([x for x, _ in pts], [y for _, y in pts])
             if spec.kind == "loguniform":
+                from matplotlib.ticker import NullFormatter
+
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set(xlabel=p, ylabel=f"best {primary.metric}")
     fig.tight_layout()
     cl.log_figure(summary.parent_run_id, fig, "plots/objective_vs_params.png")
