@@ -95,7 +95,7 @@ class ToyConfig:
     attack_steps: int = 10
     n_samples: int = 60_000
     resample: bool = True
-    iters: int = 100
+    iters: int = 80
     lr: float = 0.03
     trades_beta: float = 6.0
     hidden: tuple[int, ...] = (32, 32)

@@ -35,8 +35,8 @@ def _positive_float(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--iters", type=_positive, default=100,
-                   help="Adam steps per expectation-form variant (default 100)")
+    p.add_argument("--iters", type=_positive, default=80,
+                   help="Adam steps per expectation-form variant (default 80)")
     p.add_argument("--finite-iters", type=_positive, default=400,
                    help="Adam steps per finite-sample variant (default 400)")
     p.add_argument("--n-samples", type=_positive, default=60_000,
