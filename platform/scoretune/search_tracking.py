@@ -214,7 +214,7 @@ class MlflowSearchCallback(Callback):
     """Driver-side MLflow logging of every trial of a search (see the module docstring).
 
     Picklable (Tune stores it with the experiment); the MLflow client is created on first use.
-    ``get_state``/``set_state`` keep the per-trial records (epoch rows, checkpoint paths) in Tune's
+    ``get_state``/``set_state`` keep the per-trial records (run id, epoch rows) in Tune's
     experiment snapshot, so a resumed search goes on where the snapshot left off.
     """
 
@@ -260,7 +260,7 @@ class MlflowSearchCallback(Callback):
         rec = self.trials.get(tid)
         if rec is not None and rec.get("run_id") and rec.get("synced", True):
             return rec
-        rec = rec or {"rows": [], "ckpts": {}, "logged_epoch": 0, "status": "running"}
+        rec = rec or {"rows": [], "logged_epoch": 0, "status": "running"}
         rec["synced"] = True
         from trainables.tune_trainable import sampled_point, trial_experiment
 
@@ -326,13 +326,13 @@ class MlflowSearchCallback(Callback):
         self._checkpoint(rec, epoch, checkpoint.path, best_values(rec["rows"], self.space.objective))
 
     def _checkpoint(self, rec: dict[str, Any], epoch: int, path: str, best: Mapping[str, float]) -> None:
-        rec["ckpts"][str(epoch)] = path
         if int(best.get("best_epoch", -1)) == epoch:
             self._tags(rec["run_id"], {TAG_BEST_CKPT: path})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         rec = self.record(trial)
-        last = max((r["epoch"] for r in rec["rows"]), default=(trial.last_result or {}).get("epoch"))
+        last = max([float(r["epoch"]) for r in rec["rows"]] + [float(rec.get("logged_epoch", 0)),
+                    float((trial.last_result or {}).get("epoch", 0) or 0)])
         status, reason = classify_trial(trial.trial_id, last, rec["budget"], self.stoppers, self.space.scheduler.type)
         rec["status"] = status
         self._tags(rec["run_id"], {TAG_STATUS: status, TAG_REASON: reason})
