@@ -73,8 +73,6 @@ class RunLogger:
     def __init__(self, tracking_uri: str | None, experiment: str, *, run_name: str | None = None,
                  tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
                  run_id: str | None = None):
-        from mlflow.entities import RunStatus  # noqa: F401  (import check)
-
         self.uri = resolve_tracking_uri(tracking_uri)
         self.client = client(self.uri)
         self.experiment_id = get_or_create_experiment(self.client, experiment)

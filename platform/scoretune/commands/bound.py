@@ -9,40 +9,25 @@ trained model (``--proxy CHECKPOINT``) stands in for it, so the numbers are the 
 from __future__ import annotations
 
 import argparse
-from fractions import Fraction
+
+from ._argtypes import eps_value, positive_int, torch_threads
 
 HELP = "estimate SCORE's data constant C^D (eight divergences) and the floor (C^l1)^2/2; log them to MLflow"
 EXPERIMENT = "scoretune-bounds"
 
 
-def _eps(text: str) -> float:
-    try:
-        v = float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"invalid eps '{text}': give a number such as 0.031 or 8/255") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"eps must be >= 0, got {text}")
-    return v
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="NAME", help="dataset (toy: exact posterior; others need --proxy)")
-    p.add_argument("--eps", required=True, type=_eps, help="radius of the threat ball B(x), e.g. 1 (toy) or 8/255")
+    p.add_argument("--eps", required=True, type=eps_value, help="radius of the threat ball B(x), e.g. 1 (toy) or 8/255")
     p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="threat-ball norm (default linf)")
     p.add_argument("--proxy", metavar="CHECKPOINT", default=None,
                    help="a scoretune checkpoint (best.pt) whose posterior stands in for p_d "
                         "(required unless --data toy)")
-    p.add_argument("--n", type=_positive, default=None,
+    p.add_argument("--n", type=positive_int, default=None,
                    help="number of data points averaged over (default: 10000 for toy, 1000 otherwise)")
     p.add_argument("--split", choices=("train", "val", "test"), default="test",
                    help="which split the points come from (default test; toy: fresh samples of the mixture)")
@@ -51,12 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the proxy's training config, $SCORETUNE_DATA or ./data)")
     p.add_argument("--method", choices=("auto", "pgd", "grid"), default="auto",
                    help="inner max: grid (exact, 1-D data only), pgd, or auto = grid for 1-D data else pgd")
-    p.add_argument("--grid", type=_positive, default=401, help="grid points over [x-eps, x+eps] (default 401)")
-    p.add_argument("--restarts", type=_positive, default=3, help="PGD restarts (default 3)")
-    p.add_argument("--steps", type=_positive, default=30, help="PGD steps per restart (default 30)")
+    p.add_argument("--grid", type=positive_int, default=401, help="grid points over [x-eps, x+eps] (default 401)")
+    p.add_argument("--restarts", type=positive_int, default=3, help="PGD restarts (default 3)")
+    p.add_argument("--steps", type=positive_int, default=30, help="PGD steps per restart (default 30)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and the PGD starts")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 can be much faster on a busy machine)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in the working dir)")
     p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
@@ -102,15 +87,8 @@ def _points(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import sys
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
+
+from ._argtypes import eps_value, positive_int
 
 HELP = "evaluate a checkpoint or MLflow model under AutoAttack / PGD and log the numbers to MLflow"
 EVAL_EXPERIMENT = "scoretune-eval"
@@ -26,25 +27,8 @@ REF_HELP = ("a checkpoint file (.pt), a RobustBench export (.pt with its .json s
             "runs:/<run_id>/model, models:/NAME@ALIAS, models:/NAME/VERSION or models:/m-<model_id>")
 
 
-def _eps(text: str) -> float:
-    """``0.031``, ``8/255``."""
-    try:
-        v = float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"invalid eps '{text}': give a number such as 0.031 or 8/255") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"eps must be >= 0, got {text}")
-    return v
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,15 +42,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack", choices=ATTACKS, default="aa-standard",
                    help="aa-standard (RobustBench's AutoAttack; the number to report), aa-fast (APGD-CE + "
                         "APGD-T), pgd-20, pgd-50 or clean (default: aa-standard)")
-    p.add_argument("--n-ex", type=_positive, default=None, metavar="N",
+    p.add_argument("--n-ex", type=positive_int, default=None, metavar="N",
                    help="evaluate the first N examples of the split (default: all)")
-    p.add_argument("--eps", type=_eps, default=None, metavar="E",
+    p.add_argument("--eps", type=eps_value, default=None, metavar="E",
                    help="perturbation radius, e.g. 8/255 (default: the model's training attack.eps)")
     p.add_argument("--norm", choices=("linf", "l2"), default=None,
                    help="threat model (default: the model's training attack.norm)")
-    p.add_argument("--batch-size", type=_positive, default=250, metavar="B", help="attack batch size (default 250)")
+    p.add_argument("--batch-size", type=positive_int, default=250, metavar="B", help="attack batch size (default 250)")
     p.add_argument("--seed", type=int, default=0, help="attack seed (default 0)")
-    p.add_argument("--restarts", type=_positive, default=1, help="random restarts for pgd-* (default 1)")
+    p.add_argument("--restarts", type=positive_int, default=1, help="random restarts for pgd-* (default 1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working dir)")

@@ -86,7 +86,6 @@ def _normalize_address(address: str) -> str:
 
 
 def _run_address(args, L, root: Path, space: str, name: str, env: dict) -> int:
-    from ..errors import UserError
     from ..tracking import resolve_tracking_uri
 
     address = _normalize_address(args.address)

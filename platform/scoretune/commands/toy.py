@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import argparse
 
+from ._argtypes import positive_int, torch_threads
+
 HELP = "reproduce SCORE's toy demos (exact 1-D posterior): who converges to p_d(y|x); plots + MLflow"
 EXPERIMENT = "scoretune-toy"
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def _positive_float(text: str) -> float:
@@ -35,11 +29,11 @@ def _positive_float(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--iters", type=_positive, default=80,
+    p.add_argument("--iters", type=positive_int, default=80,
                    help="Adam steps per expectation-form variant (default 80)")
-    p.add_argument("--finite-iters", type=_positive, default=400,
+    p.add_argument("--finite-iters", type=positive_int, default=400,
                    help="Adam steps per finite-sample variant (default 400)")
-    p.add_argument("--n-samples", type=_positive, default=60_000,
+    p.add_argument("--n-samples", type=positive_int, default=60_000,
                    help="points of p(x) per expectation-form step (default 60000, as in the paper)")
     p.add_argument("--fixed-samples", action="store_true",
                    help="one fixed draw of --n-samples points instead of a fresh draw every step")
@@ -49,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which demo(s) to run (default both)")
     p.add_argument("--out", default="toy_out", metavar="DIR", help="directory for the PNG plots (default toy_out)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples, the initial weights and PGD")
-    p.add_argument("--threads", type=_positive, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads (default 1: the tensors are small, more threads mostly add overhead)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db in the working dir)")
     p.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default {EXPERIMENT})")
@@ -57,15 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace) -> int:
