@@ -147,6 +147,12 @@ def test_quickstart_logs_the_best_trials_model_with_plots(quickstart):
     values = [r.data.metrics.get("best_val_pgd_acc", -1) for r in children]
     assert best.data.metrics["best_val_pgd_acc"] == max(values)
     assert sum("scoretune.model_uri" in r.data.tags for r in children) == 1  # top_k = 1
+    # AutoAttack (fast, the default) ran on the logged model, on the val split, at the trial's eps
+    assert best.data.tags["eval.aa_acc.attack"] == "aa-fast" and best.data.tags["eval.aa_acc.split"] == "val"
+    assert best.data.metrics["aa_fast_acc"] == best.data.metrics["aa_acc"]
+    assert 0.0 <= best.data.metrics["aa_acc"] <= best.data.metrics["clean_acc"]
+    assert best.data.metrics["clean_acc"] == pytest.approx(best.data.metrics["model_val_clean_acc"], abs=1e-6)
+    assert "AutoAttack (fast, val): aa_acc=" in quickstart.out
     arts = {a.path for a in cl.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/learning_curves.png", "plots/objective_vs_params.png"} <= arts
     assert "search_space.yaml" in {a.path for a in cl.list_artifacts(parent.info.run_id)}

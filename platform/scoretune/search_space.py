@@ -231,6 +231,17 @@ class PlateauSpec(_Strict):
     min_delta: float = Field(0.0, ge=0.0)
 
 
+class AutoAttackSpec(_Strict):
+    """AutoAttack on the top-k trials' best models once the search ends (``version: none`` turns it
+    off). Runs on the first ``n_ex`` examples of the held-out ``split`` at the trials' own eps/norm and
+    logs ``aa_<version>_acc`` and ``aa_acc`` to each trial's child run (``promote --metric aa_acc``)."""
+
+    version: Literal["fast", "standard", "none"] = "fast"
+    n_ex: int = Field(200, ge=1)
+    split: Literal["val", "test"] = "val"
+    batch_size: int = Field(250, ge=1)
+
+
 class StoppersSpec(_Strict):
     floor: Optional[FloorSpec] = None
     plateau: Optional[PlateauSpec] = None
@@ -254,6 +265,7 @@ class SearchSpace(_Strict):
     storage_path: str = "ray_results"
     keep_checkpoints: int = Field(2, ge=1)
     top_k: int = Field(3, ge=0)
+    autoattack: AutoAttackSpec = Field(default_factory=AutoAttackSpec)
     tracking_uri: Optional[str] = None
     experiment: Optional[str] = None
 

@@ -471,6 +471,10 @@ def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri
         try:
             t.model_uri = log_trial_model(cl, tracking_uri, t, result_of[t.trial_id], space)
             out(f"logged model of trial {t.trial_id}: {t.model_uri}")
+            if space.autoattack.version != "none":
+                aa = cl.get_run(t.run_id).data.metrics.get("aa_acc")
+                out(f"  AutoAttack ({space.autoattack.version}, {space.autoattack.split}): "
+                    + (f"aa_acc={aa:.4f}" if aa is not None else "failed (see the run's scoretune.autoattack_error tag)"))
         except Exception as e:  # a missing checkpoint must not lose the rest of the summary
             out(f"could not log the model of trial {t.trial_id}: {type(e).__name__}: {e}")
     log_plots(cl, summary, space)
@@ -516,8 +520,40 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
     cl.set_tag(t.run_id, TAG_MODEL_URI, uri)
     cl.set_tag(t.run_id, TAG_MODEL_EPOCH, str(epoch))
     log_metrics(cl, t.run_id, {f"model_{k}": v for k, v in row.items() if k in ENGINE_METRICS}, step=epoch)
+    if space.autoattack.version != "none":
+        try:
+            autoattack_trial(cl, t.run_id, net, _cfg, space, epoch)
+        except Exception as e:  # an evaluation problem must not cost the logged model
+            cl.set_tag(t.run_id, "scoretune.autoattack_error", f"{type(e).__name__}: {str(e)[:300]}")
     cl.set_terminated(t.run_id, status="FINISHED")
     return uri
+
+
+def autoattack_trial(cl: Any, run_id: str, net: Any, cfg: Any, space: SearchSpace, epoch: int) -> dict[str, float]:
+    """AutoAttack (``space.autoattack``) on a trial's best model, on its held-out split at its own eps and
+    norm; logs ``clean_acc``, ``aa_<version>_acc``, per-attack accuracies and ``aa_acc`` to the trial's run
+    and AutoAttack's check warnings as ``aa_check.*`` tags."""
+    from .data import load_dataset, to_float
+    from .engine import resolve_device
+    from .evaluate import evaluate
+
+    aa = space.autoattack
+    ds = load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size, seed=cfg.seed,
+                      **cfg.data.options)
+    if ds.info.pixel_range is None:
+        raise ValueError(f"AutoAttack needs inputs in [0, 1]; {cfg.data.name} has unbounded inputs "
+                         "(set autoattack.version: none in the search space)")
+    split = ds.val if aa.split == "val" and len(ds.val) else ds.test
+    n = min(aa.n_ex, len(split))
+    result = evaluate(net, to_float(split.x[:n]), split.y[:n], attack=f"aa-{aa.version}", eps=cfg.attack.eps,
+                      norm=cfg.attack.norm, batch_size=aa.batch_size, device=resolve_device("auto"), seed=cfg.seed,
+                      pixel_range=ds.info.pixel_range)
+    metrics = {**result.metrics(), "aa_acc": result.robust_acc}
+    log_metrics(cl, run_id, metrics, step=epoch)
+    for k, v in {**result.check_tags(), "eval.aa_acc.attack": f"aa-{aa.version}", "eval.aa_acc.n_ex": str(n),
+                 "eval.aa_acc.split": aa.split}.items():
+        cl.set_tag(run_id, k, v)
+    return metrics
 
 
 def format_table(summary: SearchSummary, params: Sequence[str]) -> str:
