@@ -168,6 +168,58 @@ class MetricSums:
 # ----------------------------------------------------------------------------- one epoch
 
 
+def train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    objective: Objective,
+    attack: AttackConfig,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device | None = None,
+    amp: str = "auto",
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor]:
+    """One optimiser step of adversarial training on the batch ``(x, y)``.
+
+    The inner maximisation (:func:`~scoretune.attacks.training_attack`, eval mode, on the
+    unwrapped network), then in train mode the clean (TRADES only) and adversarial forwards,
+    the objective's batch mean, backward and ``optimizer.step()``.  Clean and adversarial
+    halves share one forward only when no BatchNorm couples the samples (exact).
+
+    Returns ``(terms, logits_nat, logits_adv)``: the per-sample loss terms of
+    :meth:`Objective.per_sample` and the float32 logits (``logits_nat`` is None for PGD-AT),
+    all detached.  Raises :class:`NonFiniteLossError` on a NaN/inf loss (before the update).
+    """
+    device = device if device is not None else x.device
+    net = unwrap(model)
+    model.train()
+    with autocast_context(device, amp):
+        x_adv = training_attack(net, x, y, objective, attack, generator=generator)
+    with autocast_context(device, amp):
+        if objective.method == "trades":
+            logits = model(torch.cat([x, x_adv])) if _no_batchnorm(net) else None
+            if logits is not None:
+                logits_nat, logits_adv = logits.float().chunk(2)
+            else:
+                logits_nat = model(x).float()
+                logits_adv = model(x_adv).float()
+        else:
+            logits_nat = None
+            logits_adv = model(x_adv).float()
+        terms = objective.per_sample(logits_adv, y, logits_nat)
+        loss = terms["loss"].mean()
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"non-finite training loss ({loss.item()}) : lower optim.lr, or check the data for NaN/inf"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    terms = {k: v.detach() for k, v in terms.items()}
+    return terms, (logits_nat.detach() if logits_nat is not None else None), logits_adv.detach()
+
+
 def train_epoch(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -181,39 +233,20 @@ def train_epoch(
     ema: ModelEMA | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """One epoch of adversarial training (TRADES or PGD-AT under ``objective``).
+    """One epoch of adversarial training (TRADES or PGD-AT under ``objective``): :func:`train_step`
+    on every batch, then the scheduler and EMA updates.
 
     Returns global means of: ``train_loss`` (the objective), ``train_natural`` and
     ``train_robust`` (its terms), ``train_madry_kl`` (per-sample CE on the adversarial
     input, the summand of R_Madry that the floor rule watches), ``train_clean_acc`` and
     ``train_adv_acc``.  Raises :class:`NonFiniteLossError` on a NaN/inf loss.
     """
-    net = unwrap(model)
     model.train()
     sums = MetricSums(device)
     for x, y in loader:
-        with autocast_context(device, amp):
-            x_adv = training_attack(net, x, y, objective, attack, generator=generator)
-        with autocast_context(device, amp):
-            if objective.method == "trades":
-                logits = model(torch.cat([x, x_adv])) if _no_batchnorm(net) else None
-                if logits is not None:
-                    logits_nat, logits_adv = logits.float().chunk(2)
-                else:
-                    logits_nat = model(x).float()
-                    logits_adv = model(x_adv).float()
-            else:
-                logits_nat = None
-                logits_adv = model(x_adv).float()
-            terms = objective.per_sample(logits_adv, y, logits_nat)
-            loss = terms["loss"].mean()
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) : lower optim.lr, or check the data for NaN/inf"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        terms, logits_nat, logits_adv = train_step(
+            model, x, y, objective, attack, optimizer, device=device, amp=amp, generator=generator,
+        )
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
@@ -223,7 +256,7 @@ def train_epoch(
             sums.add("train_loss", terms["loss"].sum(), n)
             sums.add("train_natural", terms["natural"].sum(), n)
             sums.add("train_robust", terms["robust"].sum(), n)
-            sums.add("train_madry_kl", madry_kl(logits_adv.detach(), y).sum(), n)
+            sums.add("train_madry_kl", madry_kl(logits_adv, y).sum(), n)
             sums.add("train_adv_acc", (logits_adv.argmax(-1) == y).sum(), n)
             if logits_nat is not None:
                 sums.add("train_clean_acc", (logits_nat.argmax(-1) == y).sum(), n)

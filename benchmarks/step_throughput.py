@@ -1,0 +1,356 @@
+#!/usr/bin/env python
+"""Images/s of one adversarial-training step: scoretune's engine against a textbook reference.
+
+For each model and objective (TRADES-SE, PGD-AT-SE; 10-step linf PGD, eps 8/255, step 2/255) it
+
+1. checks that ``scoretune.engine.train_step`` and the reference step (``benchmarks/_common.py``:
+   clean target forward, 10 ``torch.autograd.grad`` attack steps, separate clean and adversarial
+   train-mode forwards, fp32) give the same loss to ``--tol`` (1e-5) in fp32 from the same
+   initial weights, batch and random start (the start noise comes from one seeded generator),
+   on the reference's memory layout; exits 1 after the timings if they do not;
+2. times them interleaved (ref, ours, ref, ours, ...) after ``--warmup`` untimed steps, and prints
+   one line per measurement ``name ours_img_per_s ref_img_per_s ratio`` (medians), followed by
+   the loss difference of that configuration in fp32 on its own layout (and as run, when it
+   autocasts to bf16).  PGD's sign() turns rounding differences (another memory layout, another
+   convolution algorithm) into different adversarial points, so only changes that keep the
+   attack's arithmetic identical stay within 1e-5 on PreActResNet-18.
+
+"ours" is the engine exactly as ``Trainer`` runs it on that device: model placement (channels_last
+on CUDA) and ``amp='auto'`` (bf16 autocast on CUDA, fp32 on CPU).  ``--ablations`` adds the
+candidate speed-ups that are not in the engine, each timed in the same interleaved rounds and
+checked in fp32; ``--compile`` adds ``nn.Module.compile()`` (compile time reported separately).
+
+On a shared machine use ``--threads 1 --clock cpu`` (process CPU time of a single-threaded run):
+wall time there mostly measures the other users.  Example::
+
+    python benchmarks/step_throughput.py --device cpu --threads 1 --clock cpu --repeats 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import (  # noqa: E402
+    ATTACK,
+    OBJECTIVES,
+    fixed_batch,
+    machine_info,
+    reference_step,
+    seeded_model,
+    sgd,
+)
+from scoretune import engine  # noqa: E402
+from scoretune.engine import train_step  # noqa: E402
+
+DEFAULT_MODELS = {"cpu": ("small_cnn", "preact_resnet18"), "cuda": ("small_cnn", "preact_resnet18", "wrn-28-10")}
+DEFAULT_BATCH = {
+    "cpu": {"small_cnn": 128, "preact_resnet18": 32, "wrn-28-10": 16},
+    "cuda": {"small_cnn": 128, "preact_resnet18": 128, "wrn-28-10": 128},
+}
+
+
+# ----------------------------------------------------------------------------- one step of each kind
+
+
+def place(model: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
+    """The model in channels_last (NHWC) memory format when asked, as ``Trainer`` places it on CUDA
+    (batches stay NCHW, as ``BatchLoader`` yields them)."""
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def engine_placement(device: torch.device) -> bool:
+    """channels_last exactly where ``Trainer`` uses it (see ``Trainer.__post_init__``)."""
+    return device.type == "cuda"
+
+
+@contextlib.contextmanager
+def fp32_exact(device: torch.device):
+    """TF32 off and deterministic cuDNN while the fp32 equivalence check runs (no-op on CPU)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
+
+
+class Runner:
+    """A model copy, its optimiser, its batch and a seeded generator: one callable training step."""
+
+    def __init__(self, kind: str, base: torch.nn.Module, x, y, objective, device, *, channels_last=False,
+                 amp="auto", compile_model=False, frozen=False, cudnn_benchmark=False, seed=1):
+        self.kind, self.objective, self.device, self.amp, self.frozen = kind, objective, device, amp, frozen
+        self.cudnn_benchmark = cudnn_benchmark
+        model = place(copy.deepcopy(base), channels_last)
+        self.x, self.y = x, y
+        if compile_model:
+            model.compile()
+        self.model, self.optimizer = model, sgd(model)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self) -> float:
+        if self.kind == "ref":
+            return reference_step(self.model, self.x, self.y, self.objective, ATTACK, self.optimizer,
+                                  self.generator)["loss"]
+        with contextlib.ExitStack() as stack:
+            if self.frozen:
+                stack.enter_context(frozen_attack_parameters())
+            if self.cudnn_benchmark:
+                stack.enter_context(cudnn_benchmark())
+            terms, _, _ = train_step(self.model, self.x, self.y, self.objective, ATTACK, self.optimizer,
+                                     device=self.device, amp=self.amp, generator=self.generator)
+        return float(terms["loss"].mean())
+
+
+@contextlib.contextmanager
+def cudnn_benchmark():
+    """Ablation: cuDNN autotuning (``torch.backends.cudnn.benchmark``) for the duration of a step."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+@contextlib.contextmanager
+def frozen_attack_parameters():
+    """Ablation: the engine's training attack with ``requires_grad`` off on every parameter, so the
+    attack records no weight-gradient graph (bit-identical results)."""
+    original = engine.training_attack
+
+    def attack(net, *args, **kwargs):
+        params = [p for p in net.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return original(net, *args, **kwargs)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    engine.training_attack = attack
+    try:
+        yield
+    finally:
+        engine.training_attack = original
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def timer(device: torch.device, clock: str) -> Callable[[Callable[[], object]], float]:
+    """Seconds one call takes: wall clock (CUDA-synchronised) or this process's CPU time."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
+
+    def measure(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = now()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return now() - t0
+
+    return measure
+
+
+def interleaved(runners: dict[str, Runner], repeats: int, measure) -> dict[str, list[float]]:
+    """``repeats`` rounds; each round times every runner once, in the order given (ref first)."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            times[name].append(measure(run))
+    return times
+
+
+# ----------------------------------------------------------------------------- one model x objective
+
+
+def variants(args, device: torch.device) -> dict[str, dict]:
+    """The step configurations timed against the reference: the engine, plus ablations/compile."""
+    cl = engine_placement(device)
+    out = {"ours": {"channels_last": cl, "amp": "auto"}}
+    if args.ablations:
+        out["ours-channels_last" if cl else "ours+channels_last"] = {"channels_last": not cl, "amp": "auto"}
+        out["ours+frozen_params"] = {"channels_last": cl, "amp": "auto", "frozen": True}
+        if device.type == "cpu":
+            out["ours+bf16"] = {"channels_last": cl, "amp": "on"}
+        else:
+            out["ours-bf16"] = {"channels_last": cl, "amp": "off"}
+            out["ours+cudnn_benchmark"] = {"channels_last": cl, "amp": "auto", "cudnn_benchmark": True}
+    if args.compile:
+        out["ours+compile"] = {"channels_last": cl, "amp": "auto", "compile": True}
+    return out
+
+
+def bench_one(args, device, model_name: str, objective_name: str, batch_size: int) -> list[dict]:
+    objective = OBJECTIVES[objective_name]
+    x, y = fixed_batch(batch_size, device=device)
+    base = seeded_model(model_name, device=device)
+    measure = timer(device, args.clock)
+    configs = variants(args, device)
+
+    # 1. Equivalence from identical starting points (fresh copies, same generator seed).  The
+    # assertion: the engine in fp32 on the reference's memory layout.  Reported for every
+    # variant: its loss in fp32 on its own layout, and as run (bf16 where it autocasts).
+    with fp32_exact(device):
+        ref_loss = Runner("ref", base, x, y, objective, device)()
+        engine_fp32 = Runner("ours", base, x, y, objective, device, amp="off")()
+        fp32, as_run = {}, {}
+        for name, cfg in configs.items():
+            if not (cfg["channels_last"] or cfg.get("frozen") or cfg.get("compile") or cfg.get("cudnn_benchmark")):
+                fp32[name] = engine_fp32  # the same configuration as the assertion's
+            elif not cfg.get("compile"):  # a compiled variant is checked after its compile is timed
+                fp32[name] = Runner("ours", base, x, y, objective, device, **_kw(dict(cfg, amp="off")))()
+    for name, cfg in configs.items():
+        if not cfg.get("compile"):
+            as_run[name] = fp32[name] if _fp32_anyway(cfg, device) else \
+                Runner("ours", base, x, y, objective, device, **_kw(cfg))()
+
+    # 2. timing: fresh copies again; warm-up steps (and compiles) untimed, then interleaved rounds.
+    runners = {"ref": Runner("ref", base, x, y, objective, device)}
+    compile_s = None
+    for name, cfg in configs.items():
+        runners[name] = Runner("ours", base, x, y, objective, device, **_kw(cfg))
+    wall = timer(device, "wall")  # compile time: wall clock (inductor compiles in worker processes)
+    for name, run in runners.items():
+        first = wall(run)
+        if configs.get(name, {}).get("compile"):
+            compile_s = first
+    for _ in range(max(args.warmup - 1, 0)):
+        for run in runners.values():
+            run()
+    if compile_s is not None:
+        steady = statistics.median([wall(runners["ours+compile"]) for _ in range(2)])
+        compile_s = max(compile_s - steady, 0.0)
+        cfg = configs["ours+compile"]
+        with fp32_exact(device):
+            fp32["ours+compile"] = Runner("ours", base, x, y, objective, device, **_kw(dict(cfg, amp="off")))()
+        as_run["ours+compile"] = fp32["ours+compile"] if _fp32_anyway(cfg, device) else \
+            Runner("ours", base, x, y, objective, device, **_kw(cfg))()
+    times = interleaved(runners, args.repeats, measure)
+
+    ref_med = statistics.median(times["ref"])
+    rows = []
+    for name in configs:
+        med = statistics.median(times[name])
+        rows.append({
+            "name": f"{model_name}/{objective_name}/bs{batch_size}/{name}",
+            "model": model_name, "objective": objective_name, "batch_size": batch_size, "variant": name,
+            "config": configs[name],
+            "ours_img_per_s": batch_size / med, "ref_img_per_s": batch_size / ref_med, "ratio": ref_med / med,
+            "ours_times_s": times[name], "ref_times_s": times["ref"],
+            "fp32_loss_ref": ref_loss, "fp32_loss_engine": engine_fp32,
+            "fp32_loss_diff_engine": abs(engine_fp32 - ref_loss),
+            "fp32_loss_variant": fp32[name], "fp32_loss_diff": abs(fp32[name] - ref_loss),
+            "loss_as_run": as_run[name], "loss_diff_as_run": abs(as_run[name] - ref_loss),
+            "compile_s": compile_s if name == "ours+compile" else None,
+        })
+    return rows
+
+
+def _kw(cfg: dict) -> dict:
+    return {"channels_last": cfg.get("channels_last", False), "amp": cfg.get("amp", "auto"),
+            "compile_model": cfg.get("compile", False), "frozen": cfg.get("frozen", False),
+            "cudnn_benchmark": cfg.get("cudnn_benchmark", False)}
+
+
+def _fp32_anyway(cfg: dict, device: torch.device) -> bool:
+    """True when the configuration runs in fp32 (amp 'off', or 'auto' off CUDA)."""
+    return cfg["amp"] == "off" or (cfg["amp"] == "auto" and device.type != "cuda")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--models", default=None,
+                   help="comma-separated (default: small_cnn,preact_resnet18 on cpu; plus wrn-28-10 on cuda)")
+    p.add_argument("--objectives", default="trades_se,pgdat_se", help="comma-separated: trades_se, pgdat_se")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="one batch size for every model (default: small_cnn 128, preact_resnet18 32 on cpu / "
+                        "128 on cuda, wrn-28-10 128)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (each times ref and ours once)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps of each before timing")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall clock, or process CPU time (robust on a shared machine with --threads 1)")
+    p.add_argument("--tol", type=float, default=1e-5, help="largest allowed fp32 loss difference ours vs ref")
+    p.add_argument("--ablations", action="store_true",
+                   help="also time candidate speed-ups that are not in the engine: channels_last switched, "
+                        "parameters frozen during the attack, bf16 autocast on CPU (fp32 on CUDA), cudnn.benchmark")
+    p.add_argument("--compile", action="store_true", help="also time the engine on nn.Module.compile()")
+    p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write all results to OUT")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device visible to torch (use --device cpu)")
+    if args.clock == "cpu" and args.device == "cuda":
+        p.error("--clock cpu measures host CPU time only; use --clock wall with --device cuda")
+    unknown = set(args.objectives.split(",")) - set(OBJECTIVES)
+    if unknown:
+        p.error(f"unknown objective(s) {sorted(unknown)}; choose from: {', '.join(OBJECTIVES)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    models = args.models.split(",") if args.models else list(DEFAULT_MODELS[device.type])
+    info = machine_info(device)
+    print("# " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    print("# name ours_img_per_s ref_img_per_s ratio   (fp32 loss diff; medians of "
+          f"{args.repeats} interleaved rounds, clock={args.clock})", flush=True)
+    rows, failed = [], []
+    for model_name in models:
+        bs = args.batch_size or DEFAULT_BATCH[device.type].get(model_name, 32)
+        for objective_name in args.objectives.split(","):
+            rows_now = bench_one(args, device, model_name, objective_name, bs)
+            for row in rows_now:
+                rows.append(row)
+                notes = [f"fp32 loss diff {row['fp32_loss_diff']:.1e}"
+                         + ("" if row["fp32_loss_diff"] <= args.tol else " > tol")]
+                if row["loss_as_run"] != row["fp32_loss_variant"]:
+                    notes.append(f"as run {row['loss_diff_as_run']:.1e}")
+                if row["compile_s"] is not None:
+                    notes.append(f"compile {row['compile_s']:.1f} s")
+                print(f"{row['name']} {row['ours_img_per_s']:.2f} {row['ref_img_per_s']:.2f} {row['ratio']:.3f}"
+                      f"   ({', '.join(notes)})", flush=True)
+            if rows_now[0]["fp32_loss_diff_engine"] > args.tol:
+                failed.append(f"{model_name}/{objective_name} ({rows_now[0]['fp32_loss_diff_engine']:.1e})")
+    info_end = machine_info(device)
+    if args.json_out:
+        out = {"machine": info, "loadavg_end": info_end["loadavg"], "settings": vars(args), "results": rows}
+        Path(args.json_out).write_text(json.dumps(out, indent=2))
+    if failed:
+        print(f"FAIL: the engine's fp32 loss differs from the reference's by more than {args.tol}: "
+              + ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

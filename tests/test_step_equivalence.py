@@ -1,0 +1,115 @@
+"""The engine's training step computes the textbook TRADES-SE / PGD-AT-SE step (not timed).
+
+The reference is the one ``benchmarks/step_throughput.py`` times (``benchmarks/_common.py``):
+clean target forward, 10 ``torch.autograd.grad`` PGD steps (linf, eps 8/255, step 2/255),
+separate clean and adversarial train-mode forwards, fp32.  Same initial weights, same batch,
+same random start (one seeded generator each).
+"""
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import ATTACK, OBJECTIVES, fixed_batch, reference_step, seeded_model, sgd  # noqa: E402
+from scoretune.attacks import AttackConfig  # noqa: E402
+from scoretune.engine import train_epoch, train_step  # noqa: E402
+
+CPU = torch.device("cpu")
+BATCH = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Single-threaded: on a busy shared CPU two OpenMP threads wait on each other (5x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return fixed_batch(BATCH, seed=3)
+
+
+@pytest.fixture(scope="module")
+def small_cnn():
+    return seeded_model("small_cnn", seed=0)
+
+
+def _reference(base, batch, objective, attack=ATTACK, seed=1):
+    model = copy.deepcopy(base)
+    out = reference_step(model, *batch, objective, attack, sgd(model), torch.Generator().manual_seed(seed))
+    return out, model
+
+
+def _engine(base, batch, objective, attack=ATTACK, seed=1):
+    model = copy.deepcopy(base)
+    terms, _, _ = train_step(model, *batch, objective, attack, sgd(model), device=CPU, amp="off",
+                             generator=torch.Generator().manual_seed(seed))
+    return {k: float(v.mean()) for k, v in terms.items()}, model
+
+
+@pytest.fixture(scope="module")
+def steps(small_cnn, batch):
+    """``steps(kind, objective)`` -> (losses, model after the step), each computed once."""
+    cache = {}
+
+    def get(kind, objective):
+        if (kind, objective) not in cache:
+            run = _reference if kind == "ref" else _engine
+            cache[kind, objective] = run(small_cnn, batch, OBJECTIVES[objective])
+        return cache[kind, objective]
+
+    return get
+
+
+@pytest.mark.parametrize("objective", ["trades_se", "pgdat_se"])
+def test_engine_step_gives_the_reference_loss_in_fp32(steps, objective):
+    ref, _ = steps("ref", objective)
+    ours, _ = steps("ours", objective)
+    for term in ("loss", "natural", "robust"):
+        assert ours[term] == pytest.approx(ref[term], abs=1e-5), term
+    assert ref["robust"] > 0
+
+
+@pytest.mark.parametrize("objective", ["trades_se", "pgdat_se"])
+def test_engine_step_makes_the_reference_update(small_cnn, steps, objective):
+    _, ref_model = steps("ref", objective)
+    _, our_model = steps("ours", objective)
+    moved = 0.0
+    for (name, a), b, start in zip(ref_model.state_dict().items(), our_model.state_dict().values(),
+                                   small_cnn.state_dict().values()):
+        if a.dtype.is_floating_point:
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+            moved = max(moved, (a - start).abs().max().item())
+    assert moved > 1e-4  # the step did change the weights
+
+
+def test_train_epoch_reports_the_reference_loss(small_cnn, batch, steps):
+    objective = OBJECTIVES["trades_se"]
+    ref, _ = steps("ref", "trades_se")
+    model = copy.deepcopy(small_cnn)
+    metrics = train_epoch(model, [batch], objective, ATTACK, sgd(model), device=CPU, amp="off",
+                          generator=torch.Generator().manual_seed(1))
+    assert metrics["train_loss"] == pytest.approx(ref["loss"], abs=1e-5)
+    assert metrics["train_robust"] == pytest.approx(ref["robust"], abs=1e-5)
+
+
+def test_the_comparison_notices_a_weaker_attack(small_cnn, batch, steps):
+    """One PGD step fewer in the engine moves the PGD-AT loss beyond the 1e-5 tolerance (about 5e-5)."""
+    ref, _ = steps("ref", "pgdat_se")
+    weaker = AttackConfig(eps=ATTACK.eps, steps=ATTACK.steps - 1, step_size=ATTACK.step_size)
+    ours, _ = _engine(small_cnn, batch, OBJECTIVES["pgdat_se"], attack=weaker)
+    assert abs(ours["loss"] - ref["loss"]) > 1e-5
+
+
+def test_the_comparison_notices_another_random_start(small_cnn, batch, steps):
+    ref, _ = steps("ref", "pgdat_se")
+    ours, _ = _engine(small_cnn, batch, OBJECTIVES["pgdat_se"], seed=2)
+    assert abs(ours["loss"] - ref["loss"]) > 1e-5
