@@ -10,7 +10,6 @@ evaluation use the unwrapped network, metric sums are all-reduced when
 from __future__ import annotations
 
 import copy
-import io
 import json
 import math
 import os
@@ -25,7 +24,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .attacks import AttackConfig, eval_mode, pgd_ce, training_attack
 from .config import ExperimentConfig, OptimConfig
