@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""Best robust accuracy found vs training epochs spent: random search with full budgets against
+scoretune's TPE + ASHA + floor stopper, on digits, side by side in one run.
+
+For each seed (``--seeds 0 1``; the seed of the search's sampler, the experiment seed stays 0 so
+every trial sees the same data split) it runs two searches over the same space (TRADES with
+beta / lr / loss / clip searched, 3-step training PGD, val PGD with ``--pgd-steps`` steps):
+
+(a) ``random``: Optuna's RandomSampler, no scheduler, no stopper: every trial trains ``--epochs``;
+(b) ``tpe_asha_floor``: seeded multivariate TPE, ASHA on epochs (``--grace``, reduction factor 2)
+    and SCORE's floor stopper (``--floor``, patience 2) -- scoretune's default kind of search.
+
+The per-epoch ``val_pgd_acc`` of every trial is read back from the search's MLflow child runs
+(``SearchSummary.trials[i].run_id`` -> metric history; the driver logs one point per reported
+epoch). Trials are ordered by completion (the time of their last logged epoch) and the curve
+"best val_pgd_acc so far vs cumulative epochs" is built from them: a trial adds all its epochs and
+its best epoch's value when it completes. The target of a seed is the best value (a) found with
+that seed minus ``--within`` (1 point); the script prints the epochs each search needed to reach it
+(``-`` when it never did) and, as the summary line, the mean over seeds::
+
+    name ours reference ratio
+    epochs_to_within_1pt <(b) epochs> <(a) epochs> <(b)/(a)>
+
+Goal: ratio <= 1/3 (printed, never asserted). A search that never reaches the target counts with
+all the epochs it spent and the ratio is then a lower bound (marked ``>=``). The finer curve that
+orders single epochs by their log time (fairer when trials run concurrently) is printed too.
+
+Defaults fit 2 shared CPU cores in about 10-15 minutes (2 seeds, 8 trials each, 8 epochs, 2 trials
+at a time); scale up with e.g. ``--seeds 0 1 2 3 --samples 24 --epochs 15 --attack-steps 7
+--pgd-steps 20``. Extra ``--set key=value`` overrides go to both spaces (``base.batch_size=128``).
+
+    python benchmarks/search_efficiency.py --json search_efficiency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import machine_info  # noqa: E402  (also puts platform/ on sys.path)
+from scoretune.search import ensure_ray, run_search  # noqa: E402
+from scoretune.search_space import build_space  # noqa: E402
+from scoretune.tracking import client as mlflow_client  # noqa: E402
+
+METRIC = "val_pgd_acc"
+
+
+def base_space(args: argparse.Namespace) -> dict[str, Any]:
+    """The searched space shared by both methods (the quickstart space, shrunk)."""
+    return {
+        "name": "bench",
+        "base": {
+            "data": {"name": "digits", "val_size": 0.1},
+            "model": {"name": "small_cnn"},
+            "objective": {"method": "trades", "loss": "se", "beta": 6.0, "clip_mode": "smoothing", "clip": 0.0},
+            "attack": {"eps": 0.2, "norm": "linf", "steps": args.attack_steps},
+            "eval": {"pgd_steps": args.pgd_steps, "test": False},
+            "optim": {"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 5.0e-4, "schedule": "cosine"},
+            "epochs": args.epochs,
+            "batch_size": 64,
+            "device": "cpu",
+            "seed": 0,
+        },
+        "params": {
+            "beta": {"loguniform": [1.0, 10.0]},
+            "lr": {"loguniform": [0.01, 0.5]},
+            "loss": {"choice": ["se", "kl", "l1_sq", "js"]},
+            "clip": {"uniform": [0.0, 0.3]},
+        },
+        "objective": {"metric": METRIC, "mode": "max"},
+        "max_concurrent": args.concurrent,
+        "resources": {"workers": 1, "cpus": 1, "gpus": 0},
+        "top_k": 0,  # no models logged / AutoAttacked at the end: only the search itself is compared
+    }
+
+
+def method_space(args: argparse.Namespace, method: str, seed: int, root: Path):
+    """The validated :class:`SearchSpace` of ``method`` (``random`` or ``tpe_asha_floor``) for ``seed``."""
+    raw = base_space(args)
+    raw["seed"] = seed
+    raw["storage_path"] = str(root / "ray")
+    if method == "random":
+        raw.update(num_samples=args.samples, sampler={"type": "random"}, scheduler={"type": "none"})
+    else:
+        raw.update(num_samples=args.samples_b or args.samples, sampler={"type": "tpe"},
+                   scheduler={"type": "asha", "grace_period": args.grace, "reduction_factor": 2},
+                   stoppers={"floor": {"value": args.floor, "patience": 2}})
+    return build_space(raw, list(args.set or []), source=f"{method} space")
+
+
+def trial_histories(summary: Any) -> list[dict[str, Any]]:
+    """Per trial: its ``METRIC`` by epoch and the log time of each epoch (ms), from MLflow."""
+    cl = mlflow_client(summary.tracking_uri)
+    out = []
+    for t in summary.trials:
+        if not t.run_id:
+            continue
+        hist = sorted(cl.get_metric_history(t.run_id, METRIC), key=lambda m: (m.step, m.timestamp))
+        by_epoch: dict[int, Any] = {}
+        for m in hist:  # one point per epoch (a resumed trial may log an epoch twice: keep the last)
+            by_epoch[int(m.step)] = m
+        if by_epoch:
+            out.append({"trial_id": t.trial_id, "status": t.status, "point": t.point,
+                        "epochs": [e for e in sorted(by_epoch)],
+                        "values": [float(by_epoch[e].value) for e in sorted(by_epoch)],
+                        "times": [int(by_epoch[e].timestamp) for e in sorted(by_epoch)]})
+    return out
+
+
+def completion_curve(trials: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(cumulative epochs, best value so far) after each trial, trials in completion order."""
+    curve, spent, best = [], 0, float("-inf")
+    for t in sorted(trials, key=lambda t: max(t["times"])):
+        spent += len(t["epochs"])
+        best = max(best, max(t["values"]))
+        curve.append((spent, best))
+    return curve
+
+
+def epoch_curve(trials: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(cumulative epochs, best value so far) after each single epoch, epochs in log-time order."""
+    events = sorted((tm, v) for t in trials for tm, v in zip(t["times"], t["values"]))
+    curve, best = [], float("-inf")
+    for i, (_, v) in enumerate(events, 1):
+        best = max(best, v)
+        curve.append((i, best))
+    return curve
+
+
+def epochs_to(curve: list[tuple[int, float]], target: float) -> int | None:
+    """The first cumulative epoch count at which the curve reaches ``target`` (None: never)."""
+    for spent, best in curve:
+        if best >= target - 1e-12:
+            return spent
+    return None
+
+
+def mean_epochs(values: list[int | None], totals: list[int]) -> tuple[float, bool]:
+    """Mean over seeds; a seed that never reached the target counts with all it spent (lower bound)."""
+    filled = [v if v is not None else tot for v, tot in zip(values, totals)]
+    return statistics.fmean(filled), any(v is None for v in values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="search seeds (default: 0 1)")
+    ap.add_argument("--samples", type=int, default=8, help="trials per search (default 8)")
+    ap.add_argument("--samples-b", type=int, default=None, help="trials of (b) if different from --samples")
+    ap.add_argument("--epochs", type=int, default=8, help="full epoch budget of a trial (default 8)")
+    ap.add_argument("--attack-steps", type=int, default=3, help="training PGD steps (default 3)")
+    ap.add_argument("--pgd-steps", type=int, default=5, help="validation PGD steps (default 5)")
+    ap.add_argument("--grace", type=int, default=1, help="ASHA grace period in epochs (default 1)")
+    ap.add_argument("--floor", type=float, default=0.2, help="floor (C^l1)^2/2 of the stopper (default 0.2)")
+    ap.add_argument("--within", type=float, default=0.01, help="target = best of (a) minus this (default 0.01)")
+    ap.add_argument("--concurrent", type=int, default=2, help="trials at a time (default 2)")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for both spaces (repeatable)")
+    ap.add_argument("--workdir", default=None, help="keep Ray results and MLflow store here (default: a temp dir)")
+    ap.add_argument("--json", default=None, metavar="OUT", help="write all numbers and curves to OUT")
+    args = ap.parse_args(argv)
+
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="scoretune-bench-")
+    root = Path(args.workdir or tmp.name).absolute()  # type: ignore[union-attr]
+    root.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    quiet = lambda s: None  # noqa: E731
+    ensure_ray(None, print)
+    info = machine_info()
+    print(f"machine: {info}")
+
+    methods = ("random", "tpe_asha_floor")
+    runs: dict[str, dict[int, Any]] = {m: {} for m in methods}
+    stamp = time.strftime("%H%M%S")
+    for seed in args.seeds:
+        for method in methods:
+            space = method_space(args, method, seed, root)
+            t0 = time.perf_counter()
+            summary = run_search(space, name=f"{method}-s{seed}-{stamp}", tracking_uri=uri, out=quiet)
+            wall = time.perf_counter() - t0
+            trials = trial_histories(summary)
+            runs[method][seed] = {"trials": trials, "wall_s": wall, "completion": completion_curve(trials),
+                                  "by_epoch": epoch_curve(trials),
+                                  "total_epochs": sum(len(t["epochs"]) for t in trials),
+                                  "best": max((max(t["values"]) for t in trials), default=float("nan")),
+                                  "counts": summary.counts()}
+            r = runs[method][seed]
+            print(f"seed {seed} {method:<15} trials {len(trials):>2}  epochs {r['total_epochs']:>3}  "
+                  f"best {METRIC} {r['best']:.4f}  {wall:.0f} s  {r['counts']}", flush=True)
+
+    rows: dict[str, Any] = {}
+    for curve_name in ("completion", "by_epoch"):
+        need: dict[str, list[int | None]] = {m: [] for m in methods}
+        totals: dict[str, list[int]] = {m: [] for m in methods}
+        for seed in args.seeds:
+            target = runs["random"][seed]["best"] - args.within
+            for m in methods:
+                need[m].append(epochs_to(runs[m][seed][curve_name], target))
+                totals[m].append(runs[m][seed]["total_epochs"])
+            print(f"  [{curve_name}] seed {seed}: target {target:.4f}; epochs to reach it: "
+                  + ", ".join(f"{m} {need[m][-1] if need[m][-1] is not None else '-'}/{totals[m][-1]}"
+                              for m in methods))
+        ours, ours_lb = mean_epochs(need["tpe_asha_floor"], totals["tpe_asha_floor"])
+        ref, _ = mean_epochs(need["random"], totals["random"])
+        rows[curve_name] = {"ours": ours, "reference": ref, "ratio": ours / ref, "ratio_is_lower_bound": ours_lb,
+                            "per_seed": {m: need[m] for m in methods}, "totals": totals}
+
+    best_a = [runs["random"][s]["best"] for s in args.seeds]
+    best_b = [runs["tpe_asha_floor"][s]["best"] for s in args.seeds]
+    tot_a = [runs["random"][s]["total_epochs"] for s in args.seeds]
+    tot_b = [runs["tpe_asha_floor"][s]["total_epochs"] for s in args.seeds]
+    print()
+    print("name ours reference ratio")
+    for curve_name, label in (("completion", "epochs_to_within_1pt"), ("by_epoch", "epochs_to_within_1pt_epoch_order")):
+        r = rows[curve_name]
+        mark = ">=" if r["ratio_is_lower_bound"] else ""
+        print(f"{label} {r['ours']:.1f} {r['reference']:.1f} {mark}{r['ratio']:.3f}")
+    print(f"total_epochs {statistics.fmean(tot_b):.1f} {statistics.fmean(tot_a):.1f} "
+          f"{statistics.fmean(tot_b) / statistics.fmean(tot_a):.3f}")
+    print(f"best_{METRIC} {statistics.fmean(best_b):.4f} {statistics.fmean(best_a):.4f} "
+          f"{statistics.fmean(best_b) / statistics.fmean(best_a):.3f}")
+    print("(ours = TPE + ASHA + floor stopper, reference = random search with full budgets; mean over seeds "
+          f"{args.seeds}; goal: epochs ratio <= 0.333)")
+
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "settings": vars(args), "machine": info, "summary": rows,
+            "runs": {m: {str(s): v for s, v in d.items()} for m, d in runs.items()},
+        }, indent=1, default=str))
+        print(f"wrote {args.json}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
