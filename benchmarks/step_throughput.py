@@ -293,7 +293,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="one batch size for every model (default: small_cnn 128, preact_resnet18 32 on cpu / "
                         "128 on cuda, wrn-28-10 128)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (each times ref and ours once)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps of each before timing")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps of each before timing (at least 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall clock, or process CPU time (robust on a shared machine with --threads 1)")
