@@ -476,19 +476,21 @@ def _load_cifar10(root: Path, *, val_size: float | int, seed: int) -> Dataset:
     parts = [_load_cifar_batch(d / f, "cifar10", b"labels") for f in train_files]
     x_tr, y_tr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     x_te, y_te = _load_cifar_batch(d / "test_batch", "cifar10", b"labels")
-    _check_labels("cifar10", y_tr, 10, d / "data_batch_*")
-    _check_labels("cifar10", y_te, 10, d / "test_batch")
-    train, val = _carve_val(_split(x_tr, y_tr), val_size, seed)
-    info = DatasetInfo(
-        name="cifar10",
-        num_classes=10,
-        input_shape=(3, 32, 32),
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2471, 0.2435, 0.2616),
-        augment=True,
-        pixel_range=(0.0, 1.0),
-    )
-    return Dataset(info=info, train=train, val=val, test=_split(x_te, y_te))
+    return _cifar_dataset("cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616),
+                          (x_tr, y_tr, d / "data_batch_*"), (x_te, y_te, d / "test_batch"), val_size, seed)
+
+
+def _cifar_dataset(name: str, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
+                   train: tuple[np.ndarray, np.ndarray, Path], test: tuple[np.ndarray, np.ndarray, Path],
+                   val_size: float | int, seed: int) -> Dataset:
+    """Check the labels of loaded CIFAR arrays, carve the validation split and describe the dataset."""
+    (x_tr, y_tr, tr_path), (x_te, y_te, te_path) = train, test
+    _check_labels(name, y_tr, num_classes, tr_path)
+    _check_labels(name, y_te, num_classes, te_path)
+    tr, val = _carve_val(_split(x_tr, y_tr), val_size, seed)
+    info = DatasetInfo(name=name, num_classes=num_classes, input_shape=(3, 32, 32), mean=mean, std=std,
+                       augment=True, pixel_range=(0.0, 1.0))
+    return Dataset(info=info, train=tr, val=val, test=_split(x_te, y_te))
 
 
 @register_dataset("cifar100")
@@ -504,19 +506,8 @@ def _load_cifar100(root: Path, *, val_size: float | int, seed: int) -> Dataset:
     )
     x_tr, y_tr = _load_cifar_batch(d / "train", "cifar100", b"fine_labels")
     x_te, y_te = _load_cifar_batch(d / "test", "cifar100", b"fine_labels")
-    _check_labels("cifar100", y_tr, 100, d / "train")
-    _check_labels("cifar100", y_te, 100, d / "test")
-    train, val = _carve_val(_split(x_tr, y_tr), val_size, seed)
-    info = DatasetInfo(
-        name="cifar100",
-        num_classes=100,
-        input_shape=(3, 32, 32),
-        mean=(0.5071, 0.4865, 0.4409),
-        std=(0.2673, 0.2564, 0.2762),
-        augment=True,
-        pixel_range=(0.0, 1.0),
-    )
-    return Dataset(info=info, train=train, val=val, test=_split(x_te, y_te))
+    return _cifar_dataset("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                          (x_tr, y_tr, d / "train"), (x_te, y_te, d / "test"), val_size, seed)
 
 
 def _load_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
