@@ -160,6 +160,17 @@ def test_digits_splits_partition_the_1797_images(digits_seed0):
     assert rows(ds.train) + rows(ds.val) + rows(ds.test) == full
 
 
+def test_digits_loads_without_importing_sklearn():
+    """Each search trial process loads digits; importing scikit-learn would add ~0.9 s to each."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from scoretune.data import load_dataset; ds = load_dataset('digits'); "
+            "print(len(ds.train) + len(ds.val) + len(ds.test), 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1797", "False"]
+
+
 def test_digits_test_split_is_independent_of_seed_but_val_is_not(digits_seed0):
     other = load_dataset("digits", seed=1)
     assert torch.equal(digits_seed0.test.x, other.test.x) and torch.equal(digits_seed0.test.y, other.test.y)
