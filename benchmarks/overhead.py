@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Wall-time overhead of ``scoretune search`` (Ray Tune + Optuna + MLflow) over a plain training loop.
 
-N identical short trainings (default 4; digits, small CNN, TRADES-SE, fixed hyper-parameters: the
+N identical ~30 s trainings (default 4 x 25 epochs; digits, small CNN, TRADES-SE, fixed hyper-parameters: the
 space searches ``lr: {choice: [<one value>]}``, so every trial is the same experiment) are run
 
 * ours: through :func:`scoretune.search.run_search` with ``max_concurrent: 1`` (one trial at a time,
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=4, help="identical trainings (default 4)")
-    ap.add_argument("--epochs", type=int, default=15, help="epochs per training (default 15: ~20-30 s on a busy CPU)")
+    ap.add_argument("--epochs", type=int, default=25,
+                    help="epochs per training (default 25: a ~30 s training on one idle core)")
     ap.add_argument("--attack-steps", type=int, default=3, help="training PGD steps (default 3)")
     ap.add_argument("--pgd-steps", type=int, default=5, help="validation PGD steps (default 5)")
     ap.add_argument("--lr", type=float, default=0.2, help="the fixed learning rate (default 0.2)")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                          "trainings are compared; the spaces' default is 3)")
     ap.add_argument("--autoattack", default="none", choices=("none", "fast", "standard"),
                     help="end-of-search AutoAttack of the top-k models (default none)")
-    ap.add_argument("--repeats", type=int, default=1, help="alternate reference/ours this many times (default 1)")
+    ap.add_argument("--repeats", type=int, default=2, help="alternate reference/ours this many times (default 2)")
     ap.add_argument("--json", default=None, metavar="OUT", help="write the numbers to OUT")
     args = ap.parse_args(argv)
 

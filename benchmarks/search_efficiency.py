@@ -7,7 +7,7 @@ every trial sees the same data split) it runs two searches over the same space (
 beta / lr / loss / clip searched, 3-step training PGD, val PGD with ``--pgd-steps`` steps):
 
 (a) ``random``: Optuna's RandomSampler, no scheduler, no stopper: every trial trains ``--epochs``;
-(b) ``tpe_asha_floor``: seeded multivariate TPE, ASHA on epochs (``--grace``, reduction factor 2)
+(b) ``tpe_asha_floor``: seeded multivariate TPE, ASHA on epochs (``--grace``, ``--reduction-factor`` 2)
     and SCORE's floor stopper (``--floor``, patience 2) -- scoretune's default kind of search.
 
 The per-epoch ``val_pgd_acc`` of every trial is read back from the search's MLflow child runs
@@ -91,7 +91,7 @@ def method_space(args: argparse.Namespace, method: str, seed: int, root: Path):
         raw.update(num_samples=args.samples, sampler={"type": "random"}, scheduler={"type": "none"})
     else:
         raw.update(num_samples=args.samples_b or args.samples, sampler={"type": "tpe"},
-                   scheduler={"type": "asha", "grace_period": args.grace, "reduction_factor": 2},
+                   scheduler={"type": "asha", "grace_period": args.grace, "reduction_factor": args.reduction_factor},
                    stoppers={"floor": {"value": args.floor, "patience": 2}})
     return build_space(raw, list(args.set or []), source=f"{method} space")
 
@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attack-steps", type=int, default=3, help="training PGD steps (default 3)")
     ap.add_argument("--pgd-steps", type=int, default=5, help="validation PGD steps (default 5)")
     ap.add_argument("--grace", type=int, default=1, help="ASHA grace period in epochs (default 1)")
+    ap.add_argument("--reduction-factor", type=float, default=2.0,
+                    help="ASHA reduction factor (default 2, the search spaces' default; 3 stops more trials)")
     ap.add_argument("--floor", type=float, default=0.2, help="floor (C^l1)^2/2 of the stopper (default 0.2)")
     ap.add_argument("--within", type=float, default=0.01, help="target = best of (a) minus this (default 0.01)")
     ap.add_argument("--concurrent", type=int, default=2, help="trials at a time (default 2)")

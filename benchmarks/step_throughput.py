@@ -15,10 +15,13 @@ For each model and objective (TRADES-SE, PGD-AT-SE; 10-step linf PGD, eps 8/255,
    convolution algorithm) into different adversarial points, so only changes that keep the
    attack's arithmetic identical stay within 1e-5 on PreActResNet-18.
 
-"ours" is the engine exactly as ``Trainer`` runs it on that device: model placement (channels_last
-on CUDA) and ``amp='auto'`` (bf16 autocast on CUDA, fp32 on CPU).  ``--ablations`` adds the
-candidate speed-ups that are not in the engine, each timed in the same interleaved rounds and
-checked in fp32; ``--compile`` adds ``nn.Module.compile()`` (compile time reported separately).
+"ours" is the engine exactly as ``Trainer`` runs it on that device: layout (``channels_last: auto``:
+model and batches NHWC for these conv models, on CPU and CUDA), parameters frozen during the attack
+(``scoretune.attacks.frozen_parameters``) and ``amp='auto'`` (bf16 autocast on CUDA, fp32 on CPU).
+``--ablations`` adds the engine with one of those switched (``-channels_last``, ``-frozen_params``,
+``+bf16`` on CPU / ``-bf16`` on CUDA, ``+cudnn_benchmark`` on CUDA), each timed in the same
+interleaved rounds and checked in fp32; ``--compile`` adds ``nn.Module.compile()`` (compile time
+reported separately).
 
 On a shared machine use ``--threads 1 --clock cpu`` (process CPU time of a single-threaded run):
 wall time there mostly measures the other users.  Example::
@@ -51,8 +54,8 @@ from benchmarks._common import (  # noqa: E402
     seeded_model,
     sgd,
 )
-from scoretune import engine  # noqa: E402
-from scoretune.engine import train_step  # noqa: E402
+from scoretune import attacks  # noqa: E402
+from scoretune.engine import memory_format_for, train_step  # noqa: E402
 
 DEFAULT_MODELS = {"cpu": ("small_cnn", "preact_resnet18"), "cuda": ("small_cnn", "preact_resnet18", "wrn-28-10")}
 DEFAULT_BATCH = {
@@ -65,14 +68,14 @@ DEFAULT_BATCH = {
 
 
 def place(model: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
-    """The model in channels_last (NHWC) memory format when asked, as ``Trainer`` places it on CUDA
-    (batches stay NCHW, as ``BatchLoader`` yields them)."""
+    """The model in channels_last (NHWC) memory format when asked, as ``Trainer`` places it."""
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def engine_placement(device: torch.device) -> bool:
-    """channels_last exactly where ``Trainer`` uses it (see ``Trainer.__post_init__``)."""
-    return device.type == "cuda"
+def engine_placement(model: torch.nn.Module) -> bool:
+    """channels_last exactly where ``Trainer`` uses it (``memory_format_for`` with the default
+    ``channels_last: auto``; the benchmark's inputs are 3x32x32 images)."""
+    return memory_format_for("auto", model, (3, 32, 32)) is torch.channels_last
 
 
 @contextlib.contextmanager
@@ -96,11 +99,12 @@ class Runner:
     """A model copy, its optimiser, its batch and a seeded generator: one callable training step."""
 
     def __init__(self, kind: str, base: torch.nn.Module, x, y, objective, device, *, channels_last=False,
-                 amp="auto", compile_model=False, frozen=False, cudnn_benchmark=False, seed=1):
-        self.kind, self.objective, self.device, self.amp, self.frozen = kind, objective, device, amp, frozen
+                 amp="auto", compile_model=False, unfrozen=False, cudnn_benchmark=False, seed=1):
+        self.kind, self.objective, self.device, self.amp, self.unfrozen = kind, objective, device, amp, unfrozen
         self.cudnn_benchmark = cudnn_benchmark
         model = place(copy.deepcopy(base), channels_last)
-        self.x, self.y = x, y
+        # batches in the model's layout, as BatchLoader yields them for a channels_last Trainer
+        self.x, self.y = (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
         if compile_model:
             model.compile()
         self.model, self.optimizer = model, sgd(model)
@@ -111,8 +115,8 @@ class Runner:
             return reference_step(self.model, self.x, self.y, self.objective, ATTACK, self.optimizer,
                                   self.generator)["loss"]
         with contextlib.ExitStack() as stack:
-            if self.frozen:
-                stack.enter_context(frozen_attack_parameters())
+            if self.unfrozen:
+                stack.enter_context(unfrozen_attack_parameters())
             if self.cudnn_benchmark:
                 stack.enter_context(cudnn_benchmark())
             terms, _, _ = train_step(self.model, self.x, self.y, self.objective, ATTACK, self.optimizer,
@@ -132,26 +136,15 @@ def cudnn_benchmark():
 
 
 @contextlib.contextmanager
-def frozen_attack_parameters():
-    """Ablation: the engine's training attack with ``requires_grad`` off on every parameter, so the
-    attack records no weight-gradient graph (bit-identical results)."""
-    original = engine.training_attack
-
-    def attack(net, *args, **kwargs):
-        params = [p for p in net.parameters() if p.requires_grad]
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            return original(net, *args, **kwargs)
-        finally:
-            for p in params:
-                p.requires_grad_(True)
-
-    engine.training_attack = attack
+def unfrozen_attack_parameters():
+    """Ablation: the engine's attack without :func:`scoretune.attacks.frozen_parameters` (the
+    parameters keep ``requires_grad`` during the attack, as in the reference; bit-identical)."""
+    original = attacks.frozen_parameters
+    attacks.frozen_parameters = lambda model: contextlib.nullcontext(model)
     try:
         yield
     finally:
-        engine.training_attack = original
+        attacks.frozen_parameters = original
 
 
 # ----------------------------------------------------------------------------- timing
@@ -185,13 +178,13 @@ def interleaved(runners: dict[str, Runner], repeats: int, measure) -> dict[str, 
 # ----------------------------------------------------------------------------- one model x objective
 
 
-def variants(args, device: torch.device) -> dict[str, dict]:
+def variants(args, device: torch.device, base: torch.nn.Module) -> dict[str, dict]:
     """The step configurations timed against the reference: the engine, plus ablations/compile."""
-    cl = engine_placement(device)
+    cl = engine_placement(base)
     out = {"ours": {"channels_last": cl, "amp": "auto"}}
     if args.ablations:
         out["ours-channels_last" if cl else "ours+channels_last"] = {"channels_last": not cl, "amp": "auto"}
-        out["ours+frozen_params"] = {"channels_last": cl, "amp": "auto", "frozen": True}
+        out["ours-frozen_params"] = {"channels_last": cl, "amp": "auto", "unfrozen": True}
         if device.type == "cpu":
             out["ours+bf16"] = {"channels_last": cl, "amp": "on"}
         else:
@@ -207,7 +200,7 @@ def bench_one(args, device, model_name: str, objective_name: str, batch_size: in
     x, y = fixed_batch(batch_size, device=device)
     base = seeded_model(model_name, device=device)
     measure = timer(device, args.clock)
-    configs = variants(args, device)
+    configs = variants(args, device, base)
 
     # 1. Equivalence from identical starting points (fresh copies, same generator seed).  The
     # assertion: the engine in fp32 on the reference's memory layout.  Reported for every
@@ -217,7 +210,7 @@ def bench_one(args, device, model_name: str, objective_name: str, batch_size: in
         engine_fp32 = Runner("ours", base, x, y, objective, device, amp="off")()
         fp32, as_run = {}, {}
         for name, cfg in configs.items():
-            if not (cfg["channels_last"] or cfg.get("frozen") or cfg.get("compile") or cfg.get("cudnn_benchmark")):
+            if not (cfg["channels_last"] or cfg.get("unfrozen") or cfg.get("compile") or cfg.get("cudnn_benchmark")):
                 fp32[name] = engine_fp32  # the same configuration as the assertion's
             elif not cfg.get("compile"):  # a compiled variant is checked after its compile is timed
                 fp32[name] = Runner("ours", base, x, y, objective, device, **_kw(dict(cfg, amp="off")))()
@@ -270,7 +263,7 @@ def bench_one(args, device, model_name: str, objective_name: str, batch_size: in
 
 def _kw(cfg: dict) -> dict:
     return {"channels_last": cfg.get("channels_last", False), "amp": cfg.get("amp", "auto"),
-            "compile_model": cfg.get("compile", False), "frozen": cfg.get("frozen", False),
+            "compile_model": cfg.get("compile", False), "unfrozen": cfg.get("unfrozen", False),
             "cudnn_benchmark": cfg.get("cudnn_benchmark", False)}
 
 
@@ -299,8 +292,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="wall clock, or process CPU time (robust on a shared machine with --threads 1)")
     p.add_argument("--tol", type=float, default=1e-5, help="largest allowed fp32 loss difference ours vs ref")
     p.add_argument("--ablations", action="store_true",
-                   help="also time candidate speed-ups that are not in the engine: channels_last switched, "
-                        "parameters frozen during the attack, bf16 autocast on CPU (fp32 on CUDA), cudnn.benchmark")
+                   help="also time the engine with one of its settings switched: channels_last, parameters not "
+                        "frozen during the attack, bf16 autocast on CPU (fp32 on CUDA), cudnn.benchmark")
     p.add_argument("--compile", action="store_true", help="also time the engine on nn.Module.compile()")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write all results to OUT")
     args = p.parse_args(argv)

@@ -120,3 +120,44 @@ def test_pgd_on_an_unbounded_1d_input_moves_at_most_eps():
     x_adv = pgd(net, x, lambda z: F.cross_entropy(z, y, reduction="none"),
                 AttackConfig(eps=1.0, steps=10, pixel_range=None))
     assert (x_adv - x).abs().max().item() <= 1.0 + 1e-6
+
+
+def test_attacks_freeze_the_parameters_and_give_them_back():
+    """The attack needs input gradients only: parameters stop requiring grad during it (no
+    weight-gradient graph), the result is bit-identical, and requires_grad is restored after."""
+    import contextlib
+
+    from scoretune import attacks
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    net[0].bias.requires_grad_(False)  # a parameter that was frozen before stays frozen
+    x, y = torch.rand(16, 4), torch.randint(0, 3, (16,))
+    cfg = AttackConfig(eps=0.1, steps=5, pixel_range=None)
+    seen = []
+
+    def ce(logits):
+        seen.append([p.requires_grad for p in net.parameters()])
+        return torch.nn.functional.cross_entropy(logits, y, reduction="none")
+
+    frozen = pgd(net, x, ce, cfg, generator=torch.Generator().manual_seed(1))
+    assert seen and all(not any(flags) for flags in seen)
+    assert [p.requires_grad for p in net.parameters()] == [True, False, True, True]
+    original = attacks.frozen_parameters
+    try:
+        attacks.frozen_parameters = lambda model: contextlib.nullcontext(model)
+        unfrozen = pgd(net, x, ce, cfg, generator=torch.Generator().manual_seed(1))
+    finally:
+        attacks.frozen_parameters = original
+    assert torch.equal(frozen, unfrozen)
+
+
+def test_a_failing_attack_still_gives_the_parameters_back():
+    net = torch.nn.Linear(4, 3)
+
+    def boom(logits):
+        raise RuntimeError("loss failed")
+
+    with pytest.raises(RuntimeError, match="loss failed"):
+        pgd(net, torch.rand(2, 4), boom, AttackConfig(eps=0.1, steps=2, pixel_range=None))
+    assert all(p.requires_grad for p in net.parameters())

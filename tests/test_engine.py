@@ -162,3 +162,46 @@ def test_resuming_with_a_larger_budget_follows_the_new_schedule(tmp_path):
     longer = Trainer(build_config({**raw, "epochs": 2}))
     longer.resume(tmp_path / "ckpt.pt")
     assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 0.5, rel=1e-6)  # half-way through 2 epochs
+
+
+def _first_batch(loader):
+    loader.set_epoch(0)
+    return next(iter(loader))
+
+
+def test_conv_models_on_images_train_in_channels_last_by_default():
+    trainer = Trainer(build_config({**DIGITS_TRADES_SE, "epochs": 1}))
+    convs = [m for m in trainer.net.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert not any(c.weight.is_contiguous() for c in convs)
+    for loader in (trainer.train_loader, trainer.val_loader, trainer.test_loader):
+        x, _ = _first_batch(loader)  # 1-channel digits: NHWC and NCHW strides coincide
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    assert trainer.memory_format is torch.channels_last
+
+
+@pytest.mark.parametrize("raw", [
+    {**DIGITS_TRADES_SE, "channels_last": "off"},
+    {**DIGITS_TRADES_SE, "model": {"name": "mlp"}},  # no convolution: nothing to gain
+])
+def test_channels_last_off_or_without_convolutions_keeps_the_contiguous_layout(raw):
+    trainer = Trainer(build_config(raw))
+    assert trainer.memory_format is torch.contiguous_format
+    assert all(p.is_contiguous() for p in trainer.net.parameters())
+
+
+def test_channels_last_changes_only_rounding_of_the_training_loss():
+    """Same weights, batch and (no) attack: the two layouts give the same per-sample loss to 1e-5."""
+    from scoretune.engine import train_step
+
+    raw = {**DIGITS_TRADES_SE, "attack": {"eps": 0.2, "steps": 0}}
+    nhwc, nchw = Trainer(build_config(raw)), Trainer(build_config({**raw, "channels_last": "off"}))
+    nchw.net.load_state_dict(nhwc.net.state_dict())
+    x, y = _first_batch(nchw.train_loader)
+    losses = []
+    for t, xb in ((nhwc, x.contiguous(memory_format=torch.channels_last)), (nchw, x)):
+        terms, _, _ = train_step(t.model, xb, y, t.objective, t.train_attack, t.optimizer, device=t.device)
+        losses.append(terms["loss"])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(nhwc.net.parameters(), nchw.net.parameters()):  # and the same SGD update
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

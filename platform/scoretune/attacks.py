@@ -66,6 +66,24 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Switch ``requires_grad`` off on ``model``'s parameters for the duration (and back on after).
+
+    An attack needs gradients with respect to the input only; with the parameters frozen,
+    autograd records no weight-gradient graph for the attack's forwards (bit-identical results,
+    5-10% less CPU time per training step of the small CNN: ``benchmarks/step_throughput.py``).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
@@ -113,7 +131,8 @@ def pgd(
     """Maximise ``per_sample_loss(model(x'))`` over x' in B(x) by projected gradient ascent.
 
     ``per_sample_loss`` maps logits to a per-sample tensor; the gradient of its sum is
-    followed. Returns the detached adversarial input. The model runs in eval mode.
+    followed. Returns the detached adversarial input. The model runs in eval mode, with its
+    parameters' ``requires_grad`` off (:func:`frozen_parameters`).
     """
     x = x.detach()
     if x_init is not None:
@@ -122,7 +141,7 @@ def pgd(
         x_adv = random_init(x, cfg, generator)
     else:
         x_adv = x.clone()
-    with eval_mode(model), torch.enable_grad():
+    with eval_mode(model), frozen_parameters(model), torch.enable_grad():
         for _ in range(cfg.steps):
             x_adv.requires_grad_(True)
             loss = per_sample_loss(model(x_adv)).float().sum()

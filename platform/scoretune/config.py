@@ -144,6 +144,9 @@ class ExperimentConfig(_Strict):
     seed: int = 0
     device: str = "auto"
     amp: Literal["auto", "on", "off"] = "auto"
+    # NHWC memory layout for a conv model on image data (model and batches); 'auto' = on for such
+    # models on every device (CPU: 1.2x per step for the small CNN, see benchmarks/README.md).
+    channels_last: Literal["auto", "on", "off"] = "auto"
     ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
     output_dir: str = "runs"
 

@@ -673,7 +673,8 @@ class BatchLoader:
       and the rest from the split; the epoch ends when this rank's share of the split is used up
       (a last partial batch gets a proportional number of extra samples). Extra samples come from
       their own per-epoch permutation, sharded across ranks and cycled if needed.
-    * Yields (x float32, y int64) on ``device``; call :meth:`set_epoch` before each epoch.
+    * Yields (x float32, y int64) on ``device``, image batches in ``memory_format`` (e.g.
+      ``torch.channels_last`` to match a channels_last model); call :meth:`set_epoch` before each epoch.
     """
 
     def __init__(
@@ -691,6 +692,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         pixel_range: tuple[float, float] | None = (0.0, 1.0),
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -722,6 +724,7 @@ class BatchLoader:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.pixel_range = None if pixel_range is None else (float(pixel_range[0]), float(pixel_range[1]))
+        self.memory_format = memory_format if split.x.dim() == 4 else torch.contiguous_format
         self.epoch = 0
         self._x = split.x.to(self.device)
         self._y = split.y.to(self.device)
@@ -784,4 +787,6 @@ class BatchLoader:
                 xb = _augment_crop_flip(xb, gen, _CROP_PAD, fill)
                 if self.pixel_range is not None:
                     xb = xb.clamp_(*self.pixel_range)
+            if self.memory_format is not torch.contiguous_format:
+                xb = xb.contiguous(memory_format=self.memory_format)
             yield xb, yb
