@@ -26,6 +26,8 @@ from scoretune.models import build_model  # noqa: E402
 
 # The threat model of every step benchmark: 10-step linf PGD, eps 8/255, step 2/255.
 ATTACK = AttackConfig(eps=8 / 255, norm="linf", steps=10, step_size=2 / 255, pixel_range=(0.0, 1.0))
+# The attack's random start only: both steps train on the same point (layout rounding without PGD's sign()).
+NO_ATTACK = AttackConfig(eps=8 / 255, norm="linf", steps=0, step_size=2 / 255, pixel_range=(0.0, 1.0))
 OBJECTIVES = {
     "trades_se": Objective(method="trades", loss="se", beta=6.0),
     "pgdat_se": Objective(method="pgdat", loss="se"),

@@ -11,9 +11,11 @@ For each model and objective (TRADES-SE, PGD-AT-SE; 10-step linf PGD, eps 8/255,
 2. times them interleaved (ref, ours, ref, ours, ...) after ``--warmup`` untimed steps, and prints
    one line per measurement ``name ours_img_per_s ref_img_per_s ratio`` (medians), followed by
    the loss difference of that configuration in fp32 on its own layout (and as run, when it
-   autocasts to bf16).  PGD's sign() turns rounding differences (another memory layout, another
-   convolution algorithm) into different adversarial points, so only changes that keep the
-   attack's arithmetic identical stay within 1e-5 on PreActResNet-18.
+   autocasts to bf16), and the fp32 difference at the same adversarial point (a 0-step attack:
+   both train on the random start).  PGD's sign() turns rounding differences (another memory
+   layout, another convolution algorithm) into different adversarial points, so only changes
+   that keep the attack's arithmetic identical stay within 1e-5 after the full attack on
+   PreActResNet-18; the same-point difference shows the rounding itself.
 
 "ours" is the engine exactly as ``Trainer`` runs it on that device: layout (``channels_last: auto``:
 model and batches NHWC for these conv models, on CPU and CUDA), parameters frozen during the attack
@@ -47,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
     ATTACK,
+    NO_ATTACK,
     OBJECTIVES,
     fixed_batch,
     machine_info,
@@ -99,8 +102,9 @@ class Runner:
     """A model copy, its optimiser, its batch and a seeded generator: one callable training step."""
 
     def __init__(self, kind: str, base: torch.nn.Module, x, y, objective, device, *, channels_last=False,
-                 amp="auto", compile_model=False, unfrozen=False, cudnn_benchmark=False, seed=1):
+                 amp="auto", compile_model=False, unfrozen=False, cudnn_benchmark=False, seed=1, attack=ATTACK):
         self.kind, self.objective, self.device, self.amp, self.unfrozen = kind, objective, device, amp, unfrozen
+        self.attack = attack
         self.cudnn_benchmark = cudnn_benchmark
         model = place(copy.deepcopy(base), channels_last)
         # batches in the model's layout, as BatchLoader yields them for a channels_last Trainer
@@ -112,14 +116,14 @@ class Runner:
 
     def __call__(self) -> float:
         if self.kind == "ref":
-            return reference_step(self.model, self.x, self.y, self.objective, ATTACK, self.optimizer,
+            return reference_step(self.model, self.x, self.y, self.objective, self.attack, self.optimizer,
                                   self.generator)["loss"]
         with contextlib.ExitStack() as stack:
             if self.unfrozen:
                 stack.enter_context(unfrozen_attack_parameters())
             if self.cudnn_benchmark:
                 stack.enter_context(cudnn_benchmark())
-            terms, _, _ = train_step(self.model, self.x, self.y, self.objective, ATTACK, self.optimizer,
+            terms, _, _ = train_step(self.model, self.x, self.y, self.objective, self.attack, self.optimizer,
                                      device=self.device, amp=self.amp, generator=self.generator)
         return float(terms["loss"].mean())
 
@@ -218,6 +222,13 @@ def bench_one(args, device, model_name: str, objective_name: str, batch_size: in
         if not cfg.get("compile"):
             as_run[name] = fp32[name] if _fp32_anyway(cfg, device) else \
                 Runner("ours", base, x, y, objective, device, **_kw(cfg))()
+    # The same adversarial point for both (a 0-step attack: its random start only): the fp32 loss
+    # difference of each layout without PGD's sign() amplifying the rounding.
+    with fp32_exact(device):
+        ref0 = Runner("ref", base, x, y, objective, device, attack=NO_ATTACK)()
+        same_point = {name: abs(Runner("ours", base, x, y, objective, device, attack=NO_ATTACK,
+                                       **_kw(dict(cfg, amp="off", compile=False)))() - ref0)
+                      for name, cfg in configs.items()}
 
     # 2. timing: fresh copies again; warm-up steps (and compiles) untimed, then interleaved rounds.
     runners = {"ref": Runner("ref", base, x, y, objective, device)}
@@ -256,6 +267,7 @@ def bench_one(args, device, model_name: str, objective_name: str, batch_size: in
             "fp32_loss_diff_engine": abs(engine_fp32 - ref_loss),
             "fp32_loss_variant": fp32[name], "fp32_loss_diff": abs(fp32[name] - ref_loss),
             "loss_as_run": as_run[name], "loss_diff_as_run": abs(as_run[name] - ref_loss),
+            "fp32_loss_diff_same_point": same_point[name],
             "compile_s": compile_s if name == "ours+compile" else None,
         })
     return rows
@@ -325,7 +337,10 @@ def main(argv=None) -> int:
             for row in rows_now:
                 rows.append(row)
                 notes = [f"fp32 loss diff {row['fp32_loss_diff']:.1e}"
-                         + ("" if row["fp32_loss_diff"] <= args.tol else " > tol")]
+                         + ("" if row["fp32_loss_diff"] <= args.tol else " > tol")
+                         + f", {row['fp32_loss_diff_same_point']:.1e} at the same adversarial point"]
+                if row["variant"] == "ours" and row["fp32_loss_diff"] != row["fp32_loss_diff_engine"]:
+                    notes.append(f"{row['fp32_loss_diff_engine']:.1e} on the reference's layout (asserted)")
                 if row["loss_as_run"] != row["fp32_loss_variant"]:
                     notes.append(f"as run {row['loss_diff_as_run']:.1e}")
                 if row["compile_s"] is not None:

@@ -71,8 +71,9 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
     """Switch ``requires_grad`` off on ``model``'s parameters for the duration (and back on after).
 
     An attack needs gradients with respect to the input only; with the parameters frozen,
-    autograd records no weight-gradient graph for the attack's forwards (bit-identical results,
-    5-10% less CPU time per training step of the small CNN: ``benchmarks/step_throughput.py``).
+    autograd records no weight-gradient graph for the attack's forwards and a parameter hook
+    cannot fire during it. Results are bit-identical; the time saved on CPU is within noise
+    (``benchmarks/step_throughput.py --ablations``: ``-frozen_params``).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
