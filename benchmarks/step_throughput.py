@@ -15,7 +15,9 @@ For each model and objective (TRADES-SE, PGD-AT-SE; 10-step linf PGD, eps 8/255,
    both train on the random start).  PGD's sign() turns rounding differences (another memory
    layout, another convolution algorithm) into different adversarial points, so only changes
    that keep the attack's arithmetic identical stay within 1e-5 after the full attack on
-   PreActResNet-18; the same-point difference shows the rounding itself.
+   PreActResNet-18; the same-point difference shows the rounding itself.  Each line also gives
+   the achieved TFLOP/s (matmul/convolution FLOPs of the step from ``torch.utils.flop_counter``)
+   and, on a GPU of known bf16 peak (or with ``--peak-tflops``), the fraction of that peak.
 
 "ours" is the engine exactly as ``Trainer`` runs it on that device: layout (``channels_last: auto``:
 model and batches NHWC for these conv models, on CPU and CUDA), parameters frozen during the attack
@@ -151,6 +153,53 @@ def unfrozen_attack_parameters():
         attacks.frozen_parameters = original
 
 
+# ----------------------------------------------------------------------------- FLOPs and peak
+
+
+# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by GPU name, from NVIDIA's data sheets.
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
+                    "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+
+
+def bf16_peak_tflops(device: torch.device, given: float | None) -> float | None:
+    """``--peak-tflops`` if given, else the table's entry for this GPU (longest matching name), else None."""
+    if given is not None or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    hits = [k for k in BF16_PEAK_TFLOPS if k in name]
+    return BF16_PEAK_TFLOPS[max(hits, key=len)] if hits else None
+
+
+def step_flops(base: torch.nn.Module, x: torch.Tensor, objective, attack) -> float:
+    """Matmul/convolution FLOPs of one training step (``torch.utils.flop_counter``), composed from a
+    counted forward F of the batch, its training backward B (weight gradients; the batch itself
+    needs none) and the attack's input-only backward B_in (parameters frozen):
+    TRADES F + k (F + B_in) + 2 (F + B), PGD-AT k (F + B_in) + F + B, for a k-step attack.
+    (FlopCounterMode cannot run through the attack's ``autograd.grad`` itself.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = copy.deepcopy(base)
+
+    def count(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    fwd = count(lambda: model(x))
+    full = count(lambda: model(x).float().sum().backward()) - fwd
+
+    def input_only():
+        xi = x.clone().requires_grad_(True)
+        with attacks.frozen_parameters(model):
+            model(xi).float().sum().backward()
+
+    inp = count(input_only) - fwd
+    k = attack.steps
+    if objective.method == "trades":
+        return float(fwd + k * (fwd + inp) + 2 * (fwd + full))
+    return float(k * (fwd + inp) + fwd + full)
+
+
 # ----------------------------------------------------------------------------- timing
 
 
@@ -254,6 +303,8 @@ def bench_one(args, device, model_name: str, objective_name: str, batch_size: in
     times = interleaved(runners, args.repeats, measure)
 
     ref_med = statistics.median(times["ref"])
+    flops = step_flops(base, x, objective, ATTACK)
+    peak = bf16_peak_tflops(device, args.peak_tflops)
     rows = []
     for name in configs:
         med = statistics.median(times[name])
@@ -263,6 +314,9 @@ def bench_one(args, device, model_name: str, objective_name: str, batch_size: in
             "config": configs[name],
             "ours_img_per_s": batch_size / med, "ref_img_per_s": batch_size / ref_med, "ratio": ref_med / med,
             "ours_times_s": times[name], "ref_times_s": times["ref"],
+            "step_gflop": flops / 1e9, "ours_tflop_per_s": flops / med / 1e12,
+            "ref_tflop_per_s": flops / ref_med / 1e12, "peak_tflop_per_s": peak,
+            "ours_peak_fraction": flops / med / 1e12 / peak if peak else None,
             "fp32_loss_ref": ref_loss, "fp32_loss_engine": engine_fp32,
             "fp32_loss_diff_engine": abs(engine_fp32 - ref_loss),
             "fp32_loss_variant": fp32[name], "fp32_loss_diff": abs(fp32[name] - ref_loss),
@@ -307,6 +361,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time the engine with one of its settings switched: channels_last, parameters not "
                         "frozen during the attack, bf16 autocast on CPU (fp32 on CUDA), cudnn.benchmark")
     p.add_argument("--compile", action="store_true", help="also time the engine on nn.Module.compile()")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense bf16 peak in TFLOP/s for the 'fraction of peak' note (default: a table "
+                        "of NVIDIA GPUs by name, e.g. H100 SXM 989; none on CPU)")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write all results to OUT")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -345,6 +402,9 @@ def main(argv=None) -> int:
                     notes.append(f"as run {row['loss_diff_as_run']:.1e}")
                 if row["compile_s"] is not None:
                     notes.append(f"compile {row['compile_s']:.1f} s")
+                notes.append(f"{row['ours_tflop_per_s']:.3g} TFLOP/s"
+                             + (f" = {row['ours_peak_fraction']:.1%} of {row['peak_tflop_per_s']:g} bf16 peak"
+                                if row["ours_peak_fraction"] is not None else ""))
                 print(f"{row['name']} {row['ours_img_per_s']:.2f} {row['ref_img_per_s']:.2f} {row['ratio']:.3f}"
                       f"   ({', '.join(notes)})", flush=True)
             if rows_now[0]["fp32_loss_diff_engine"] > args.tol:

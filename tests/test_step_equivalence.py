@@ -113,3 +113,18 @@ def test_the_comparison_notices_another_random_start(small_cnn, batch, steps):
     ref, _ = steps("ref", "pgdat_se")
     ours, _ = _engine(small_cnn, batch, OBJECTIVES["pgdat_se"], seed=2)
     assert abs(ours["loss"] - ref["loss"]) > 1e-5
+
+
+@pytest.mark.parametrize("method, per_forward", [("trades", 1 + 3 * 2 + 2 * 2), ("pgdat", 3 * 2 + 2)])
+def test_step_flops_count_every_forward_and_backward_of_the_step(method, per_forward):
+    """A Linear(d, c) layer on n samples: forward F = 2ndc FLOPs; the attack's input-only backward and the
+    training backward (weights only: the batch needs no gradient) 2ndc each. A 3-step attack, so TRADES
+    F + 3 (F + B_in) + 2 (F + B) = 11 F and PGD-AT 3 (F + B_in) + F + B = 8 F."""
+    from benchmarks.step_throughput import bf16_peak_tflops, step_flops
+    from scoretune.losses import Objective
+
+    n, d, c = 8, 12, 5
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(d, c))
+    flops = step_flops(model, torch.rand(n, d), Objective(method=method, loss="se"), AttackConfig(eps=0.1, steps=3))
+    assert flops == per_forward * 2 * n * d * c
+    assert bf16_peak_tflops(CPU, None) is None and bf16_peak_tflops(CPU, 7.5) == 7.5
