@@ -338,9 +338,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def memory_format_for(setting: str, net: nn.Module, input_shape: tuple[int, ...]) -> torch.memory_format:
-    """The memory layout of the model and its batches: ``torch.channels_last`` (NHWC) when
-    ``setting`` is 'on', or 'auto' and the model has a 2-D convolution and its inputs are images
-    (C, H, W); ``torch.contiguous_format`` otherwise.
+    """The memory layout of the model and its batches: for image inputs (C, H, W),
+    ``torch.channels_last`` (NHWC) when ``setting`` is 'on', or 'auto' and the model has a 2-D
+    convolution; ``torch.contiguous_format`` otherwise (and always for other inputs).
 
     NHWC saves oneDNN/cuDNN the layout conversions around every convolution (measured on CPU,
     1 thread: 1.2x per TRADES-SE step of the small CNN, 1.03x for PreActResNet-18; see
