@@ -41,6 +41,19 @@ def pytest_sessionfinish(session, exitstatus):
         pass
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the rest of a module: its small tensors run fastest so, and on a shared
+    CPU two OpenMP threads wait on each other (up to 5x slower). Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")`` or request it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tracking_uri(tmp_path):
     """A fresh MLflow SQLite store for one test."""

@@ -61,13 +61,7 @@ def _reference_C(eps: float, divergence: str) -> float:
     return float(np.trapezoid(dens * vals.max(axis=1), x))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These small tensors are fastest on one thread (the test machine's cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

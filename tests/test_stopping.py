@@ -185,17 +185,6 @@ def test_tune_rule_stopper_with_any_rule_and_pickles():
 # ----------------------------------------------------------------------------- `scoretune train --early-stop floor`
 
 
-@pytest.fixture
-def one_thread():
-    """A small CNN on 8x8 digits is fastest on one thread (the test machine's cores are shared)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_train_early_stop_floor_stops_early(tmp_path, capsys, one_thread):
     from scoretune.cli import main
     from scoretune.engine import load_checkpoint

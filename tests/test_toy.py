@@ -19,13 +19,7 @@ from scoretune.toy import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These small tensors are fastest on one thread (the test machine's cores are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_samples_follow_the_mixture():
