@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from scoretune.errors import UserError
-from scoretune.promote import promote
+from scoretune.tracking.promote import promote
 
 
 def _run(cl, exp, name, parent=None, tags=None, params=None, history=None):

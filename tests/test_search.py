@@ -74,7 +74,7 @@ def cache():
 
 
 def mlflow_children(uri: str, name: str):
-    from scoretune.search_tracking import child_runs, find_parent_runs
+    from scoretune.tracking.runs import child_runs, find_parent_runs
     from scoretune.tracking import client
 
     cl = client(uri)
@@ -160,7 +160,7 @@ def test_quickstart_logs_the_best_trials_model_with_plots(quickstart):
 
 @pytest.mark.slow
 def test_promoted_quickstart_model_reproduces_the_trials_accuracy(quickstart):
-    from scoretune.promote import promote
+    from scoretune.tracking.promote import promote
 
     res = promote("quickstart", tracking_uri=quickstart.uri)
     assert res.uri == "models:/scoretune-quickstart@champion"

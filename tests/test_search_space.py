@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from scoretune.config import ConfigError
-from scoretune.search_space import ALIASES, build_space, load_space
+from scoretune.config import ALIASES
+from scoretune.search_space import build_space, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))

@@ -139,7 +139,8 @@ class EpochTable:
 
     def add(self, history: Iterable[dict[str, float]]) -> list[dict[str, float]]:
         """Emit the rows of ``history`` after the last emitted epoch (a history always starts at epoch 1)."""
-        from scoretune.commands.train import format_row, selection_metric
+        from scoretune.commands.train import format_row
+        from scoretune.engine import selection_metric
 
         new = []
         with self._lock:
@@ -296,7 +297,7 @@ def _record_failure(e: BaseException, logger: Any, table: EpochTable, run_path: 
 def _finish(result: Any, logger: Any, table: EpochTable, run_path: str, out: Callable[[str], None]) -> None:
     """After ``fit()``: the last rows, the worker placement, the stop reason, the best checkpoint and
     (MLflow) its artifact and model."""
-    from scoretune.commands.train import selection_metric
+    from scoretune.engine import selection_metric
 
     if result.checkpoint is not None:
         fs, path = result.checkpoint.filesystem, result.checkpoint.path

@@ -88,7 +88,7 @@ def selection_score(row: dict[str, Any]) -> float:
     """:data:`SCORE_KEY` of a row: ``commands.train.selection_metric`` (-1 when there is no val split)."""
     import math
 
-    from scoretune.commands.train import selection_metric
+    from scoretune.engine import selection_metric
 
     score = selection_metric(row)
     return score if math.isfinite(score) else -1.0

@@ -34,7 +34,7 @@ def trial_experiment(config: dict[str, Any], trial_id: str):
     after the search and the trial, with the per-trial resources in ``scaling``. Early stopping is the
     search's job (Tune stoppers), so the experiment's own ``early_stop`` rule is switched off."""
     from scoretune.config import ExperimentConfig
-    from scoretune.search_space import apply_params
+    from scoretune.config import apply_params
 
     settings = config[SETTINGS_KEY]
     raw = apply_params(settings["base"], settings["targets"], sampled_point(config))

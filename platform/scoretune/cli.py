@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    from .errors import user_error_types
+    from .errors import UserError
 
     try:
         return int(args._run(args) or 0)
-    except user_error_types() as e:
+    except UserError as e:
         print(f"scoretune {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

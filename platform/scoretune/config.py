@@ -6,6 +6,7 @@ values, on one line.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import UserError
 from .losses import CLIP_MODES, LOSS_NAMES, METHODS
 
 LossName = Literal[LOSS_NAMES]  # type: ignore[valid-type]
@@ -21,7 +23,7 @@ MethodName = Literal[METHODS]  # type: ignore[valid-type]
 ClipMode = Literal[CLIP_MODES]  # type: ignore[valid-type]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, with a one-line message naming the field."""
 
 
@@ -260,3 +262,50 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     """Load an experiment YAML (or defaults when ``path`` is None) and apply ``key=value`` overrides."""
     raw = read_yaml(path) if path is not None else {}
     return build_config(raw, overrides, source=str(path) if path else "config")
+
+
+# ----------------------------------------------------------------------------- dotted keys
+
+ALIASES: dict[str, str] = {
+    "beta": "objective.beta",
+    "loss": "objective.loss",
+    "method": "objective.method",
+    "clip": "objective.clip",
+    "clip_mode": "objective.clip_mode",
+    "label_smoothing": "objective.label_smoothing",
+    "lr": "optim.lr",
+    "weight_decay": "optim.weight_decay",
+    "momentum": "optim.momentum",
+    "optimizer": "optim.name",
+    "schedule": "optim.schedule",
+    "warmup_epochs": "optim.warmup_epochs",
+    "eps": "attack.eps",
+    "attack_steps": "attack.steps",
+    "step_size": "attack.step_size",
+    "model": "model.name",
+    "activation": "model.activation",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "ema_decay": "ema_decay",
+}
+"""Short names for the usual searched keys (``beta`` -> ``objective.beta``)."""
+
+
+def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(d, "objective.beta", 3.0)`` creates intermediate mappings as needed."""
+    node = d
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = node[p] = {}
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_params(base: dict[str, Any], targets: dict[str, str], point: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``base`` with every sampled value written at its dotted key."""
+    raw = copy.deepcopy(base)
+    for name, value in point.items():
+        set_dotted(raw, targets.get(name, ALIASES.get(name, name)), value)
+    return raw

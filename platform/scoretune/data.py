@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import UserError
+
 __all__ = [
     "Split",
     "DatasetInfo",
@@ -54,7 +56,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset's files are missing or corrupt. The message is one line saying what is expected where."""
 
 

@@ -28,15 +28,16 @@ import torch.nn as nn
 from .attacks import AttackConfig, eval_mode, pgd_ce, training_attack
 from .config import ExperimentConfig, OptimConfig
 from .data import BatchLoader, Dataset, load_dataset
+from .errors import UserError
 from .losses import Objective, madry_kl
 from .models import build_model
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read (missing, truncated, not a scoretune checkpoint)."""
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """Training produced a NaN/inf loss."""
 
 
@@ -136,6 +137,23 @@ class ModelEMA:
 
 
 # ----------------------------------------------------------------------------- metrics
+
+ENGINE_METRICS: tuple[str, ...] = (
+    "train_loss", "train_natural", "train_robust", "train_madry_kl", "train_clean_acc", "train_adv_acc",
+    "val_clean_acc", "val_pgd_acc", "test_clean_acc", "test_pgd_acc", "train_time", "epoch_time", "lr",
+)
+"""Per-epoch metrics a trial reports (the engine's row), usable as objectives and stopper metrics."""
+
+
+def selection_metric(row: dict[str, Any]) -> float:
+    """Checkpoint selection on the held-out validation split: PGD accuracy, else clean accuracy
+    (-inf when the row has neither). The one rule every driver and the Ray Train loop use."""
+    for key in ("val_pgd_acc", "val_clean_acc"):
+        if key in row:
+            return float(row[key])
+    return float("-inf")
+
+
 
 
 class MetricSums:

@@ -33,43 +33,20 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config import (
+    ALIASES,
     ConfigError,
     ExperimentConfig,
+    apply_params,
     deep_merge,
     format_validation_error,
     parse_overrides,
     read_yaml,
 )
+from .engine import ENGINE_METRICS
 
-ALIASES: dict[str, str] = {
-    "beta": "objective.beta",
-    "loss": "objective.loss",
-    "method": "objective.method",
-    "clip": "objective.clip",
-    "clip_mode": "objective.clip_mode",
-    "label_smoothing": "objective.label_smoothing",
-    "lr": "optim.lr",
-    "weight_decay": "optim.weight_decay",
-    "momentum": "optim.momentum",
-    "optimizer": "optim.name",
-    "schedule": "optim.schedule",
-    "warmup_epochs": "optim.warmup_epochs",
-    "eps": "attack.eps",
-    "attack_steps": "attack.steps",
-    "step_size": "attack.step_size",
-    "model": "model.name",
-    "activation": "model.activation",
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "ema_decay": "ema_decay",
-}
-"""Short names for the usual searched keys (``beta`` -> ``objective.beta``)."""
 
-ENGINE_METRICS: tuple[str, ...] = (
-    "train_loss", "train_natural", "train_robust", "train_madry_kl", "train_clean_acc", "train_adv_acc",
-    "val_clean_acc", "val_pgd_acc", "test_clean_acc", "test_pgd_acc", "train_time", "epoch_time", "lr",
-)
-"""Per-epoch metrics a trial reports (the engine's row), usable as objectives and stopper metrics."""
+
+
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 _MAX_JOINT_CHECKS = 512  # joint validation of every combination of probe values up to this many
@@ -374,26 +351,6 @@ class SearchSpace(_Strict):
 
 
 # ----------------------------------------------------------------------------- pure helpers
-
-
-def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
-    """``set_dotted(d, "objective.beta", 3.0)`` creates intermediate mappings as needed."""
-    node = d
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if not isinstance(nxt, dict):
-            nxt = node[p] = {}
-        node = nxt
-    node[parts[-1]] = value
-
-
-def apply_params(base: dict[str, Any], targets: dict[str, str], point: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``base`` with every sampled value written at its dotted key."""
-    raw = copy.deepcopy(base)
-    for name, value in point.items():
-        set_dotted(raw, targets.get(name, ALIASES.get(name, name)), value)
-    return raw
 
 
 def grid_size(space: SearchSpace) -> int:

@@ -34,20 +34,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from ray.tune import Callback
 
 from .search_space import ENGINE_METRICS, SearchSpace
-from .tracking import RunLogger, client as mlflow_client, finite_metrics, get_or_create_experiment
+from .tracking import RunLogger, client as mlflow_client, finite_metrics, get_or_create_experiment, tags
+from .tracking.runs import child_runs, find_parent_runs
 
-TAG_KIND = "scoretune.kind"
-TAG_SEARCH = "scoretune.search_name"
-TAG_RAY_PATH = "scoretune.ray_path"
-TAG_TRIAL = "scoretune.trial_id"
-TAG_STATUS = "scoretune.status"
-TAG_REASON = "scoretune.stop_reason"
-TAG_ERROR = "scoretune.error"
-TAG_BEST_CKPT = "scoretune.best_checkpoint"
-TAG_MODEL_URI = "scoretune.model_uri"
-TAG_MODEL_EPOCH = "scoretune.model_epoch"
-TAG_PARENT = "mlflow.parentRunId"
-TAG_SUPERSEDED = "scoretune.superseded"  # a failed attempt that a resumed search restarted as a new trial
+TAG_KIND, TAG_SEARCH, TAG_RAY_PATH, TAG_TRIAL = tags.KIND, tags.SEARCH, tags.RAY_PATH, tags.TRIAL
+TAG_STATUS, TAG_REASON, TAG_ERROR = tags.STATUS, tags.REASON, tags.ERROR
+TAG_BEST_CKPT, TAG_MODEL_URI, TAG_MODEL_EPOCH = tags.BEST_CKPT, tags.MODEL_URI, tags.MODEL_EPOCH
+TAG_PARENT, TAG_SUPERSEDED = tags.PARENT, tags.SUPERSEDED
 
 STATUSES = ("completed", "stopped_asha", "stopped_floor", "stopped_plateau", "failed")
 EARLY = ("stopped_asha", "stopped_floor", "stopped_plateau")
@@ -181,30 +174,6 @@ def start_parent_run(space: SearchSpace, *, name: str, ray_path: str, tracking_u
     logger.log_text(json.dumps(space.model_dump(by_alias=True, exclude_none=True), indent=2),
                     "search_space_resolved.json")
     return logger
-
-
-def find_parent_runs(cl: Any, name: str, *, ray_path: str | None = None) -> list[Any]:
-    """The parent runs of searches called ``name`` (newest first), in every experiment."""
-    exps = [e.experiment_id for e in cl.search_experiments()]
-    if not exps:
-        return []
-    flt = f"tags.`{TAG_KIND}` = 'search' and tags.`{TAG_SEARCH}` = '{name}'"
-    if ray_path:
-        flt += f" and tags.`{TAG_RAY_PATH}` = '{ray_path}'"
-    return list(cl.search_runs(exps, filter_string=flt, order_by=["attributes.start_time DESC"], max_results=100))
-
-
-def child_runs(cl: Any, parent: Any) -> list[Any]:
-    """Every child run of ``parent`` (a Run), oldest first."""
-    flt = f"tags.`{TAG_PARENT}` = '{parent.info.run_id}'"
-    out, token = [], None
-    while True:
-        page = cl.search_runs([parent.info.experiment_id], filter_string=flt,
-                              order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
-        out.extend(page)
-        token = getattr(page, "token", None)
-        if not token:
-            return out
 
 
 # ----------------------------------------------------------------------------- the Tune callback

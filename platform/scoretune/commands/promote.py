@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..promote import promote
+    from ..tracking.promote import promote
 
     res = promote(args.search, metric=args.metric, mode=args.mode, alias=args.alias, model_name=args.model_name,
                   tracking_uri=args.tracking_uri)

@@ -57,14 +57,6 @@ def format_row(row: dict[str, Any]) -> str:
     return " ".join(cells)
 
 
-def selection_metric(row: dict[str, Any]) -> float:
-    """Checkpoint selection on the held-out validation split: PGD accuracy, else clean accuracy."""
-    for key in ("val_pgd_acc", "val_clean_acc"):
-        if key in row:
-            return float(row[key])
-    return float("-inf")
-
-
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
 
@@ -111,7 +103,7 @@ def train_single_process(
     run FAILED and leaves the finished epochs' checkpoints in place.
     ``stopper`` (optional) has ``should_stop(row) -> bool`` and ``reason``.
     """
-    from ..engine import Trainer
+    from ..engine import Trainer, selection_metric
     from ..tracking import RunLogger
 
     run_dir = Path(cfg.output_dir) / cfg.name

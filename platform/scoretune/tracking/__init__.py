@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -148,6 +147,3 @@ def log_torch_model(tracking_uri: str, run_id: str, net: Any, input_example: np.
         )
     return info.model_uri
 
-
-def temp_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="scoretune-")

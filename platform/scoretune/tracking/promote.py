@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UserError
-from .search_tracking import TAG_MODEL_URI, child_runs, find_parent_runs
-from .tracking import resolve_tracking_uri
+from ..errors import UserError
+from . import resolve_tracking_uri, tags
+from .runs import all_parent_runs, child_runs, find_parent_runs
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ def pick_best(cl: Any, parent: Any, metric: str, mode: str) -> tuple[Any, float]
     """The best child run of ``parent`` that has a logged model, and its value."""
     optimised = {s.strip() for s in parent.data.params.get("search.objective", "").split(",") if s.strip()}
     children = child_runs(cl, parent)
-    with_model = [r for r in children if r.data.tags.get(TAG_MODEL_URI)]
-    name = parent.data.tags.get("scoretune.search_name", parent.info.run_name)
+    with_model = [r for r in children if r.data.tags.get(tags.MODEL_URI)]
+    name = parent.data.tags.get(tags.SEARCH, parent.info.run_name)
     if not with_model:
         raise UserError(f"no trial of search '{name}' has a logged model (the search logs top_k models when it "
                         "finishes; resume it with `scoretune search SPACE --resume` if it was interrupted)")
@@ -80,7 +80,7 @@ def promote(search: str, *, metric: str = "val_pgd_acc", mode: str = "max", alia
     cl = MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry lives in the same store
     parents = find_parent_runs(cl, search)
     if not parents:
-        names = sorted({r.data.tags.get("scoretune.search_name", "") for r in _all_parents(cl)} - {""})
+        names = sorted({r.data.tags.get(tags.SEARCH, "") for r in all_parent_runs(cl)} - {""})
         hint = f"; searches in this store: {', '.join(names)}" if names else "; this store has no searches"
         raise UserError(f"no search named '{search}' in {uri}{hint} (check --tracking-uri)")
     parent = parents[0]
@@ -88,18 +88,11 @@ def promote(search: str, *, metric: str = "val_pgd_acc", mode: str = "max", alia
     name = model_name or f"scoretune-{search}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    source = best.data.tags[TAG_MODEL_URI]
-    version = mlflow.register_model(source, name, tags={"scoretune.search_name": search,
-                                                        "scoretune.trial_id": best.data.tags.get("scoretune.trial_id", ""),
-                                                        "scoretune.metric": f"{metric}={value:.6g}"})
+    source = best.data.tags[tags.MODEL_URI]
+    version = mlflow.register_model(source, name, tags={tags.SEARCH: search,
+                                                        tags.TRIAL: best.data.tags.get(tags.TRIAL, ""),
+                                                        tags.METRIC: f"{metric}={value:.6g}"})
     cl.set_registered_model_alias(name, alias, version.version)
     return Promotion(model_name=name, version=str(version.version), alias=alias, run_id=best.info.run_id,
-                     trial_id=best.data.tags.get("scoretune.trial_id", ""), metric=metric, value=value,
+                     trial_id=best.data.tags.get(tags.TRIAL, ""), metric=metric, value=value,
                      source_uri=source)
-
-
-def _all_parents(cl: Any) -> list[Any]:
-    exps = [e.experiment_id for e in cl.search_experiments()]
-    if not exps:
-        return []
-    return list(cl.search_runs(exps, filter_string="tags.`scoretune.kind` = 'search'", max_results=200))

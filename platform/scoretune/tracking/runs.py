@@ -1,0 +1,43 @@
+"""Finding scoretune's runs in an MLflow store: a search's parent runs and their child runs.
+
+No Ray import: ``promote`` and ``status`` use this without starting anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import tags
+
+
+def find_parent_runs(cl: Any, name: str, *, ray_path: str | None = None) -> list[Any]:
+    """The parent runs of searches called ``name`` (newest first), in every experiment."""
+    exps = [e.experiment_id for e in cl.search_experiments()]
+    if not exps:
+        return []
+    flt = f"tags.`{tags.KIND}` = 'search' and tags.`{tags.SEARCH}` = '{name}'"
+    if ray_path:
+        flt += f" and tags.`{tags.RAY_PATH}` = '{ray_path}'"
+    return list(cl.search_runs(exps, filter_string=flt, order_by=["attributes.start_time DESC"], max_results=100))
+
+
+def all_parent_runs(cl: Any, max_results: int = 200) -> list[Any]:
+    """The parent runs of every search in the store (newest first)."""
+    exps = [e.experiment_id for e in cl.search_experiments()]
+    if not exps:
+        return []
+    return list(cl.search_runs(exps, filter_string=f"tags.`{tags.KIND}` = 'search'",
+                               order_by=["attributes.start_time DESC"], max_results=max_results))
+
+
+def child_runs(cl: Any, parent: Any) -> list[Any]:
+    """Every child run of ``parent`` (a Run), oldest first."""
+    flt = f"tags.`{tags.PARENT}` = '{parent.info.run_id}'"
+    out, token = [], None
+    while True:
+        page = cl.search_runs([parent.info.experiment_id], filter_string=flt,
+                              order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
+        out.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return out

@@ -1,0 +1,28 @@
+"""Every MLflow tag scoretune writes or reads, in one place (no MLflow import: plain strings).
+
+``promote``, ``status``, the search callback and the training driver all import their tag names from
+here, so a reader of the store and its writer cannot drift apart.
+"""
+
+from __future__ import annotations
+
+KIND = "scoretune.kind"                 # train | search | eval | bound | toy
+DATASET = "scoretune.dataset"
+SEARCH = "scoretune.search_name"
+RAY_PATH = "scoretune.ray_path"
+RAY_RUN = "scoretune.ray_run"
+WORKERS = "scoretune.workers"
+TRIAL = "scoretune.trial_id"
+STATUS = "scoretune.status"
+REASON = "scoretune.stop_reason"
+ERROR = "scoretune.error"
+BEST_CKPT = "scoretune.best_checkpoint"
+CHECKPOINTS = "scoretune.checkpoints"
+MODEL_URI = "scoretune.model_uri"
+MODEL_EPOCH = "scoretune.model_epoch"
+MODEL_REF = "scoretune.model_ref"
+METRIC = "scoretune.metric"
+SUPERSEDED = "scoretune.superseded"     # a failed attempt that a resumed search restarted as a new trial
+PARENT = "mlflow.parentRunId"
+
+__all__ = [n for n in dir() if n.isupper()]
