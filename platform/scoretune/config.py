@@ -309,3 +309,21 @@ def apply_params(base: dict[str, Any], targets: dict[str, str], point: dict[str,
     for name, value in point.items():
         set_dotted(raw, targets.get(name, ALIASES.get(name, name)), value)
     return raw
+
+
+def pin_data_paths(raw: dict[str, Any], cwd: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A copy of the experiment mapping ``raw`` whose data paths are absolute (against ``cwd``, default
+    the working directory), default root included (``data.root`` > ``$SCORETUNE_DATA`` > ``./data``).
+
+    Ray workers and Tune trials run in their own working directory: a driver pins the paths before it
+    hands a config to them, so ``./data`` means what it means for a single-process run."""
+    out = copy.deepcopy(raw)
+    data = out.setdefault("data", {})
+    here = Path(cwd) if cwd is not None else Path.cwd()
+    root = data.get("root") or os.environ.get("SCORETUNE_DATA") or "data"
+    if "://" not in str(root):
+        data["root"] = str((here / Path(str(root)).expanduser()).absolute())
+    ddpm = data.get("ddpm_path")
+    if ddpm and "://" not in str(ddpm):
+        data["ddpm_path"] = str((here / Path(str(ddpm)).expanduser()).absolute())
+    return out
