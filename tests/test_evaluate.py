@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def trained(tmp_path_factory, one_thread):
     """Train 4 epochs, logged to MLflow (best epoch 3: 95% clean, 49% PGD-20, 17% AutoAttack on the
     first 100 test digits)."""
-    from scoretune.commands.train import train_single_process
+    from scoretune.drivers.train import train
     from scoretune.config import build_config
     from scoretune.data import load_dataset
 
@@ -50,7 +50,7 @@ def trained(tmp_path_factory, one_thread):
         "attack": {"eps": EPS, "norm": "linf", "steps": 10}, "eval": {"pgd_steps": 10},
         "optim": {"lr": 0.2}, "epochs": 4, "batch_size": 64, "device": "cpu", "output_dir": str(root / "runs"),
     }, [])
-    summary = train_single_process(cfg, tracking_uri=uri, experiment="eval-fixture", out=lambda s: None)
+    summary = train(cfg, tracking_uri=uri, experiment="eval-fixture", out=lambda s: None)
     ds = load_dataset("digits", val_size=0.1)
     loaded = load_model(summary["best_checkpoint"])
     return {

@@ -6,7 +6,6 @@ cluster is torn down afterwards (the ``ray_local`` fixture restarts its Ray when
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -32,7 +31,7 @@ def two_node_cluster():
 @pytest.mark.slow
 def test_two_workers_train_on_two_nodes(two_node_cluster, tmp_path, capsys):
     from trainables.ray_checkpoint import latest_checkpoint_dir, read_history, read_workers
-    from trainables.train_loop import run_distributed
+    from scoretune.drivers.train import train
 
     cfg = build_config({
         "name": "two-nodes", "data": {"name": "digits", "val_size": 0.25},
@@ -40,9 +39,8 @@ def test_two_workers_train_on_two_nodes(two_node_cluster, tmp_path, capsys):
         "optim": {"lr": 0.2}, "epochs": 2, "batch_size": 64, "device": "cpu",
         "scaling": {"storage_path": str(tmp_path / "ray_results")},
     })
-    args = SimpleNamespace(address=two_node_cluster.address, workers=2, resume=False, no_mlflow=True,
-                           tracking_uri=None, experiment=None)
-    assert run_distributed(cfg, args) == 0
+    summary = train(cfg, workers=2, address=two_node_cluster.address, use_mlflow=False)
+    assert summary["epochs"] == 2
     assert "trained on 2 worker(s) on 2 node(s)" in capsys.readouterr().out
 
     found = latest_checkpoint_dir(str(tmp_path / "ray_results"), "two-nodes")

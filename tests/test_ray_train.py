@@ -80,7 +80,7 @@ def test_cloud_storage_uri_passes_through_unchanged():
 
 
 def test_workers_flag_overrides_scaling_and_keeps_the_global_batch():
-    from trainables.train_driver import with_workers
+    from scoretune.drivers.train import with_workers
 
     cfg = with_workers(small_cfg("w", workers=1), 4)
     assert cfg.scaling.workers == 4
@@ -117,7 +117,7 @@ class FakeLogger:
 
 
 def test_epoch_table_emits_each_epoch_once_in_order():
-    from trainables.train_driver import EpochTable
+    from scoretune.drivers.progress import EpochTable
 
     lines: list[str] = []
     logger = FakeLogger()
@@ -133,7 +133,7 @@ def test_epoch_table_emits_each_epoch_once_in_order():
 
 
 def test_epoch_table_skips_rows_after_a_gap():
-    from trainables.train_driver import EpochTable
+    from scoretune.drivers.progress import EpochTable
 
     logger = FakeLogger()
     table = EpochTable(lambda s: None, logger)
@@ -260,7 +260,7 @@ def test_cli_logs_one_mlflow_run_and_a_rerun_continues_at_epoch_3(ray_local, tmp
     from mlflow.tracking import MlflowClient
 
     from scoretune.cli import main
-    from scoretune.commands.train import format_header
+    from scoretune.drivers.progress import format_header
     from scoretune.config import load_config
     from trainables.train_loop import build_torch_trainer
 

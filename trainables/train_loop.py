@@ -10,7 +10,7 @@ one checkpoint per epoch, resume, and recovery from worker failures.
   one checkpoint (written by rank 0) per epoch.
 * :func:`build_torch_trainer` maps ``cfg.scaling`` onto ``ScalingConfig`` / ``RunConfig`` /
   ``FailureConfig`` / ``CheckpointConfig``; Ray Tune trials call it with their own callbacks.
-* :func:`run_distributed` is ``scoretune train CONFIG --workers N`` (see :mod:`trainables.train_driver`).
+* ``scoretune train CONFIG --workers N`` drives it from :mod:`scoretune.drivers.ray_train`.
 
 Checkpoints (see :mod:`trainables.ray_checkpoint`) live in ``STORAGE/NAME/epoch_XXXX/``.
 Ray keeps the ``scaling.num_to_keep`` best by :data:`SCORE_KEY` plus the latest; the best
@@ -201,23 +201,6 @@ def resolve_storage_path(path: str | None) -> str:
     return str(Path(path or "ray_results").expanduser().absolute())
 
 
-def _pin_data_paths(cfg: Any) -> Any:
-    """Workers run in their own working directory: make the data paths absolute (against the driver's
-    working directory) so ``data.root`` / ``data.ddpm_path`` mean what they mean for single-process runs."""
-    import os
-
-    from scoretune.config import ExperimentConfig
-
-    data = cfg.model_dump()
-    root = data["data"].get("root") or os.environ.get("SCORETUNE_DATA") or "data"
-    if "://" not in root:
-        data["data"]["root"] = str(Path(root).expanduser().absolute())
-    ddpm = data["data"].get("ddpm_path")
-    if ddpm and "://" not in ddpm:
-        data["data"]["ddpm_path"] = str(Path(ddpm).expanduser().absolute())
-    return ExperimentConfig.model_validate(data)
-
-
 def scaling_config(cfg: Any):
     """``ray.train.ScalingConfig`` from ``cfg.scaling`` (a GPU count implies ``use_gpu``)."""
     from ray.train import ScalingConfig
@@ -258,6 +241,7 @@ def build_torch_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from scoretune.config import ExperimentConfig, pin_data_paths
     from scoretune.errors import UserError
 
     storage = resolve_storage_path(storage_path or cfg.scaling.storage_path)
@@ -271,7 +255,7 @@ def build_torch_trainer(
             f"run '{name}' already has checkpoints in {storage}/{name}: resume it, pick another name, "
             "or delete that folder"
         )
-    cfg = _pin_data_paths(cfg)
+    cfg = ExperimentConfig.model_validate(pin_data_paths(cfg.model_dump()))
     run_config = RunConfig(
         name=name,
         storage_path=storage,
@@ -287,10 +271,3 @@ def build_torch_trainer(
         train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling_config(cfg),
         run_config=run_config,
     )
-
-
-def run_distributed(cfg: Any, args: Any) -> int:
-    """``scoretune train CONFIG --workers N [--address ...]``; see :func:`trainables.train_driver.run`."""
-    from .train_driver import run
-
-    return run(cfg, args)

@@ -473,7 +473,7 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
     trial's child run, tag the run with the model URI/epoch and log the checkpoint epoch's metrics as
     ``model_<metric>``."""
     from trainables.ray_checkpoint import load_state
-    from trainables.train_driver import example_input
+    from .drivers.training_run import example_input
 
     from .engine import model_from_checkpoint
     from .tracking import log_torch_model

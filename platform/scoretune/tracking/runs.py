@@ -41,3 +41,16 @@ def child_runs(cl: Any, parent: Any) -> list[Any]:
         token = getattr(page, "token", None)
         if not token:
             return out
+
+
+def find_train_run(cl: Any, experiment_id: str, run_path: str) -> Any | None:
+    """The newest ``scoretune train`` run whose checkpoints live in ``run_path`` (tag ``scoretune.run_dir``)."""
+    flt = f"tags.`{tags.KIND}` = 'train' and tags.`{tags.RUN_DIR}` = '{run_path}'"
+    runs = cl.search_runs([experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"],
+                          max_results=20)
+    return runs[0] if runs else None
+
+
+def logged_epochs(cl: Any, run_id: str) -> int:
+    """The last epoch a run has logged (its ``epoch`` metric's largest step; 0 when none)."""
+    return max((int(m.step) for m in cl.get_metric_history(run_id, "epoch")), default=0)

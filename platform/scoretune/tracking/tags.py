@@ -18,6 +18,7 @@ REASON = "scoretune.stop_reason"
 ERROR = "scoretune.error"
 BEST_CKPT = "scoretune.best_checkpoint"
 CHECKPOINTS = "scoretune.checkpoints"
+RUN_DIR = "scoretune.run_dir"           # where a train run's checkpoints live: finds the run on resume
 MODEL_URI = "scoretune.model_uri"
 MODEL_EPOCH = "scoretune.model_epoch"
 MODEL_REF = "scoretune.model_ref"
