@@ -33,6 +33,9 @@ def load(name: str) -> dict:
     return yaml.safe_load((CLUSTER / f"{name}.yaml").read_text())
 
 
+REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
 @pytest.fixture
 def fake_repo(tmp_path, monkeypatch):
     """A minimal checkout (pyproject, platform/scoretune, the AWS config, a space) as the working dir."""
@@ -42,7 +45,7 @@ def fake_repo(tmp_path, monkeypatch):
     (root / "search_spaces").mkdir()
     (root / "pyproject.toml").write_text('[project]\nname = "scoretune"\n')
     shutil.copy(CLUSTER / "aws-gpu.yaml", root / "cluster" / "aws-gpu.yaml")
-    (root / "search_spaces" / "quickstart.yaml").write_text("{}\n")
+    shutil.copy(REPO_SPACES / "quickstart.yaml", root / "search_spaces" / "quickstart.yaml")
     monkeypatch.chdir(root)
     monkeypatch.setattr(L, "timestamp", lambda now=None: TS)
     return root
@@ -631,3 +634,65 @@ def test_launch_runs_a_search_as_a_ray_job_on_a_two_node_cluster(local_ray_clust
     assert re.search(r"scoretune-e2e-\d{8}-\d{6}\s+SUCCEEDED", s.stdout)
     best = max(trials, key=lambda t: t.score)
     assert f"best trial so far: {best.run_name} (run {best.run_id}, FINISHED) val_pgd_acc={best.score:.4f}" in s.stdout
+
+
+# ----------------------------------------------------------------------------- launch: bad input, secrets
+def test_launch_validates_the_space_and_set_before_any_cluster_command(fake_repo, capsys):
+    rc = cli.main(["launch", "--cluster", "cluster/aws-gpu.yaml", "search_spaces/quickstart.yaml", "--dry-run",
+                   "--set", "nosuchkey=1"])
+    assert rc == 2
+    out = capsys.readouterr()
+    (line,) = out.err.strip().splitlines()
+    assert "nosuchkey" in line and out.out == ""
+
+
+def test_launch_of_a_malformed_space_fails_in_the_dry_run(fake_repo, capsys):
+    (fake_repo / "search_spaces" / "quickstart.yaml").write_text("name: q\nparams: {beta: [1, 2\n")
+    rc = cli.main(["launch", "--cluster", "cluster/aws-gpu.yaml", "search_spaces/quickstart.yaml", "--dry-run"])
+    assert rc == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "malformed YAML" in line
+
+
+def test_a_malformed_cluster_yaml_is_one_line(fake_repo, capsys):
+    (fake_repo / "cluster" / "bad.yaml").write_text("cluster_name: x\nprovider: {type: aws\n  region: [\n")
+    rc = cli.main(["launch", "--cluster", "cluster/bad.yaml", "search_spaces/quickstart.yaml", "--dry-run"])
+    assert rc == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "bad.yaml" in line and "line" in line
+
+
+@pytest.mark.parametrize("name", ["caf\u00e9", "../x", "a b", ".hidden"])
+def test_launch_and_status_reject_the_names_train_and_search_reject(name, fake_repo, capsys):
+    from scoretune.names import is_valid_name
+
+    assert not is_valid_name(name)
+    assert cli.main(["launch", "--cluster", "cluster/aws-gpu.yaml", "search_spaces/quickstart.yaml",
+                     "--name", name, "--dry-run"]) == 2
+    assert cli.main(["status", name, "--no-jobs"]) == 2
+    errs = capsys.readouterr().err.strip().splitlines()
+    assert len(errs) == 2 and all("--name" in e or "name" in e for e in errs)
+
+
+def test_launch_masks_secrets_and_keeps_them_off_the_command_line(fake_repo, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-pw")
+    rc = cli.main(["launch", "--cluster", "cluster/aws-gpu.yaml", "search_spaces/quickstart.yaml", "--dry-run",
+                   "--env", "WANDB_API_KEY=sk-live-123", "--env", "SCORETUNE_DATA=/d",
+                   "--tracking-uri", "http://alice:s3cret@mlflow.internal:5000"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    for secret in ("hunter2-pw", "sk-live-123", "s3cret"):
+        assert secret not in out
+    submit = next(line for line in out.splitlines() if line.startswith("ray job submit"))
+    assert "--runtime-env RUNTIME_ENV_FILE" in submit and "--runtime-env-json" not in submit
+    assert "--tracking-uri" not in submit.split(" -- ", 1)[1]  # the credential URI travels as MLFLOW_TRACKING_URI
+
+
+def test_runtime_env_file_is_private_and_holds_the_secrets(tmp_path):
+    import stat
+
+    import yaml
+
+    path = L.write_runtime_env_file({"env_vars": {"WANDB_API_KEY": "sk"}}, directory=str(tmp_path))
+    assert stat.S_IMODE(Path(path).stat().st_mode) == 0o600
+    assert yaml.safe_load(Path(path).read_text())["env_vars"]["WANDB_API_KEY"] == "sk"

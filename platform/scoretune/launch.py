@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import UserError
+from .names import is_valid_name
+from .names import validate_name as _validate_name
 
 DASHBOARD_PORT = 8265  # Ray's default dashboard port, local and remote
 PACKAGE_DIR = "platform/scoretune"
@@ -37,18 +39,16 @@ JOB_EXCLUDES = (
     "mlflow.db", "__pycache__", ".pytest_cache", "*.egg-info", "*.pt", "*.pth", "*.ckpt",
 )
 PLACEHOLDER = re.compile(r"change[-_ ]?me", re.IGNORECASE)
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SECRET_KEY = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+MASK = "***"
 METADATA_KEY = "scoretune_search"
 SUBMISSION_PREFIX = "scoretune-"
 
 
 # ----------------------------------------------------------------------------- names
 def validate_name(name: str) -> str:
-    """A search name: letters, digits, '.', '_' and '-' (it becomes part of the job's submission id)."""
-    if not NAME_RE.match(name or ""):
-        raise UserError(f"search name {name!r} is not allowed: use letters, digits, '.', '_' and '-' "
-                        "(e.g. --name cifar10-trades)")
-    return name
+    """A search name (it becomes part of the job's submission id): the one rule of :mod:`scoretune.names`."""
+    return _validate_name(name, "search name", "--name")
 
 
 def default_name(space: str | Path) -> str:
@@ -60,7 +60,7 @@ def default_name(space: str | Path) -> str:
         own = (yaml.safe_load(Path(space).read_text()) or {}).get("name")
     except (OSError, yaml.YAMLError, AttributeError):
         own = None
-    if isinstance(own, str) and NAME_RE.match(own):
+    if is_valid_name(own):
         return own
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(space).stem).strip("-.") or "search"
 
@@ -139,18 +139,18 @@ class ClusterSettings:
 
 
 def load_cluster_config(path: str | Path) -> dict[str, Any]:
-    """Read a Ray cluster-launcher YAML; a one-line UserError when it is missing or not one."""
-    import yaml
+    """Read a Ray cluster-launcher YAML; a one-line UserError when it is missing, malformed or not one."""
+    from .config import ConfigError, read_yaml
 
     p = Path(path)
     if not p.is_file():
         raise UserError(f"cluster config {path} not found: pick one of cluster/local.yaml, cluster/aws-gpu.yaml, "
                         "cluster/gcp-gpu.yaml (see cluster/README.md)")
     try:
-        cfg = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"cluster config {path} is not valid YAML: {e}") from None
-    if not isinstance(cfg, dict) or "provider" not in cfg or "cluster_name" not in cfg:
+        cfg = read_yaml(p)
+    except ConfigError as e:
+        raise UserError(f"cluster config {e}; fix the YAML (see cluster/README.md)") from None
+    if "provider" not in cfg or "cluster_name" not in cfg:
         raise UserError(f"{path} is not a Ray cluster config (it needs cluster_name and provider); "
                         "KubeRay manifests are applied with kubectl, see cluster/README.md")
     return cfg
@@ -185,6 +185,55 @@ def find_placeholders(obj: Any, prefix: str = "") -> list[str]:
     return found
 
 
+# ----------------------------------------------------------------------------- secrets
+def uri_has_credentials(uri: str | None) -> bool:
+    """Whether ``uri`` carries a user name or password (``http://user:pw@host``, ``postgresql://u:p@h/db``)."""
+    from urllib.parse import urlsplit
+
+    if not uri or "://" not in uri:
+        return False
+    try:
+        parts = urlsplit(uri)
+        return bool(parts.username or parts.password)
+    except ValueError:
+        return "@" in uri.split("://", 1)[1].split("/", 1)[0]
+
+
+def mask_uri(uri: str) -> str:
+    """``uri`` with its credentials replaced by ``***`` (``http://***@host:5000``)."""
+    if not uri_has_credentials(uri):
+        return uri
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://{MASK}@{rest.split('@', 1)[1]}"
+
+
+def is_secret_env(key: str, value: str) -> bool:
+    """An environment entry to keep out of logs and command lines: a key naming a key, secret, token or
+    password, or a value that is a URI with credentials."""
+    return bool(SECRET_KEY.search(key)) or uri_has_credentials(value)
+
+
+def secret_values(env: Mapping[str, str], tracking_uri: str | None = None) -> list[str]:
+    """Every secret string the job gets (env values of secret keys, credential-bearing URIs)."""
+    out = [v for k, v in env.items() if v and is_secret_env(k, v)]
+    if tracking_uri and uri_has_credentials(tracking_uri):
+        out.append(tracking_uri)
+    return sorted(set(out), key=len, reverse=True)
+
+
+def mask(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every secret replaced: a credential URI by its masked form, anything else by ``***``."""
+    for value in secrets:
+        text = text.replace(value, mask_uri(value) if uri_has_credentials(value) else MASK)
+    return text
+
+
+def forwarded_credentials(local_env: Mapping[str, str]) -> dict[str, str]:
+    """The MLflow server credentials of this shell, passed to the job (never printed)."""
+    keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+    return {k: local_env[k] for k in keys if local_env.get(k)}
+
+
 # ----------------------------------------------------------------------------- the job
 def search_entrypoint(space: str, name: str, *, tracking_uri: str | None = None, storage_path: str | None = None,
                       sets: Sequence[str] = (), resume: bool = False) -> list[str]:
@@ -192,7 +241,7 @@ def search_entrypoint(space: str, name: str, *, tracking_uri: str | None = None,
     the job's entrypoint, as argv. ``storage_path`` (where Tune keeps the search's trials and checkpoints)
     overrides the space's: on a cluster it must be storage every node reaches (s3://, gs://, NFS)."""
     argv = ["scoretune", "search", space, "--name", validate_name(name)]
-    if tracking_uri:
+    if tracking_uri and not uri_has_credentials(tracking_uri):  # else it reaches the job as MLFLOW_TRACKING_URI only
         argv += ["--tracking-uri", tracking_uri]
     if storage_path:
         argv += ["--set", f"storage_path={storage_path}"]
@@ -228,6 +277,29 @@ def runtime_env(working_dir: str, env_vars: Mapping[str, str] | None = None, *,
     if env_vars:
         out["env_vars"] = dict(env_vars)
     return out
+
+
+def runtime_env_args(renv: Mapping[str, Any], runtime_env_file: str | None) -> list[str]:
+    """``--runtime-env-json JSON``, or ``--runtime-env FILE`` when the env holds secrets (``renv`` is then
+    in that file, which the caller writes with mode 0600 and removes afterwards)."""
+    env = renv.get("env_vars") or {}
+    if any(is_secret_env(k, v) for k, v in env.items()):
+        return ["--runtime-env", runtime_env_file or "RUNTIME_ENV_FILE"]
+    return ["--runtime-env-json", json.dumps(dict(renv))]
+
+
+def write_runtime_env_file(renv: Mapping[str, Any], directory: str | None = None) -> str:
+    """Write ``renv`` as YAML to a new private file (0600); returns its path."""
+    import os
+    import tempfile
+
+    import yaml
+
+    fd, path = tempfile.mkstemp(prefix="scoretune-runtime-env-", suffix=".yaml", dir=directory)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(dict(renv), f)
+    return path
 
 
 # ----------------------------------------------------------------------------- Ray token auth
@@ -298,11 +370,13 @@ class ClusterPlan:
 def cluster_plan(cluster: str, space: str, name: str, ts: str, settings: ClusterSettings, *,
                  tracking_uri: str | None = None, storage_path: str | None = None, sets: Sequence[str] = (),
                  resume: bool = False, follow: bool = True, down: bool = False,
-                 dashboard_port: int = DASHBOARD_PORT) -> ClusterPlan:
+                 dashboard_port: int = DASHBOARD_PORT, runtime_env_file: str | None = None) -> ClusterPlan:
     """The commands that run search ``name`` of ``space`` (both repo-relative) on the cluster of
     config ``cluster``. ``tracking_uri`` (else the config's ``tracking_uri``) is passed to the search
     and exported to the job; without either, each node's ``MLFLOW_TRACKING_URI`` applies.
-    ``storage_path`` (else the config's) becomes the search's ``--set storage_path=...``."""
+    ``storage_path`` (else the config's) becomes the search's ``--set storage_path=...``.
+    When the job's environment holds secrets, ``runtime_env_file`` names the file (written by the caller,
+    mode 0600) that carries the runtime env instead of ``--runtime-env-json`` on the command line."""
     sid = submission_id(name, ts)
     uri = tracking_uri or settings.tracking_uri
     storage = storage_path or settings.storage_path
@@ -310,7 +384,7 @@ def cluster_plan(cluster: str, space: str, name: str, ts: str, settings: Cluster
     renv = runtime_env(".", env, with_working_dir=False)
     url = dashboard_url(dashboard_port)
     submit = ["ray", "job", "submit", "--address", url, "--submission-id", sid, "--working-dir", ".",
-              "--runtime-env-json", json.dumps(renv), "--metadata-json", json.dumps(job_metadata(name, space))]
+              *runtime_env_args(renv, runtime_env_file), "--metadata-json", json.dumps(job_metadata(name, space))]
     if not follow:
         submit.append("--no-wait")
     submit += ["--", *search_entrypoint(space, name, tracking_uri=uri, storage_path=storage, sets=sets,
@@ -333,11 +407,12 @@ def cluster_plan(cluster: str, space: str, name: str, ts: str, settings: Cluster
 def address_submit_command(address: str, space: str, name: str, ts: str, *,
                            tracking_uri: str | None = None, storage_path: str | None = None,
                            sets: Sequence[str] = (), resume: bool = False,
-                           env: Mapping[str, str] | None = None, follow: bool = True) -> list[str]:
+                           env: Mapping[str, str] | None = None, follow: bool = True,
+                           runtime_env_file: str | None = None) -> list[str]:
     """The ``ray job submit`` equivalent of ``scoretune launch --address`` (printed by ``--dry-run``)."""
     renv = runtime_env(".", job_env(tracking_uri=tracking_uri, env=env), with_working_dir=False)
     argv = ["ray", "job", "submit", "--address", address, "--submission-id", submission_id(name, ts),
-            "--working-dir", ".", "--runtime-env-json", json.dumps(renv),
+            "--working-dir", ".", *runtime_env_args(renv, runtime_env_file),
             "--metadata-json", json.dumps(job_metadata(name, space))]
     if not follow:
         argv.append("--no-wait")

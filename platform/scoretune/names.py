@@ -26,7 +26,7 @@ def name_problem(name: object) -> str | None:
     """Why ``name`` is not a valid name (None when it is): for pydantic validators."""
     if is_valid_name(name):
         return None
-    return f"use {NAME_RULE} (got {name!r})"
+    return f"{name!r} is not allowed: use {NAME_RULE}"
 
 
 def validate_name(name: object, what: str = "name", flag: str | None = None) -> str:

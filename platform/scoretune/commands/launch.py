@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     root = L.find_repo_root()
     space = L.repo_relative(args.space, root, "search space")
     name = L.validate_name(args.name or L.default_name(root / space))
-    env = _env_pairs(args.env)
+    check_space(root / space, args.set)
+    env = {**L.forwarded_credentials(os.environ), **_env_pairs(args.env)}
     if args.down and args.no_follow:
         raise UserError("--down waits for the job to end, so it cannot be combined with --no-follow")
     if args.address is not None:
@@ -78,6 +79,18 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--down and --dashboard-port only apply with --cluster")
         return _run_address(args, L, root, space, name, env)
     return _run_cluster(args, L, root, space, name, env)
+
+
+def check_space(path: Path, sets: list[str]) -> None:
+    """Validate the space and its ``--set`` overrides here, exactly as ``scoretune search`` will on the
+    cluster, before any cluster command runs (a bad key would otherwise fail after ``ray up``)."""
+    from ..search_space import load_space
+
+    load_space(path, list(sets))
+
+
+def _say(L, text: str, secrets: list[str], **kw) -> None:
+    print(L.mask(text, secrets), **kw)
 
 
 # ----------------------------------------------------------------------------- --address
@@ -93,11 +106,12 @@ def _run_address(args, L, root: Path, space: str, name: str, env: dict) -> int:
     if args.storage_path and "://" not in args.storage_path:  # the job runs elsewhere: no relative paths
         args.storage_path = str(Path(args.storage_path).expanduser().absolute())
     ts = L.timestamp()
+    secrets = L.secret_values(env, uri)
     if args.dry_run:
         print(f"# from {root}: submit the search as a Ray job" + ("" if args.no_follow else " and follow its logs"))
-        print(L.format_command(L.address_submit_command(
+        _say(L, L.format_command(L.address_submit_command(
             address, space, name, ts, tracking_uri=uri, storage_path=args.storage_path, sets=args.set,
-            resume=args.resume, env=env, follow=not args.no_follow)))
+            resume=args.resume, env=env, follow=not args.no_follow)), secrets)
         return 0
 
     client = job_client(address)
@@ -111,12 +125,12 @@ def _run_address(args, L, root: Path, space: str, name: str, env: dict) -> int:
     status_cmd = ["scoretune", "status", name, "--address", address] + (["--tracking-uri", uri] if uri else [])
     print(f"submitted Ray job {sid} (search {name!r}) to {address}")
     print(f"Ray dashboard: {address}")
-    print(L.mlflow_ui_hint(uri))
-    print(f"status: {L.format_command(status_cmd)}")
+    _say(L, L.mlflow_ui_hint(uri), secrets)
+    _say(L, f"status: {L.format_command(status_cmd)}", secrets)
     if args.no_follow:
         print(f"logs:   {L.format_command(['ray', 'job', 'logs', '--address', address, '--follow', sid])}")
         return 0
-    return _follow(client, sid, status_cmd, L)
+    return _follow(client, sid, status_cmd, L, secrets)
 
 
 def job_client(address: str):
@@ -147,7 +161,7 @@ def job_client(address: str):
                         "(ray start --head) or forward one's dashboard (ray dashboard cluster/X.yaml)") from None
 
 
-def _follow(client, sid: str, status_cmd: list[str], L) -> int:
+def _follow(client, sid: str, status_cmd: list[str], L, secrets: list[str]) -> int:
     """Stream the job's logs until it ends; 0 when it SUCCEEDED."""
     import asyncio
 
@@ -155,7 +169,7 @@ def _follow(client, sid: str, status_cmd: list[str], L) -> int:
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(sid):
-            print(lines, end="", flush=True)
+            print(L.mask(lines, secrets), end="", flush=True)
 
     try:
         asyncio.run(tail())
@@ -164,7 +178,8 @@ def _follow(client, sid: str, status_cmd: list[str], L) -> int:
             time.sleep(1.0)
             status = client.get_job_status(sid)
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job keeps running: {L.format_command(status_cmd)}", file=sys.stderr)
+        print(L.mask(f"\nstopped following; the job keeps running: {L.format_command(status_cmd)}", secrets),
+              file=sys.stderr)
         return 130
     info = client.get_job_info(sid)
     print(f"job {sid}: {status.value}" + (f" ({info.message})" if info.message and status != JobStatus.SUCCEEDED
@@ -195,7 +210,6 @@ def _port_open(port: int) -> bool:
 
 
 def _run_cluster(args, L, root: Path, space: str, name: str, env: dict) -> int:
-    from ..errors import UserError
 
     cfg = L.load_cluster_config(args.cluster)
     cluster = _relative_to(Path(args.cluster), root)  # the ray commands run from the repo root
@@ -203,15 +217,33 @@ def _run_cluster(args, L, root: Path, space: str, name: str, env: dict) -> int:
     if env:
         settings = type(settings)(**{**settings.__dict__, "env": {**settings.env, **env}})
     port = args.dashboard_port or L.DASHBOARD_PORT
+    uri = args.tracking_uri or settings.tracking_uri
+    secrets = L.secret_values(settings.env, uri)
+    renv_file = None
+    if secrets and not args.dry_run:
+        renv_file = L.write_runtime_env_file(L.runtime_env(".", L.job_env(tracking_uri=uri, env=settings.env),
+                                                           with_working_dir=False))
+    try:
+        return _launch_cluster(args, L, root, cluster, cfg, settings, space, name, port, secrets, renv_file)
+    finally:
+        if renv_file:
+            os.unlink(renv_file)
+
+
+def _launch_cluster(args, L, root: Path, cluster: str, cfg: dict, settings, space: str, name: str, port: int,
+                    secrets: list[str], renv_file: str | None) -> int:
+    from ..errors import UserError
+
     plan = L.cluster_plan(cluster, space, name, L.timestamp(), settings, tracking_uri=args.tracking_uri,
                           storage_path=args.storage_path, sets=args.set, resume=args.resume,
-                          follow=not args.no_follow, down=args.down, dashboard_port=port)
+                          follow=not args.no_follow, down=args.down, dashboard_port=port,
+                          runtime_env_file=renv_file)
     placeholders = L.find_placeholders(cfg)
     if args.dry_run:
         print(f"# from {root}")
         for i, (comment, argv) in enumerate(plan.steps(), 1):
             print(f"# {i}. {comment}")
-            print(L.format_command(argv))
+            _say(L, L.format_command(argv), secrets)
         if placeholders:
             print(f"note: {cluster} still has CHANGE-ME placeholders: {', '.join(placeholders)}", file=sys.stderr)
         return 0
@@ -252,7 +284,7 @@ def _run_cluster(args, L, root: Path, space: str, name: str, env: dict) -> int:
                                 f"(is the cluster up? `ray status` via `ray exec {cluster} 'ray status'`): {tail}")
             time.sleep(1.0)
         print(f"Ray dashboard: {plan.dashboard}   (while this command runs)")
-        print(f"$ {L.format_command(plan.submit)}", flush=True)
+        _say(L, f"$ {L.format_command(plan.submit)}", secrets, flush=True)
         rc = subprocess.run(argv(plan.submit), cwd=root).returncode
     except KeyboardInterrupt:
         interrupted = True

@@ -16,8 +16,6 @@ from typing import Any, Iterable, Sequence
 
 HELP = "show a launched search's Ray job state and its best trial so far (from MLflow)"
 
-SEARCH_TAG = "scoretune.search_name"
-PARENT_TAG = "mlflow.parentRunId"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -93,20 +91,20 @@ def query_runs(tracking_uri: str | None, name: str, metric: str = "val_pgd_acc",
     """(parent runs, child trials) of search ``name`` in every active MLflow experiment."""
     from mlflow.entities import ViewType
 
-    from ..tracking import client
+    from ..tracking import client, tags
 
     cl = client(tracking_uri)
     exp_ids = [e.experiment_id for e in cl.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
     if not exp_ids:
         return [], []
-    tagged = cl.search_runs(exp_ids, filter_string=f"tags.`{SEARCH_TAG}` = '{name}'", max_results=1000)
-    parents = [r for r in tagged if PARENT_TAG not in r.data.tags]
+    tagged = cl.search_runs(exp_ids, filter_string=f"tags.`{tags.SEARCH}` = '{name}'", max_results=1000)
+    parents = [r for r in tagged if tags.PARENT not in r.data.tags]
     trials: dict[str, Trial] = {}
     for parent in parents:
         # the parent logs the space as params ``space.<name>``: show each trial's searched values only
         searched = {k[len("space."):] for k in parent.data.params if k.startswith("space.")}
         children = cl.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'", max_results=5000)
+                                  filter_string=f"tags.`{tags.PARENT}` = '{parent.info.run_id}'", max_results=5000)
         for r in children:
             try:
                 history = [m.value for m in cl.get_metric_history(r.info.run_id, metric)]
@@ -121,10 +119,11 @@ def query_runs(tracking_uri: str | None, name: str, metric: str = "val_pgd_acc",
 # ----------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
-    from ..launch import DASHBOARD_PORT, dashboard_url, validate_name
-    from ..tracking import resolve_tracking_uri
+    from ..launch import DASHBOARD_PORT, dashboard_url
+    from ..names import validate_name
+    from ..tracking import resolve_tracking_uri, tags
 
-    name = validate_name(args.name)
+    name = validate_name(args.name, flag="search name")
     found = False
     if not args.no_jobs:
         address = args.address or _env_address() or dashboard_url(DASHBOARD_PORT)
@@ -149,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     parents, trials = query_runs(uri, name, args.metric, args.mode)
     found |= bool(parents)
     if not parents:
-        print(f"MLflow ({uri}): no run tagged {SEARCH_TAG}={name} yet")
+        print(f"MLflow ({uri}): no run tagged {tags.SEARCH}={name} yet")
     else:
         states: dict[str, int] = {}
         for t in trials:

@@ -124,11 +124,11 @@ def train_on_ray(cfg: Any, *, address: str | None = None, tracking_uri: str | No
             out(f"note: checkpoints go to {storage}: on a multi-node cluster every node must see that path "
                 "(a shared filesystem), else set scaling.storage_path to an s3:// or gs:// URI")
         trainer = build_torch_trainer(cfg, name=cfg.name, storage_path=storage, resume=True)
+        out(f"Ray Train: {s.workers} worker(s), global batch {cfg.batch_size}, checkpoints in {run_path}")
         with TrainingRun(cfg, run_path, tracking_uri=tracking_uri, experiment=experiment, use_mlflow=use_mlflow,
                          continuing=bool(previous), extra_tags={"scoretune.workers": str(s.workers),
                                                                  "scoretune.ray_run": run_path},
                          resume_hint="rerun the same command to continue", out=out) as run:
-            out(f"Ray Train: {s.workers} worker(s), global batch {cfg.batch_size}, checkpoints in {run_path}")
             run.table.add(previous)
             follower = Follower(storage, cfg.name, run.table.add)
             follower.start()
