@@ -17,12 +17,12 @@ Validation happens before anything runs: every error is one line naming the key 
 there is a fixed set, the allowed values. Every point the search can sample is checked to make a
 valid experiment (choice values one by one and in combination, range end points).
 
-This module imports pydantic/yaml and the experiment config only (no Ray, no MLflow).
+This module imports pydantic/yaml, the experiment config and the engine's metric names only (no Ray,
+no MLflow).
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import os
@@ -30,9 +30,16 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from .config import (
+from ..config import (
     ALIASES,
     ConfigError,
     ExperimentConfig,
@@ -42,11 +49,8 @@ from .config import (
     parse_overrides,
     read_yaml,
 )
-from .engine import ENGINE_METRICS
-
-
-
-
+from ..engine import ENGINE_METRICS
+from ..names import name_problem
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 _MAX_JOINT_CHECKS = 512  # joint validation of every combination of probe values up to this many
@@ -249,9 +253,9 @@ class SearchSpace(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        bad = set(v) & set("/\\ '\"")
-        if bad:
-            raise ValueError(f"use letters, digits, '-', '_' or '.' in a search name (got {v!r})")
+        problem = name_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_validator("params")
