@@ -204,7 +204,7 @@ def test_optuna_distributions_match_the_spec():
 
 
 def test_every_alias_points_at_a_real_experiment_key():
-    from scoretune.search.space import _field_annotation
+    from scoretune.search.validate import _field_annotation
 
     for alias, dotted in ALIASES.items():
         assert _field_annotation(dotted)[0], alias

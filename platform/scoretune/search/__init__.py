@@ -5,7 +5,8 @@
 
 Modules, each with one job (imports point down this list or to lower layers only):
 
-* :mod:`.space`     -- the search-space schema, its validation, ``load_space`` / ``build_space``;
+* :mod:`.space`     -- the search-space schema, ``load_space`` / ``build_space``;
+* :mod:`.validate`  -- the space's rules across the base experiment (what pydantic cannot check);
 * :mod:`.ranking`   -- better / best-epoch values, Pareto dominance and front, how a trial ended;
 * :mod:`.summary`   -- ``TrialSummary`` / ``SearchSummary``, ranking, the results table and report;
 * :mod:`.mlflow_io` -- the parent run, the experiment id, batched metric logging;
@@ -27,7 +28,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "space": ("ObjectiveSpec", "ParamSpec", "SearchSpace", "build_space", "load_space", "validate_space"),
+    "space": ("ObjectiveSpec", "ParamSpec", "SearchSpace", "build_space", "load_space"),
+    "validate": ("validate_space",),
     "ranking": ("best_values", "better", "classify_trial", "dominates", "pareto_front"),
     "summary": ("SearchSummary", "TrialSummary", "format_report", "format_table", "point_label"),
     "finalize": ("finalize_search",),
