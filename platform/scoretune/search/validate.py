@@ -4,7 +4,8 @@ combination, range end points), objective and stopper metrics, points_to_evaluat
 worker settings. Every error is one :class:`~scoretune.config.ConfigError` line naming the key and,
 where there is a fixed set, the allowed values.
 
-No Ray, no MLflow; :func:`scoretune.search.space.build_space` calls :func:`validate_space`.
+No Ray, no MLflow. :func:`scoretune.search.space.build_space` calls :func:`validate_space`; this module
+does not import :mod:`.space` (the ``space`` arguments are :class:`~scoretune.search.space.SearchSpace`).
 """
 
 from __future__ import annotations
@@ -12,15 +13,12 @@ from __future__ import annotations
 import itertools
 import math
 import typing
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ValidationError
 
 from ..config import ALIASES, ConfigError, ExperimentConfig, apply_params, format_validation_error
 from ..engine import ENGINE_METRICS
-
-if TYPE_CHECKING:
-    from .space import SearchSpace
 
 _MAX_JOINT_CHECKS = 512  # joint validation of every combination of probe values up to this many
 
@@ -73,7 +71,7 @@ def _where(source: str) -> str:
     return f"{source}: " if source else ""
 
 
-def _check_value(space: SearchSpace, name: str, kind: str, value: Any, source: str) -> None:
+def _check_value(space: Any, name: str, kind: str, value: Any, source: str) -> None:
     """One sampled value on top of ``base`` must make a valid experiment; raise a one-line ConfigError."""
     dotted = space.targets[name]
     allowed = allowed_values(dotted)
@@ -92,7 +90,7 @@ def _check_value(space: SearchSpace, name: str, kind: str, value: Any, source: s
         ) from None
 
 
-def validate_space(space: SearchSpace, source: str = "") -> SearchSpace:
+def validate_space(space: Any, source: str = "") -> Any:
     """Check what pydantic cannot: the base experiment, every param key and every value the search can
     sample, objective and stopper metrics, points_to_evaluate. Raises :class:`ConfigError` (one line)."""
     try:
@@ -174,7 +172,7 @@ def validate_space(space: SearchSpace, source: str = "") -> SearchSpace:
     return space
 
 
-def _check_joint(space: SearchSpace, source: str) -> None:
+def _check_joint(space: Any, source: str) -> None:
     """Every combination of probe values (choices, range ends) together, when there are few enough:
     catches cross-field rules such as clip_mode 'value' with method 'pgdat'."""
     names = list(space.params)
