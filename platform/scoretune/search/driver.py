@@ -50,10 +50,10 @@ def experiment_path(storage_path: str, name: str) -> tuple[str, str]:
     return storage, f"{storage}/{name}"
 
 
-def check_dataset(space: SearchSpace) -> None:
-    """Load the base experiment's dataset once, as the trials will (data paths pinned); a missing or
-    corrupt dataset raises a one-line UserError before any trial starts."""
-    cfg = ExperimentConfig.model_validate(pin_data_paths(space.base))
+def check_dataset(base: dict[str, Any]) -> None:
+    """Load the dataset of ``base`` (the base experiment with its data paths pinned, as the trials get
+    it) once; a missing or corrupt dataset raises a one-line UserError before any trial starts."""
+    cfg = ExperimentConfig.model_validate(base)
     d = cfg.data
     if "://" in str(d.root):
         return  # remote data: only the trials can read it
@@ -86,7 +86,7 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
         uri = state["tracking_uri"]
         if tracking_uri and resolve_tracking_uri(tracking_uri) != uri:
             raise UserError(f"search '{name}' logs to {uri}; resume it there (drop --tracking-uri or pass that URI)")
-        check_dataset(space)
+        check_dataset(state.get("trial_base") or pin_data_paths(space.base))  # as pinned when it started
         parent_run_id = state["parent_run_id"]
         attempt = int(state.get("attempt", 1)) + 1
         label = attempt_label(name, attempt)
@@ -104,13 +104,15 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
         raise UserError(f"search '{name}' already exists in {ray_path}: add --resume to continue it, pass "
                         f"--name {name}-2 to start another, or delete that folder")
     uri = resolve_tracking_uri(tracking_uri or space.tracking_uri)
-    check_dataset(space)
+    trial_base = pin_data_paths(space.base)
+    check_dataset(trial_base)
     floor = resolve_floor(space, out)
     with ray_session(address, out=out):
         parent = start_parent_run(space, name=name, ray_path=ray_path, tracking_uri=uri, space_text=space_text)
         parent_run_id = parent.run_id
         write_state(ray_path, {"space": space.model_dump(by_alias=True, exclude_none=True), "tracking_uri": uri,
-                               "parent_run_id": parent_run_id, "floor": floor, "name": name, "attempt": 1})
+                               "parent_run_id": parent_run_id, "floor": floor, "name": name, "attempt": 1,
+                               "trial_base": trial_base})
         tuner = build_tuner(space, name=name, storage=storage, ray_path=ray_path, tracking_uri=uri,
                             parent_run_id=parent_run_id, floor=floor, out=out)
         return _fit(tuner, space, name=name, uri=uri, parent_run_id=parent_run_id, ray_path=ray_path,

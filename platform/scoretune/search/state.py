@@ -1,6 +1,7 @@
 """The search's own state file, ``scoretune_search.json`` in the Ray experiment directory (a local path
-or a storage URI): the resolved space, the tracking URI, the MLflow parent run id, the floor, the name
-and the attempt number (1 for the first run, +1 for every ``--resume``).
+or a storage URI): the resolved space, the tracking URI, the MLflow parent run id, the floor, the name,
+the attempt number (1 for the first run, +1 for every ``--resume``) and ``trial_base``, the base
+experiment as the trials got it (data paths pinned), which a resume checks the dataset against.
 """
 
 from __future__ import annotations
