@@ -25,6 +25,7 @@ never asserted). With ``--repeats R`` the two are alternated R times and the med
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -70,7 +71,7 @@ def space_raw(args: argparse.Namespace, storage: Path) -> dict[str, Any]:
 def autoattack_setting(version: str) -> dict[str, Any]:
     """``{"autoattack": {"version": version}}`` where the search space has the end-of-search AutoAttack
     of the top-k models (newer scoretune), else nothing."""
-    from scoretune.search_space import SearchSpace
+    from scoretune.search.space import SearchSpace
 
     return {"autoattack": {"version": version}} if "autoattack" in SearchSpace.model_fields else {}
 
@@ -134,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, metavar="OUT", help="write the numbers to OUT")
     args = ap.parse_args(argv)
 
-    from scoretune.search import ensure_ray
-    from scoretune.search_space import build_space
+    from scoretune.drivers.ray_session import ray_session
+    from scoretune.search import build_space
 
-    with tempfile.TemporaryDirectory(prefix="scoretune-overhead-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="scoretune-overhead-") as tmp, contextlib.ExitStack() as stack:
         root = Path(tmp)
         space = build_space(space_raw(args, root / "ray"), source="overhead space")
         uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.trials} trainings x {args.epochs} epochs (digits, small_cnn, TRADES-SE, {args.attack_steps}-step "
               f"attack, val PGD-{args.pgd_steps}), {args.repeats} repeat(s)", flush=True)
         t0 = time.perf_counter()
-        ensure_ray(None, print)
+        stack.enter_context(ray_session(None, out=print))
         ray_start = time.perf_counter() - t0
         ref: list[float] = []
         ours: list[float] = []

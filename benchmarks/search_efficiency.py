@@ -46,8 +46,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import machine_info  # noqa: E402  (also puts platform/ on sys.path)
-from scoretune.search import ensure_ray, run_search  # noqa: E402
-from scoretune.search_space import build_space  # noqa: E402
+from scoretune.drivers.ray_session import ray_session  # noqa: E402
+from scoretune.search import build_space, run_search  # noqa: E402
 from scoretune.tracking import client as mlflow_client  # noqa: E402
 
 METRIC = "val_pgd_acc"
@@ -149,6 +149,30 @@ def mean_epochs(values: list[int | None], totals: list[int]) -> tuple[float, boo
     return statistics.fmean(filled), any(v is None for v in values)
 
 
+def run_methods(args: argparse.Namespace, methods: tuple[str, ...], root: Path, uri: str) -> dict[str, dict[int, Any]]:
+    """Every (seed, method) search, one after the other (Ray already up): per method and seed, the trials'
+    histories, wall time, curves, epochs and best value."""
+    quiet = lambda s: None  # noqa: E731
+    runs: dict[str, dict[int, Any]] = {m: {} for m in methods}
+    stamp = time.strftime("%H%M%S")
+    for seed in args.seeds:
+        for method in methods:
+            space = method_space(args, method, seed, root)
+            t0 = time.perf_counter()
+            summary = run_search(space, name=f"{method}-s{seed}-{stamp}", tracking_uri=uri, out=quiet)
+            wall = time.perf_counter() - t0
+            trials = trial_histories(summary)
+            runs[method][seed] = {"trials": trials, "wall_s": wall, "completion": completion_curve(trials),
+                                  "by_epoch": epoch_curve(trials),
+                                  "total_epochs": sum(len(t["epochs"]) for t in trials),
+                                  "best": max((max(t["values"]) for t in trials), default=float("nan")),
+                                  "counts": summary.counts()}
+            r = runs[method][seed]
+            print(f"seed {seed} {method:<15} trials {len(trials):>2}  epochs {r['total_epochs']:>3}  "
+                  f"best {METRIC} {r['best']:.4f}  {wall:.0f} s  {r['counts']}", flush=True)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,29 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.workdir or tmp.name).absolute()  # type: ignore[union-attr]
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    quiet = lambda s: None  # noqa: E731
-    ensure_ray(None, print)
     info = machine_info()
     print(f"machine: {info}")
-
     methods = ("random", "tpe_asha_floor")
-    runs: dict[str, dict[int, Any]] = {m: {} for m in methods}
-    stamp = time.strftime("%H%M%S")
-    for seed in args.seeds:
-        for method in methods:
-            space = method_space(args, method, seed, root)
-            t0 = time.perf_counter()
-            summary = run_search(space, name=f"{method}-s{seed}-{stamp}", tracking_uri=uri, out=quiet)
-            wall = time.perf_counter() - t0
-            trials = trial_histories(summary)
-            runs[method][seed] = {"trials": trials, "wall_s": wall, "completion": completion_curve(trials),
-                                  "by_epoch": epoch_curve(trials),
-                                  "total_epochs": sum(len(t["epochs"]) for t in trials),
-                                  "best": max((max(t["values"]) for t in trials), default=float("nan")),
-                                  "counts": summary.counts()}
-            r = runs[method][seed]
-            print(f"seed {seed} {method:<15} trials {len(trials):>2}  epochs {r['total_epochs']:>3}  "
-                  f"best {METRIC} {r['best']:.4f}  {wall:.0f} s  {r['counts']}", flush=True)
+    with ray_session(None, out=print):
+        runs = run_methods(args, methods, root, uri)
 
     rows: dict[str, Any] = {}
     for curve_name in ("completion", "by_epoch"):

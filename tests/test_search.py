@@ -20,8 +20,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from scoretune.search_space import ObjectiveSpec, build_space
-from scoretune.search_tracking import best_values, classify_trial, dominates, pareto_front
+from scoretune.search.ranking import best_values, classify_trial, dominates, pareto_front
+from scoretune.search.space import ObjectiveSpec, build_space
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"data": {"name": "digits", "val_size": 0.1}, "model": {"name": "mlp"},

@@ -8,7 +8,7 @@ import pytest
 
 from scoretune.config import ConfigError
 from scoretune.config import ALIASES
-from scoretune.search_space import build_space, load_space
+from scoretune.search.space import build_space, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -204,7 +204,7 @@ def test_optuna_distributions_match_the_spec():
 
 
 def test_every_alias_points_at_a_real_experiment_key():
-    from scoretune.search_space import _field_annotation
+    from scoretune.search.validate import _field_annotation
 
     for alias, dotted in ALIASES.items():
         assert _field_annotation(dotted)[0], alias

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 def check_space(path: Path, sets: list[str]) -> None:
     """Validate the space and its ``--set`` overrides here, exactly as ``scoretune search`` will on the
     cluster, before any cluster command runs (a bad key would otherwise fail after ``ray up``)."""
-    from ..search_space import load_space
+    from ..search import load_space
 
     load_space(path, list(sets))
 

@@ -27,8 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..search import format_report, run_search
-    from ..search_space import load_space
+    from ..search import format_report, load_space, run_search
 
     overrides = list(args.set)
     if args.num_samples is not None:

@@ -1,0 +1,261 @@
+"""The search's two Ray Tune callbacks, both run in the driver.
+
+* :class:`MlflowSearchCallback` keeps one nested child run per trial (tags ``mlflow.parentRunId`` and
+  ``scoretune.trial_id``): params (the trial's flat experiment config + the sampled values), per-epoch
+  metrics (the engine's row, ``R_Madry`` = train_madry_kl, the ``floor`` value, and
+  ``best_<objective>`` / ``best_epoch``: the values at the trial's best epoch by the primary
+  objective), and how the trial ended (tag ``scoretune.status``: completed / stopped_asha /
+  stopped_floor / stopped_plateau / failed, with ``scoretune.stop_reason`` or ``scoretune.error``).
+  A resumed search finds existing child runs by their trial id tag (see :mod:`.resume` for the runs it
+  will not continue).
+* :class:`ProgressCallback` prints one line per event: a trial starts, a new best appears, a trial
+  ends (with the running counts).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ray.tune import Callback
+
+from ..engine import ENGINE_METRICS
+from ..tracking import RunLogger, finite_metrics, tags
+from ..tracking import client as mlflow_client
+from .mlflow_io import log_metrics
+from .ranking import EARLY, best_values, better, classify_trial
+from .space import SearchSpace
+from .summary import point_label
+
+_SKIP_KEYS = {
+    "training_iteration", "time_total_s", "time_this_iter_s", "time_since_restore", "timestamp",
+    "timesteps_total", "timesteps_since_restore", "episodes_total", "iterations_since_restore",
+    "pid", "done", "trial_id", "experiment_tag", "should_checkpoint", "selection_score",
+}
+
+
+def result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric metrics of a Tune result worth logging (the engine's row; Tune's bookkeeping dropped)."""
+    return {k: v for k, v in finite_metrics(result).items() if k not in _SKIP_KEYS}
+
+
+def trial_error_message(trial: Any) -> str:
+    """``ExceptionType: message`` of a failed trial (one line)."""
+    err = None
+    try:
+        err = trial.get_pickled_error()
+    except Exception:
+        err = None
+    cause = getattr(err, "cause", None) or err
+    if cause is not None and not type(cause).__name__.startswith(("RayTaskError", "TuneError")):
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        return f"{type(cause).__name__}: {first}"[:500]
+    try:
+        text = Path(trial.error_file).read_text() if trial.error_file else str(err or "")
+    except OSError:
+        text = str(err or "")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ":" in ln and not ln.startswith(("File ", "^", "~")):
+            return re.sub(r"^(?:\w+\.)+(\w+:)", r"\1", ln)[:500]
+    return (lines[-1] if lines else "unknown error")[:500]
+
+
+class MlflowSearchCallback(Callback):
+    """Driver-side MLflow logging of every trial of a search (see the module docstring).
+
+    Picklable (Tune stores it with the experiment); the MLflow client is created on first use.
+    ``get_state``/``set_state`` keep the per-trial records (run id, epoch rows) in Tune's
+    experiment snapshot, so a resumed search goes on where the snapshot left off.
+    """
+
+    def __init__(self, space: SearchSpace, *, tracking_uri: str, parent_run_id: str, experiment_id: str,
+                 stoppers: Sequence[Any] = (), floor: float | None = None):
+        self.space = space
+        self.tracking_uri = tracking_uri
+        self.parent_run_id = parent_run_id
+        self.experiment_id = experiment_id
+        self.stoppers = list(stoppers)
+        self.floor = floor
+        self.trials: dict[str, dict[str, Any]] = {}
+        self._client = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_client"] = None
+        return state
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = mlflow_client(self.tracking_uri)
+        return self._client
+
+    def get_state(self) -> dict[str, Any]:
+        return {"trials": self.trials}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.trials = dict(state.get("trials") or {})
+        for rec in self.trials.values():  # MLflow may be ahead of the snapshot: re-read it on first use
+            rec["synced"] = False
+
+    # -- records
+    def _find_child(self, trial_id: str) -> Any | None:
+        flt = f"tags.`{tags.PARENT}` = '{self.parent_run_id}' and tags.`{tags.TRIAL}` = '{trial_id}'"
+        runs = self.client.search_runs([self.experiment_id], filter_string=flt, max_results=5)
+        return runs[0] if runs else None
+
+    def record(self, trial: Any) -> dict[str, Any]:
+        """The trial's record (its MLflow child run is found by tag, else created)."""
+        tid = trial.trial_id
+        rec = self.trials.get(tid)
+        if rec is not None and rec.get("run_id") and rec.get("synced", True):
+            return rec
+        rec = rec or {"rows": [], "logged_epoch": 0, "status": "running"}
+        rec["synced"] = True
+        from trainables.tune_trainable import sampled_point, trial_experiment
+
+        point = sampled_point(trial.config)
+        found = self._find_child(tid)
+        if found is not None:
+            rec["run_id"] = found.info.run_id
+            rec["logged_epoch"] = max(int(rec.get("logged_epoch", 0)), int(found.data.metrics.get("epoch", 0)))
+            self.client.update_run(found.info.run_id, status="RUNNING")
+        else:
+            search = trial.config.get("scoretune", {}).get("search", "")
+            logger = RunLogger(self.tracking_uri, self.space.experiment_name, parent_run_id=self.parent_run_id,
+                               run_name=f"{tid} {point_label(point)}"[:240],
+                               tags={tags.KIND: "trial", tags.TRIAL: tid, tags.SEARCH: search,
+                                     tags.STATUS: "running"})
+            try:
+                params = trial_experiment(trial.config, tid).flat()
+            except Exception:  # an invalid point: the trial will fail and say why
+                params = {}
+            params.update(point)
+            if self.floor is not None:
+                params["search.floor"] = self.floor
+            logger.log_params(params)
+            rec["run_id"] = logger.run_id
+        rec["point"] = point
+        rec["budget"] = self.space.epoch_budget(point)
+        self.trials[tid] = rec
+        return rec
+
+    def _tags(self, run_id: str, values: Mapping[str, Any]) -> None:
+        for k, v in values.items():
+            self.client.set_tag(run_id, k, str(v)[:5000])
+
+    # -- Tune hooks
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        rec = self.record(trial)
+        rec["status"] = "running"
+        self._tags(rec["run_id"], {tags.STATUS: "running"})
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        rec = self.record(trial)
+        metrics = result_metrics(result)
+        epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))
+        metrics["epoch"] = float(epoch)
+        if epoch not in {int(r["epoch"]) for r in rec["rows"]}:
+            rec["rows"].append({k: metrics[k] for k in metrics if k in ENGINE_METRICS or k == "epoch"})
+            rec["rows"].sort(key=lambda r: r["epoch"])
+        best = best_values(rec["rows"], self.space.objective)
+        if epoch > int(rec["logged_epoch"]):
+            extra = dict(best)
+            if "train_madry_kl" in metrics:
+                extra["R_Madry"] = metrics["train_madry_kl"]
+            if self.floor is not None:
+                extra["floor"] = self.floor
+            log_metrics(self.client, rec["run_id"], {**metrics, **extra}, step=epoch)
+            rec["logged_epoch"] = epoch
+        path = result.get("checkpoint_path")  # Ray Train trials (TuneReportCallback)
+        if isinstance(path, str):
+            self._checkpoint(rec, epoch, path, best)
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        rec = self.record(trial)
+        epoch = int((trial.last_result or {}).get("epoch", 0))
+        self._checkpoint(rec, epoch, checkpoint.path, best_values(rec["rows"], self.space.objective))
+
+    def _checkpoint(self, rec: dict[str, Any], epoch: int, path: str, best: Mapping[str, float]) -> None:
+        if int(best.get("best_epoch", -1)) == epoch:
+            self._tags(rec["run_id"], {tags.BEST_CKPT: path})
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        rec = self.record(trial)
+        last = max([float(r["epoch"]) for r in rec["rows"]] + [float(rec.get("logged_epoch", 0)),
+                    float((trial.last_result or {}).get("epoch", 0) or 0)])
+        status, reason = classify_trial(trial.trial_id, last, rec["budget"], self.stoppers, self.space.scheduler.type)
+        rec["status"] = status
+        self._tags(rec["run_id"], {tags.STATUS: status, tags.REASON: reason})
+        self.client.set_terminated(rec["run_id"], status="FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        rec = self.record(trial)
+        rec["status"] = "failed"
+        self._tags(rec["run_id"], {tags.STATUS: "failed", tags.ERROR: trial_error_message(trial)})
+        self.client.set_terminated(rec["run_id"], status="FAILED")
+
+
+class ProgressCallback(Callback):
+    """One line per event: a trial starts, a new best appears, a trial ends (with the running counts)."""
+
+    def __init__(self, space: SearchSpace, stoppers: list[Any], out: Callable[[str], None] = print):
+        self.space = space
+        self.stoppers = stoppers
+        self.out = out
+        self.status: dict[str, str] = {}
+        self.last_epoch: dict[str, float] = {}
+        self.best: tuple[float, str, int] | None = None
+
+    def get_state(self) -> dict[str, Any]:
+        return {"status": self.status, "last_epoch": self.last_epoch, "best": self.best}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.status = dict(state.get("status") or {})
+        self.last_epoch = dict(state.get("last_epoch") or {})
+        self.best = state.get("best")
+
+    def _say(self, text: str) -> None:
+        self.out(f"[{time.strftime('%H:%M:%S')}] {text}")
+
+    def _counts(self, trials: list) -> str:
+        current = {t.trial_id for t in trials}
+        vals = [v for k, v in self.status.items() if k in current]
+        running = vals.count("running")
+        early = sum(vals.count(s) for s in EARLY) + vals.count("stopped_early")
+        return (f"running {running}, completed {vals.count('completed')}, stopped early {early}, "
+                f"failed {vals.count('failed')} of {self.space.total_samples}")
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from trainables.tune_trainable import sampled_point
+
+        self.status[trial.trial_id] = "running"
+        self._say(f"start         {trial.trial_id}  {point_label(sampled_point(trial.config))}")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        m = result_metrics(result)
+        p = self.space.primary
+        epoch = int(m.get("epoch", 0))
+        self.last_epoch[trial.trial_id] = epoch
+        v = m.get(p.metric)
+        if v is not None and (self.best is None or better(v, self.best[0], p.mode)):
+            self.best = (float(v), trial.trial_id, epoch)
+            self._say(f"best          {trial.trial_id}  {p.metric}={v:.4f} at epoch {epoch}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from trainables.tune_trainable import sampled_point
+
+        budget = self.space.epoch_budget(sampled_point(trial.config))
+        last = self.last_epoch.get(trial.trial_id, (trial.last_result or {}).get("epoch", 0))
+        status, reason = classify_trial(trial.trial_id, last, budget, self.stoppers, self.space.scheduler.type)
+        self.status[trial.trial_id] = status
+        self._say(f"{status:<13} {trial.trial_id}  after epoch {int(last or 0)}/{budget}"
+                  + ("" if status == "completed" else f": {reason}") + f"  | {self._counts(trials)}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.status[trial.trial_id] = "failed"
+        self._say(f"failed        {trial.trial_id}  {trial_error_message(trial)}  | {self._counts(trials)}")
+        self.out(f"           traceback: {trial.path}/error.txt")

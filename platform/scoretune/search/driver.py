@@ -1,0 +1,188 @@
+"""Running a search: a Ray Tune ``Tuner`` with Optuna behind a concurrency limit, ASHA on ``epoch``,
+SCORE's floor stopper, driver-side MLflow logging and live progress lines.
+
+    space = load_space("search_spaces/quickstart.yaml")
+    summary = run_search(space)                      # or run_search(space, resume=True)
+
+Before Ray starts, the driver checks the name (one rule, see :mod:`scoretune.names`; the experiment
+folder must stay inside ``storage_path``), loads the base experiment's dataset once (a missing or
+corrupt dataset is one error line, not one failed trial each) and resolves the floor. Ray is started
+or joined through :func:`scoretune.drivers.ray_session.ray_session`.
+
+* Trials: :func:`trainables.tune_trainable.scoretune_trial` (see :mod:`.trials`). A failing trial (NaN
+  loss, OOM, a bad value) is marked failed with its error and the search goes on.
+* Resume: ``Tuner.restore(path, resume_unfinished=True, restart_errored=True)`` with the space saved in
+  the state file (:mod:`.state`); the MLflow parent run and the child runs are found again by their
+  tags, so nothing is logged twice, and the runs Tune will not continue are ended (:mod:`.resume`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import ExperimentConfig, pin_data_paths
+from ..drivers.ray_session import ray_session
+from ..errors import UserError
+from ..names import inside, validate_name
+from ..tracking import client, resolve_tracking_uri
+from .callback import MlflowSearchCallback, ProgressCallback
+from .finalize import finalize_search
+from .floor import resolve_floor
+from .mlflow_io import experiment_id_for, start_parent_run
+from .resume import attempt_label, end_superseded, saved_trials
+from .searcher import build_scheduler, build_searcher, build_stoppers, combined_stopper
+from .space import SearchSpace
+from .state import read_state, write_state
+from .summary import SearchSummary
+from .trials import trainable_for, trial_name, trial_settings
+
+
+def experiment_path(storage_path: str, name: str) -> tuple[str, str]:
+    """``(storage, ray_path)``: the Ray storage root (absolute when local) and the search's experiment
+    folder in it; a local folder that would leave the root is refused."""
+    if "://" in storage_path:
+        return storage_path, f"{storage_path.rstrip('/')}/{name}"
+    storage = str(Path(storage_path).expanduser().absolute())
+    inside(storage, name)
+    return storage, f"{storage}/{name}"
+
+
+def check_dataset(base: dict[str, Any]) -> None:
+    """Load the dataset of ``base`` (the base experiment with its data paths pinned, as the trials get
+    it) once; a missing or corrupt dataset raises a one-line UserError before any trial starts."""
+    cfg = ExperimentConfig.model_validate(base)
+    d = cfg.data
+    if "://" in str(d.root):
+        return  # remote data: only the trials can read it
+    from ..data import load_dataset
+
+    try:
+        load_dataset(d.name, root=d.root, val_size=d.val_size, seed=cfg.seed, ddpm_path=d.ddpm_path, **d.options)
+    except (UserError, ValueError, OSError) as e:
+        text = " ".join(str(e).split()).replace("--set data.", "--set base.data.")
+        raise UserError(f"base.data: {text} (no trial was started)") from None
+
+
+def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = False, tracking_uri: str | None = None,
+               address: str | None = None, space_text: str | None = None,
+               out: Callable[[str], None] = print) -> SearchSummary | None:
+    """Run (or with ``resume`` continue) the search; returns its summary (None when interrupted).
+
+    The Ray experiment lives at ``space.storage_path/NAME``; a fresh search refuses to overwrite an
+    existing one (resume it, or pick another ``name``).
+    """
+    from ray import tune
+
+    name = space.name if name is None else validate_name(name, "search name", "--name")
+    storage, ray_path = experiment_path(space.storage_path, name)
+    if resume:
+        if not tune.Tuner.can_restore(ray_path):
+            raise UserError(f"nothing to resume: no search '{name}' in {storage} (run it without --resume first)")
+        state = read_state(ray_path)
+        space = SearchSpace.model_validate(state["space"])
+        uri = state["tracking_uri"]
+        if tracking_uri and resolve_tracking_uri(tracking_uri) != uri:
+            raise UserError(f"search '{name}' logs to {uri}; resume it there (drop --tracking-uri or pass that URI)")
+        check_dataset(state.get("trial_base") or pin_data_paths(space.base))  # as pinned when it started
+        parent_run_id = state["parent_run_id"]
+        attempt = int(state.get("attempt", 1)) + 1
+        label = attempt_label(name, attempt)
+        with ray_session(address, out=out):
+            out(f"resuming search '{name}' from {ray_path} (its saved space is used; attempt {attempt})")
+            write_state(ray_path, {**state, "attempt": attempt})
+            cl = client(uri)
+            cl.update_run(parent_run_id, status="RUNNING")
+            end_superseded(cl, parent_run_id, saved_trials(ray_path), label, out)
+            tuner = tune.Tuner.restore(ray_path, trainable=trainable_for(space), resume_unfinished=True,
+                                       restart_errored=True)
+            return _fit(tuner, space, name=name, uri=uri, parent_run_id=parent_run_id, ray_path=ray_path,
+                        superseded_by=label, out=out)
+    if tune.Tuner.can_restore(ray_path):
+        raise UserError(f"search '{name}' already exists in {ray_path}: add --resume to continue it, pass "
+                        f"--name {name}-2 to start another, or delete that folder")
+    uri = resolve_tracking_uri(tracking_uri or space.tracking_uri)
+    trial_base = pin_data_paths(space.base)
+    check_dataset(trial_base)
+    floor = resolve_floor(space, out)
+    with ray_session(address, out=out):
+        parent = start_parent_run(space, name=name, ray_path=ray_path, tracking_uri=uri, space_text=space_text)
+        parent_run_id = parent.run_id
+        write_state(ray_path, {"space": space.model_dump(by_alias=True, exclude_none=True), "tracking_uri": uri,
+                               "parent_run_id": parent_run_id, "floor": floor, "name": name, "attempt": 1,
+                               "trial_base": trial_base})
+        tuner = build_tuner(space, name=name, storage=storage, ray_path=ray_path, tracking_uri=uri,
+                            parent_run_id=parent_run_id, floor=floor, out=out)
+        return _fit(tuner, space, name=name, uri=uri, parent_run_id=parent_run_id, ray_path=ray_path,
+                    superseded_by=attempt_label(name, 1), out=out)
+
+
+def _fit(tuner: Any, space: SearchSpace, *, name: str, uri: str, parent_run_id: str, ray_path: str,
+         superseded_by: str, out: Callable[[str], None]) -> SearchSummary | None:
+    """Run the tuner; finalize the search, or (interrupted) mark the parent run KILLED."""
+    out(f"MLflow: {uri}  experiment '{space.experiment_name}'  parent run {parent_run_id}")
+    out(f"Ray results: {ray_path}")
+    with _quiet_tune():
+        results = tuner.fit()
+    if _interrupted(results):
+        client(uri).set_terminated(parent_run_id, status="KILLED")
+        out(f"search '{name}' interrupted; continue it with --resume")
+        return None
+    return finalize_search(space, results, name=name, tracking_uri=uri, parent_run_id=parent_run_id,
+                           ray_path=ray_path, superseded_by=superseded_by, out=out)
+
+
+def build_tuner(space: SearchSpace, *, name: str, storage: str, ray_path: str, tracking_uri: str,
+                parent_run_id: str, floor: float | None, out: Callable[[str], None] = print):
+    """The ``Tuner`` of a fresh search (searcher, scheduler, stoppers, MLflow + progress callbacks)."""
+    from ray import tune
+
+    from trainables.tune_trainable import SETTINGS_KEY
+
+    stoppers = build_stoppers(space, floor)
+    mlflow_cb = MlflowSearchCallback(space, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                                     experiment_id=experiment_id_for(tracking_uri, space.experiment_name),
+                                     stoppers=stoppers, floor=floor)
+    p = space.primary
+    run_config = tune.RunConfig(
+        name=name, storage_path=storage, stop=combined_stopper(stoppers),
+        callbacks=[mlflow_cb, ProgressCallback(space, stoppers, out)],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints, checkpoint_score_attribute=p.metric,
+                                                checkpoint_score_order=p.mode),
+        failure_config=tune.FailureConfig(max_failures=0), verbose=0,
+    )
+    tune_config = tune.TuneConfig(
+        search_alg=build_searcher(space), scheduler=build_scheduler(space), num_samples=space.total_samples,
+        reuse_actors=True, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+    )
+    settings = trial_settings(space, name=name, ray_path=ray_path)
+    return tune.Tuner(trainable_for(space), param_space={SETTINGS_KEY: settings},
+                      tune_config=tune_config, run_config=run_config)
+
+
+@contextlib.contextmanager
+def _quiet_tune():
+    """Our progress lines replace Tune's: its status tables, per-failure tracebacks (the failed line
+    names the error; the traceback stays in the trial's error.txt) and snapshot warnings are muted."""
+    import logging
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    names = ("ray.tune.execution.tune_controller", "ray.tune.tune", "ray.tune.execution.experiment_state")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _interrupted(results: Any) -> bool:
+    """True when the Tuner returned before every trial ended (Ctrl-C)."""
+    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
+    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)

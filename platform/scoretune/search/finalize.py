@@ -1,0 +1,195 @@
+"""After the search: bring MLflow in line with the finished search and summarise it.
+
+:func:`finalize_search` gives every trial's child run its terminal status, deals with the runs of
+trials the search did not continue (see :mod:`.resume`), logs the best checkpoints of the top-k
+(single objective) or Pareto-front (multi-objective) trials as MLflow PyTorch models
+(:func:`log_trial_model`) and runs AutoAttack on them (:func:`autoattack_trial`), logs the plots
+(:mod:`.plots`), and puts the counts, the best trial and the results table on the parent run.
+Idempotent: a rerun logs nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..engine import ENGINE_METRICS
+from ..tracking import client as mlflow_client
+from ..tracking import tags
+from ..tracking.runs import child_runs
+from .mlflow_io import log_metrics
+from .plots import log_plots
+from .ranking import STATUSES, finite
+from .space import SearchSpace
+from .summary import SearchSummary, TrialSummary, format_table, front_of, rank_trials
+from .trials import trial_id_of
+
+
+def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri: str, parent_run_id: str,
+                    ray_path: str, superseded_by: str = "a resumed attempt",
+                    out: Callable[[str], None] = print) -> SearchSummary:
+    """Bring MLflow in line with the finished search (see the module docstring); returns its summary.
+
+    Child runs of trials Tune does not know (a killed driver started them, the resumed search re-ran
+    their slot) are tagged ``scoretune.superseded`` and deleted; failed runs of trials that ``--resume``
+    restarted under a new id are kept, tagged ``scoretune.superseded`` = ``superseded_by``."""
+    from trainables.tune_trainable import sampled_point
+
+    cl = mlflow_client(tracking_uri)
+    parent = cl.get_run(parent_run_id)
+    by_trial = {r.data.tags.get(tags.TRIAL): r for r in child_runs(cl, parent)}
+    result_of = {}
+    for res in results:
+        tid = trial_id_of(res)
+        if tid:
+            result_of[tid] = res
+    for tid, run in list(by_trial.items()):
+        if tid in result_of:
+            continue
+        by_trial.pop(tid)
+        if tags.SUPERSEDED not in run.data.tags:
+            cl.set_tag(run.info.run_id, tags.SUPERSEDED, superseded_by)
+        if run.data.tags.get(tags.STATUS) == "failed":  # an errored trial that --resume restarted under a new id
+            continue
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            cl.set_terminated(run.info.run_id, status="KILLED")
+        cl.delete_run(run.info.run_id)
+        out(f"deleted orphan MLflow run {run.info.run_id} (trial {tid} was lost when the driver stopped; "
+            "the search re-ran its slot)")
+    trials: list[TrialSummary] = []
+    for tid, res in result_of.items():
+        run = by_trial.get(tid)
+        run_tags = run.data.tags if run else {}
+        status = run_tags.get(tags.STATUS, "failed" if res.error else "completed")
+        if run is not None and status == "running":  # ended without a callback (e.g. restored as finished)
+            status = "failed" if res.error else "completed"
+            cl.set_tag(run.info.run_id, tags.STATUS, status)
+            if res.error:
+                cl.set_tag(run.info.run_id, tags.ERROR, f"{type(res.error).__name__}: {str(res.error)[:300]}")
+            cl.set_terminated(run.info.run_id, status="FAILED" if res.error else "FINISHED")
+        metrics = run.data.metrics if run else {}
+        trials.append(TrialSummary(
+            trial_id=tid, run_id=run.info.run_id if run else None, status=status,
+            point=sampled_point(res.config or {}), epochs=int(metrics.get("epoch", 0)),
+            best={k: v for k, v in metrics.items() if k.startswith("best_")},
+            reason=run_tags.get(tags.ERROR) or run_tags.get(tags.REASON, ""), model_uri=run_tags.get(tags.MODEL_URI),
+        ))
+    trials = rank_trials(trials, space.objective)
+    pareto = front_of(trials, space.objective) if space.multi_objective else []
+    summary = SearchSummary(name=name, trials=trials, pareto=pareto, parent_run_id=parent_run_id,
+                            experiment_id=parent.info.experiment_id, tracking_uri=tracking_uri,
+                            ray_path=ray_path, objectives=list(space.objective), space=space)
+    chosen = (pareto if space.multi_objective else [t for t in trials if t.value(space.primary.metric) is not None])
+    for t in chosen[: space.top_k]:
+        if t.model_uri or t.run_id is None:
+            continue
+        try:
+            t.model_uri = log_trial_model(cl, tracking_uri, t, result_of[t.trial_id], space)
+            out(f"logged model of trial {t.trial_id}: {t.model_uri}")
+            if space.autoattack.version != "none":
+                aa = cl.get_run(t.run_id).data.metrics.get("aa_acc")
+                out(f"  AutoAttack ({space.autoattack.version}, {space.autoattack.split}): "
+                    + (f"aa_acc={aa:.4f}" if aa is not None else "failed (see the run's scoretune.autoattack_error tag)"))
+        except Exception as e:  # a missing checkpoint must not lose the rest of the summary
+            out(f"could not log the model of trial {t.trial_id}: {type(e).__name__}: {e}")
+    log_plots(cl, summary, space)
+    log_parent_summary(cl, summary, space)
+    return summary
+
+
+def _checkpoint_for(run_tags: Mapping[str, str], result: Any, metric: str, mode: str) -> tuple[Any, int | None]:
+    """The trial's best checkpoint (``ray.tune.Checkpoint``) and its epoch: the tagged best one when it
+    is still on storage, else the best one Tune kept."""
+    from ray.tune import Checkpoint
+
+    path = run_tags.get(tags.BEST_CKPT)
+    if path and (("://" in path) or Path(path).exists()):
+        return Checkpoint(path), None
+    kept = [(c, m) for c, m in (getattr(result, "best_checkpoints", None) or []) if finite(m.get(metric))]
+    if kept:
+        c, m = max(kept, key=lambda cm: (cm[1][metric] if mode == "max" else -cm[1][metric], -cm[1].get("epoch", 0)))
+        return c, int(m.get("epoch", 0)) or None
+    if getattr(result, "checkpoint", None) is not None:
+        return result.checkpoint, None
+    raise FileNotFoundError("no checkpoint of this trial is left on storage")
+
+
+def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, space: SearchSpace) -> str:
+    """Load the trial's best checkpoint (state.pt), log its network as an MLflow PyTorch model into the
+    trial's child run, tag the run with the model URI/epoch and log the checkpoint epoch's metrics as
+    ``model_<metric>``."""
+    from trainables.ray_checkpoint import load_state
+    from ..drivers.training_run import example_input
+
+    from ..engine import model_from_checkpoint
+    from ..tracking import log_torch_model
+
+    run = cl.get_run(t.run_id)
+    ckpt, _ = _checkpoint_for(run.data.tags, result, space.primary.metric, space.primary.mode)
+    state = load_state(ckpt)
+    net, _cfg = model_from_checkpoint(state)
+    spec = json.loads(state["model_spec"])
+    uri = log_torch_model(tracking_uri, t.run_id, net, example_input(spec, 2))
+    epoch = int(state.get("epoch", 0))
+    row = next((r for r in state.get("history", []) if int(r.get("epoch", 0)) == epoch), {})
+    cl.set_tag(t.run_id, tags.MODEL_URI, uri)
+    cl.set_tag(t.run_id, tags.MODEL_EPOCH, str(epoch))
+    log_metrics(cl, t.run_id, {f"model_{k}": v for k, v in row.items() if k in ENGINE_METRICS}, step=epoch)
+    if space.autoattack.version != "none":
+        try:
+            autoattack_trial(cl, t.run_id, net, _cfg, space, epoch)
+        except Exception as e:  # an evaluation problem must not cost the logged model
+            cl.set_tag(t.run_id, "scoretune.autoattack_error", f"{type(e).__name__}: {str(e)[:300]}")
+    cl.set_terminated(t.run_id, status="FINISHED")
+    return uri
+
+
+def autoattack_trial(cl: Any, run_id: str, net: Any, cfg: Any, space: SearchSpace, epoch: int) -> dict[str, float]:
+    """AutoAttack (``space.autoattack``) on a trial's best model, on its held-out split at its own eps and
+    norm; logs ``clean_acc``, ``aa_<version>_acc``, per-attack accuracies and ``aa_acc`` to the trial's run
+    and AutoAttack's check warnings as ``aa_check.*`` tags."""
+    from ..data import load_dataset, to_float
+    from ..engine import resolve_device
+    from ..evaluate import evaluate
+
+    aa = space.autoattack
+    ds = load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size, seed=cfg.seed,
+                      **cfg.data.options)
+    if ds.info.pixel_range is None:
+        raise ValueError(f"AutoAttack needs inputs in [0, 1]; {cfg.data.name} has unbounded inputs "
+                         "(set autoattack.version: none in the search space)")
+    split = ds.val if aa.split == "val" and len(ds.val) else ds.test
+    n = min(aa.n_ex, len(split))
+    result = evaluate(net, to_float(split.x[:n]), split.y[:n], attack=f"aa-{aa.version}", eps=cfg.attack.eps,
+                      norm=cfg.attack.norm, batch_size=aa.batch_size, device=resolve_device("auto"), seed=cfg.seed,
+                      pixel_range=ds.info.pixel_range)
+    metrics = {**result.metrics(), "aa_acc": result.robust_acc}
+    log_metrics(cl, run_id, metrics, step=epoch)
+    for k, v in {**result.check_tags(), "eval.aa_acc.attack": f"aa-{aa.version}", "eval.aa_acc.n_ex": str(n),
+                 "eval.aa_acc.split": aa.split}.items():
+        cl.set_tag(run_id, k, v)
+    return metrics
+
+
+def log_parent_summary(cl: Any, summary: SearchSummary, space: SearchSpace) -> None:
+    """The parent run's end: ``n_<status>`` counts, the best trial's values and ids, the Pareto trials,
+    the results table (``trials.txt``), status FINISHED."""
+    pid = summary.parent_run_id
+    counts = summary.counts()
+    metrics = {f"n_{s}": float(counts.get(s, 0)) for s in STATUSES}
+    metrics["n_trials"] = float(len(summary.trials))
+    best = summary.best
+    if best is not None:
+        for o in space.objective:
+            v = best.value(o.metric)
+            if v is not None:
+                metrics[f"best_{o.metric}"] = v
+        cl.set_tag(pid, "scoretune.best_trial_id", best.trial_id)
+        cl.set_tag(pid, "scoretune.best_run_id", best.run_id or "")
+    if summary.pareto:
+        cl.set_tag(pid, "scoretune.pareto_trials", ",".join(t.trial_id for t in summary.pareto))
+    log_metrics(cl, pid, metrics, step=0)
+    cl.log_text(pid, format_table(summary, list(space.params)), "trials.txt")
+    cl.set_terminated(pid, status="FINISHED")
+

@@ -1,0 +1,53 @@
+"""What ``--resume`` does to MLflow before Tune goes on: end every child run it will not continue.
+
+Tune continues the trials of its last experiment snapshot (``Tuner.restore(resume_unfinished=True,
+restart_errored=True)``): unfinished ones under their own id, errored ones restarted under a *new* id.
+The runs of trials a killed driver started after that snapshot, and the runs of errored trials, are
+not continued: they are tagged ``scoretune.superseded`` with the attempt that superseded them
+(:func:`attempt_label`) and, when still RUNNING, set to KILLED -- so no run stays RUNNING forever, even
+when the resumed attempt is itself interrupted.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Mapping
+
+from ..tracking import tags
+from ..tracking.runs import child_runs
+
+OPEN = ("RUNNING", "SCHEDULED")
+
+
+def attempt_label(name: str, attempt: int) -> str:
+    """``attempt 2 of search 'quickstart' (resumed 2026-12-01 20:31:05 UTC)``; attempt 1 is the first
+    run (``started ...``), each ``--resume`` adds one."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return f"attempt {attempt} of search '{name}' ({'started' if attempt == 1 else 'resumed'} {when})"
+
+
+def saved_trials(ray_path: str) -> dict[str, str]:
+    """Trial id -> Tune status (PENDING, RUNNING, TERMINATED, ERROR, ...) in the experiment's last snapshot."""
+    from ray.tune import ExperimentAnalysis
+
+    return {t.trial_id: t.status for t in ExperimentAnalysis(ray_path).trials}
+
+
+def end_superseded(cl: Any, parent_run_id: str, saved: Mapping[str, str], label: str,
+                   out: Callable[[str], None] = print) -> list[str]:
+    """Tag (``scoretune.superseded`` = ``label``) and, when open, KILL every child run of the parent
+    whose trial Tune will not continue: not in ``saved``, or saved as ERROR (restarted under a new id).
+    Runs an earlier attempt already superseded are left as they are. Returns the run ids it changed."""
+    changed = []
+    for run in child_runs(cl, cl.get_run(parent_run_id)):
+        tid = run.data.tags.get(tags.TRIAL)
+        if saved.get(tid) not in (None, "ERROR") or tags.SUPERSEDED in run.data.tags:
+            continue
+        cl.set_tag(run.info.run_id, tags.SUPERSEDED, label)
+        if run.info.status in OPEN:
+            cl.set_terminated(run.info.run_id, status="KILLED")
+        changed.append(run.info.run_id)
+    if changed:
+        out(f"ended {len(changed)} MLflow run(s) of trials this attempt does not continue "
+            f"(tagged {tags.SUPERSEDED}; open ones set to KILLED)")
+    return changed

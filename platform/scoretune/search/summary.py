@@ -1,0 +1,121 @@
+"""What a finished search returns and prints: :class:`TrialSummary` rows, the :class:`SearchSummary`,
+the ranking of trials and their Pareto front, the results table and the end-of-search report.
+
+No Ray, no MLflow: :mod:`.finalize` fills these from the store, the command prints them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from .ranking import finite, pareto_front
+
+
+def point_label(point: Mapping[str, Any]) -> str:
+    """``beta=3.21 lr=0.05 loss=se`` (4 significant digits)."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
+
+
+@dataclass
+class TrialSummary:
+    """One row of the results table."""
+
+    trial_id: str
+    run_id: str | None
+    status: str
+    point: dict[str, Any]
+    epochs: int
+    best: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+    model_uri: str | None = None
+
+    def value(self, metric: str) -> float | None:
+        v = self.best.get(f"best_{metric}")
+        return v if finite(v) else None
+
+
+@dataclass
+class SearchSummary:
+    """A finished search: its trials (best first), Pareto front, and where its runs and results are."""
+
+    name: str
+    trials: list[TrialSummary]
+    pareto: list[TrialSummary]
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    ray_path: str
+    objectives: list[Any]
+    space: Any = None
+
+    @property
+    def best(self) -> TrialSummary | None:
+        ranked = [t for t in self.trials if t.value(self.objectives[0].metric) is not None]
+        return ranked[0] if ranked else None
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.trials:
+            out[t.status] = out.get(t.status, 0) + 1
+        return out
+
+
+def rank_trials(trials: list[TrialSummary], objectives: Sequence[Any]) -> list[TrialSummary]:
+    """Trials with a value first, best primary objective first; then the others by status."""
+    primary = objectives[0]
+    with_value = [t for t in trials if t.value(primary.metric) is not None]
+    without = [t for t in trials if t.value(primary.metric) is None]
+    sign = -1.0 if primary.mode == "max" else 1.0
+    with_value.sort(key=lambda t: sign * float(t.value(primary.metric)))  # type: ignore[arg-type]
+    return with_value + sorted(without, key=lambda t: t.status)
+
+
+def front_of(trials: Sequence[TrialSummary], objectives: Sequence[Any]) -> list[TrialSummary]:
+    """The Pareto front of the trials that have a value for every objective."""
+    cand = [t for t in trials if t.status != "failed" and all(t.value(o.metric) is not None for o in objectives)]
+    pts = [[float(t.value(o.metric)) for o in objectives] for t in cand]  # type: ignore[arg-type]
+    return [cand[i] for i in pareto_front(pts, [o.mode for o in objectives])]
+
+
+def format_table(summary: SearchSummary, params: Sequence[str]) -> str:
+    """The results table: one line per trial, best first."""
+    objs = summary.objectives
+    head = ["trial", "status", "ep"] + list(params) + [f"{o.metric}({o.mode})" for o in objs]
+    rows = []
+    front = {t.trial_id for t in summary.pareto}
+    for t in summary.trials:
+        cells = [t.trial_id + ("*" if t.trial_id in front else ""), t.status, str(t.epochs)]
+        for p in params:
+            v = t.point.get(p)
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        for o in objs:
+            v = t.value(o.metric)
+            cells.append("-" if v is None else f"{v:.4f}")
+        rows.append(cells)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def format_report(summary: SearchSummary, space: Any) -> str:
+    """The end-of-search report: the table, the Pareto front, where things are."""
+    space = summary.space or space
+    lines = ["", format_table(summary, list(space.params))]
+    counts = summary.counts()
+    lines.append("")
+    lines.append(", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    best = summary.best
+    if best is not None:
+        v = best.value(space.primary.metric)
+        lines.append(f"best trial {best.trial_id}: {space.primary.metric}={v:.4f} ({point_label(best.point)}); "
+                     f"MLflow run {best.run_id}" + (f"; model {best.model_uri}" if best.model_uri else ""))
+    if space.multi_objective:
+        lines.append(f"Pareto front ({len(summary.pareto)} trials, marked *): "
+                     + ", ".join(t.trial_id for t in summary.pareto))
+    lines.append(f"MLflow: {summary.tracking_uri}  experiment {summary.experiment_id}  parent run "
+                 f"{summary.parent_run_id}")
+    lines.append(f"Ray results: {summary.ray_path}")
+    lines.append(f"next: scoretune promote --search {summary.name}   |   scoretune ui")
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""The search package's checks and bookkeeping: names and paths, the dataset checked once before Ray,
+the state file, and the child runs a resumed search ends. Quick tests need no Ray; the one with Ray
+is marked slow."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scoretune.errors import UserError
+from scoretune.search import driver
+from scoretune.search.space import build_space, load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"data": {"name": "digits", "val_size": 0.1}, "model": {"name": "mlp"},
+        "attack": {"eps": 0.1, "steps": 1}, "eval": {"pgd_steps": 2, "max_samples": 128, "test": False},
+        "epochs": 1, "batch_size": 128, "device": "cpu"}
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if the driver gets as far as starting or joining Ray."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver started Ray")
+
+    monkeypatch.setattr(driver, "ray_session", refuse)
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    from scoretune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return rc, out.getvalue(), err.getvalue()
+
+
+# ----------------------------------------------------------------------------- names and paths
+
+
+def test_cli_refuses_a_name_that_leaves_the_storage_root(no_ray, tmp_path):
+    rc, _, err = cli("search", str(ROOT / "search_spaces/quickstart.yaml"), "--name", "../../x",
+                     "--set", f"storage_path={tmp_path / 'ray'}", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}")
+    assert rc == 2
+    assert err.count("\n") == 1 and "--name" in err and "'../../x'" in err, err
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "m.db").exists()
+    assert not (tmp_path.parent.parent / "x").exists()
+
+
+def test_run_search_and_the_space_use_the_same_name_rule(no_ray, tmp_path):
+    space = build_space({"name": "ok", "base": TINY, "params": {"lr": {"choice": [0.1]}},
+                         "storage_path": str(tmp_path)})
+    for bad in ("../x", "a/b", "..", ".hidden", "x" * 101):
+        with pytest.raises(UserError, match="--name"):
+            driver.run_search(space, name=bad, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+        with pytest.raises(UserError, match="name"):
+            build_space({"name": bad, "base": TINY, "params": {"lr": {"choice": [0.1]}}})
+
+
+def test_experiment_path_stays_inside_its_storage_root(tmp_path):
+    storage, path = driver.experiment_path(str(tmp_path / "ray"), "s1")
+    assert (storage, path) == (str(tmp_path / "ray"), str(tmp_path / "ray" / "s1"))
+    with pytest.raises(UserError, match="outside"):
+        driver.experiment_path(str(tmp_path / "ray"), "../elsewhere")
+    assert driver.experiment_path("s3://bucket/ray/", "s1") == ("s3://bucket/ray/", "s3://bucket/ray/s1")
+
+
+# ----------------------------------------------------------------------------- the dataset, once
+
+
+def test_cifar_search_with_an_empty_data_root_fails_in_one_line_before_ray(no_ray, tmp_path):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    space = load_space(ROOT / "search_spaces/cifar10_trades_se.yaml",
+                       [f"base.data.root={empty}", f"storage_path={tmp_path / 'ray'}"])
+    with pytest.raises(UserError) as e:
+        driver.run_search(space, tracking_uri=uri, out=lambda s: None)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("base.data: cifar10 not found") and str(empty) in msg
+    assert "--set base.data.root=DIR" in msg and "no trial was started" in msg
+    rc, _, err = cli("search", str(ROOT / "search_spaces/cifar10_trades_se.yaml"), "--tracking-uri", uri,
+                     "--set", f"base.data.root={empty}", "--set", f"storage_path={tmp_path / 'ray'}")
+    assert rc == 2 and err.count("\n") == 1 and "cifar10 not found" in err
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_a_search_with_the_default_data_root_hands_trials_an_absolute_root(tmp_path, monkeypatch):
+    from scoretune.search.trials import trial_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SCORETUNE_DATA", raising=False)
+    space = build_space({"name": "t", "base": TINY, "params": {"lr": {"choice": [0.1]}}})
+    settings = trial_settings(space, name="t", ray_path=str(tmp_path / "ray" / "t"))
+    assert settings["base"]["data"]["root"] == str(tmp_path / "data")
+    assert "root" not in space.base["data"]  # the space itself is left as written
+
+
+# ----------------------------------------------------------------------------- the state file
+
+
+def test_state_file_round_trip_and_a_missing_one(tmp_path):
+    from scoretune.search.state import STATE_FILE, read_state, write_state
+
+    path = str(tmp_path / "ray" / "s1")
+    with pytest.raises(UserError, match="not a scoretune search"):
+        read_state(path)
+    write_state(path, {"name": "s1", "attempt": 1})
+    write_state(path, {"name": "s1", "attempt": 2})
+    assert read_state(path) == {"name": "s1", "attempt": 2}
+    assert sorted(p.name for p in Path(path).iterdir()) == [STATE_FILE]  # no temporary file left
+    assert json.loads((Path(path) / STATE_FILE).read_text())["attempt"] == 2
+
+
+# ----------------------------------------------------------------------------- resume: runs it will not continue
+
+
+def _store(tmp_path):
+    from scoretune.tracking import client, get_or_create_experiment, tags
+
+    cl = client(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = get_or_create_experiment(cl, "e")
+    parent = cl.create_run(exp, tags={tags.KIND: "search", tags.SEARCH: "s"}).info.run_id
+
+    def child(tid: str, status: str = "RUNNING") -> str:
+        run_id = cl.create_run(exp, tags={tags.PARENT: parent, tags.TRIAL: tid, tags.STATUS: status.lower()}).info.run_id
+        if status != "RUNNING":
+            cl.set_terminated(run_id, status=status)
+        return run_id
+
+    return cl, parent, child
+
+
+def test_resume_ends_the_runs_it_will_not_continue(tmp_path):
+    from scoretune.search.resume import attempt_label, end_superseded
+    from scoretune.tracking import tags
+
+    cl, parent, child = _store(tmp_path)
+    going_on, done = child("a"), child("b", "FINISHED")
+    orphan, errored = child("ghost"), child("c", "FAILED")
+    label = attempt_label("s", 2)
+    assert label.startswith("attempt 2 of search 's' (resumed ")
+    lines: list[str] = []
+    changed = end_superseded(cl, parent, {"a": "RUNNING", "b": "TERMINATED", "c": "ERROR"}, label, lines.append)
+    assert sorted(changed) == sorted([orphan, errored]) and len(lines) == 1
+    for run_id, status in ((orphan, "KILLED"), (errored, "FAILED")):
+        run = cl.get_run(run_id)
+        assert run.info.status == status and run.data.tags[tags.SUPERSEDED] == label
+    for run_id, status in ((going_on, "RUNNING"), (done, "FINISHED")):
+        run = cl.get_run(run_id)
+        assert run.info.status == status and tags.SUPERSEDED not in run.data.tags
+    # a later attempt leaves what an earlier one superseded as it was
+    assert end_superseded(cl, parent, {"a": "RUNNING"}, attempt_label("s", 3), lines.append) == [done]
+    assert cl.get_run(orphan).data.tags[tags.SUPERSEDED] == label
+
+
+@pytest.mark.slow
+def test_resumed_search_kills_a_run_whose_trial_tune_never_saved(ray_local, tmp_path):
+    from scoretune.search.state import read_state
+    from scoretune.tracking import client, tags
+
+    raw = {"name": "ghosts", "base": TINY, "params": {"lr": {"choice": [0.1]}}, "num_samples": 1,
+           "max_concurrent": 1, "top_k": 0, "scheduler": {"type": "none"}, "storage_path": str(tmp_path / "ray")}
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    first = driver.run_search(build_space(raw), tracking_uri=uri, out=lambda s: None)
+    assert first is not None and [t.status for t in first.trials] == ["completed"]
+    cl = client(uri)
+    exp = cl.get_run(first.parent_run_id).info.experiment_id
+    ghost = cl.create_run(exp, tags={tags.PARENT: first.parent_run_id, tags.TRIAL: "ghost",
+                                     tags.STATUS: "running"}).info.run_id  # a trial Tune never saved
+    lines: list[str] = []
+    again = driver.run_search(build_space(raw), resume=True, out=lines.append)
+    assert again is not None and [t.trial_id for t in again.trials] == [first.trials[0].trial_id]
+    run = cl.get_run(ghost)
+    assert run.info.status == "KILLED"
+    assert run.data.tags[tags.SUPERSEDED].startswith("attempt 2 of search 'ghosts' (resumed ")
+    assert read_state(str(tmp_path / "ray" / "ghosts"))["attempt"] == 2
+    kept = cl.get_run(first.trials[0].run_id)
+    assert kept.info.status == "FINISHED" and tags.SUPERSEDED not in kept.data.tags
+    assert any("resuming search 'ghosts'" in s for s in lines)
+
+
+# ----------------------------------------------------------------------------- layering
+
+
+def test_the_space_imports_neither_ray_nor_mlflow():
+    code = ("import sys; import scoretune.search.space; from scoretune.search import build_space, SearchSpace; "
+            "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
