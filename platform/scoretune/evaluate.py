@@ -826,7 +826,9 @@ def _load_mlflow_ref(ref: str, device: torch.device, tracking_uri: str | None) -
     if run is not None:
         _apply_run_metadata(loaded, cl, run)
     try:
-        obj = mlflow.pytorch.load_model(model_uri)
+        obj = load_pt2_model(model_uri)
+    except PickleModelError:
+        raise
     except Exception as e:  # noqa: BLE001 - no logged model in the run: fall back to its checkpoint
         net = _checkpoint_artifact(cl, run_id, loaded, device) if run_id and not ref.startswith("models:/") else None
         if net is None:
@@ -886,3 +888,45 @@ def _checkpoint_artifact(cl: Any, run_id: str, loaded: LoadedModel, device: torc
             loaded.spec = ck.spec
             return ck.net
     return None
+
+
+class PickleModelError(UserError):
+    """A logged model stored with pickle: loading it could run arbitrary code, so it is refused."""
+
+
+def load_pt2_model(model_uri: str) -> nn.Module:
+    """Load an MLflow PyTorch model only if it is a torch.export ('pt2') program; never unpickle.
+
+    MLflow's pytorch flavour does not name its serialization format in ``MLmodel``: the format is
+    the file in the flavour's ``model_data`` folder, ``model.pth`` (+ ``pickle_module_info.txt``)
+    for 'pickle' (``torch.load`` of a whole pickled module: runs code) and ``model.pt2`` for 'pt2'
+    (``torch.export.save``). The model is downloaded, its ``MLmodel`` read with ``yaml.safe_load``,
+    and anything but a pt2 program without ``code_paths`` (which MLflow would put on ``sys.path``)
+    is refused before MLflow's loader runs; that loader then runs with
+    ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``, so it also checks the pt2 archive is pickle-free.
+    """
+    import tempfile
+
+    import mlflow.artifacts
+    import mlflow.pytorch
+    import yaml
+
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+    with tempfile.TemporaryDirectory(prefix="scoretune-model-") as d:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=d))
+        try:
+            flavor = (yaml.safe_load((local / "MLmodel").read_text()) or {})["flavors"]["pytorch"]
+        except (OSError, KeyError, TypeError, yaml.YAMLError):
+            raise UserError(f"'{model_uri}' is not an MLflow PyTorch model (no pytorch flavour in its MLmodel "
+                            "file); log it with scoretune train / mlflow.pytorch.log_model") from None
+        data = local / str(flavor.get("model_data") or "data")
+        if (data / "model.pth").exists() or not (data / "model.pt2").is_file():
+            raise PickleModelError(
+                f"refusing to load '{model_uri}': it is stored in MLflow's 'pickle' format, and unpickling "
+                "can run arbitrary code; re-log it in the torch.export format (scoretune train does, or "
+                "mlflow>=3 mlflow.pytorch.log_model(net.eval(), name=..., input_example=x, "
+                "serialization_format='pt2'))")
+        if flavor.get("code"):
+            raise PickleModelError(f"refusing to load '{model_uri}': it ships code_paths ({flavor['code']}) that "
+                                   "MLflow would put on sys.path; re-log it without code_paths")
+        return mlflow.pytorch.load_model(str(local))
