@@ -64,7 +64,7 @@ def test_pickle_format_model_is_refused_and_never_unpickled(which, tmp_path):
 
 def test_library_load_refuses_pickle_even_when_mlflow_would_allow_it(tmp_path, monkeypatch):
     from scoretune.errors import UserError
-    from scoretune.evaluate import load_model
+    from scoretune.tracking.model_refs import load_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     marker = tmp_path / "pwned"

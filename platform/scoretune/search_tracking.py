@@ -504,7 +504,7 @@ def autoattack_trial(cl: Any, run_id: str, net: Any, cfg: Any, space: SearchSpac
     and AutoAttack's check warnings as ``aa_check.*`` tags."""
     from .data import load_dataset, to_float
     from .engine import resolve_device
-    from .evaluate import evaluate
+    from .robustness import evaluate
 
     aa = space.autoattack
     ds = load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size, seed=cfg.seed,
