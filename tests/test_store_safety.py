@@ -74,3 +74,104 @@ def test_library_load_refuses_pickle_even_when_mlflow_would_allow_it(tmp_path, m
         load_model(run_id, tracking_uri=uri)
     assert not marker.exists()
     assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+
+
+# ----------------------------------------------------------------------------- an unreachable server
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is
+
+
+@pytest.mark.parametrize("argv", [["promote", "--search", "x"], ["evaluate", "0123456789abcdef0123456789abcdef"]])
+def test_unreachable_tracking_server_fails_fast_with_one_line(argv, tmp_path):
+    import time
+
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    proc = _scoretune(*argv, "--tracking-uri", uri, cwd=tmp_path, timeout=60)
+    took = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert took < 15, f"took {took:.1f} s"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and uri in lines[0] and "--tracking-uri" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- concurrent first use
+
+_RACER = """
+import sys, time
+from pathlib import Path
+from scoretune.tracking import client, get_or_create_experiment
+d = Path(sys.argv[2])
+(d / f"ready{sys.argv[3]}").touch()
+while not (d / "go").exists():
+    time.sleep(0.005)
+print(get_or_create_experiment(client(sys.argv[1]), "shared"))
+"""
+
+
+def test_three_processes_create_the_same_experiment_on_a_new_sqlite_store(tmp_path):
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for rnd in range(3):
+        d = tmp_path / f"round{rnd}"
+        d.mkdir()
+        uri = f"sqlite:///{d / 'mlflow.db'}"
+        procs = [subprocess.Popen([sys.executable, "-c", _RACER, uri, str(d), str(i)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env) for i in range(3)]
+        deadline = time.monotonic() + 120
+        while not all((d / f"ready{i}").exists() for i in range(3)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (d / "go").touch()
+        outs = [p.communicate(timeout=180) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, err[-3000:]
+        ids = {out.strip().splitlines()[-1] for out, _ in outs}
+        assert len(ids) == 1, ids
+
+
+# ----------------------------------------------------------------------------- benchmark's own checks
+
+
+def _digits_net():
+    from scoretune.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("mlp", input_shape=(1, 8, 8), num_classes=10, mean=(0.0,), std=(1.0,), hidden=[16]).eval()
+
+
+def test_benchmark_takes_an_in_memory_module():
+    from scoretune.evaluate import benchmark
+
+    r = benchmark(_digits_net(), data="digits", n_ex=20, attack="pgd-20", eps=0.1, device="cpu")
+    assert r.n == 20 and r.robust_acc <= r.clean_acc and r.logged is None
+    assert r.settings["dataset"] == "digits" and r.settings["eps"] == 0.1 and r.settings["norm"] == "linf"
+
+
+@pytest.mark.parametrize("eps,norm", [(5.0, "linf"), (8.5, "l2")])  # digits: 64 values in [0, 1], diagonal 8
+def test_eps_larger_than_the_pixel_range_is_a_one_line_error_naming_eps(eps, norm):
+    from scoretune.errors import UserError
+    from scoretune.evaluate import benchmark, check_eps
+
+    with pytest.raises(UserError, match=r"^--eps .* larger than") as e:
+        benchmark(_digits_net(), data="digits", n_ex=4, attack="clean", eps=eps, norm=norm, device="cpu")
+    assert "\n" not in str(e.value)
+    check_eps(1.0, "linf", (0.0, 1.0), (1, 8, 8))  # the bounds themselves are allowed
+    check_eps(8.0, "l2", (0.0, 1.0), (1, 8, 8))
+    check_eps(100.0, "linf", None, (2,))  # unbounded inputs: nothing to compare with
+
+
+def test_missing_dataset_hint_names_the_evaluate_flag(tmp_path):
+    from scoretune.errors import UserError
+    from scoretune.evaluate import benchmark
+
+    with pytest.raises(UserError) as e:
+        benchmark(_digits_net(), data="cifar10", data_root=str(tmp_path), attack="clean", eps=0.03, device="cpu")
+    assert "--data-root DIR" in str(e.value) and "--set data.root" not in str(e.value)
