@@ -20,11 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from scoretune.errors import UserError
-from scoretune.evaluate import (
-    ATTACKS, REF_HELP, ExportedModel, autoattack_accuracy, clean_accuracy, evaluate, load_model, pgd_accuracy,
+from scoretune.robustness import (
+    ATTACKS,
+    autoattack_accuracy,
+    clean_accuracy,
+    evaluate,
+    pgd_accuracy,
 )
+from scoretune.tracking.model_refs import REF_HELP, ExportedModel, load_model
 
 EPS = 0.2
 N_EX = 100

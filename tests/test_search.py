@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from procs import descendants
 
 from scoretune.search.ranking import best_values, classify_trial, dominates, pareto_front
 from scoretune.search.space import ObjectiveSpec, build_space
@@ -148,7 +149,7 @@ def test_quickstart_logs_the_best_trials_model_with_plots(quickstart):
     assert best.data.metrics["best_val_pgd_acc"] == max(values)
     assert sum("scoretune.model_uri" in r.data.tags for r in children) == 1  # top_k = 1
     # AutoAttack (fast, the default) ran on the logged model, on the val split, at the trial's eps
-    assert best.data.tags["eval.aa_acc.attack"] == "aa-fast" and best.data.tags["eval.aa_acc.split"] == "val"
+    assert best.data.tags["eval.aa_fast_acc.split"] == "val" and best.data.tags["eval.aa_fast_acc.norm"] == "linf"
     assert best.data.metrics["aa_fast_acc"] == best.data.metrics["aa_acc"]
     assert 0.0 <= best.data.metrics["aa_acc"] <= best.data.metrics["clean_acc"]
     assert best.data.metrics["clean_acc"] == pytest.approx(best.data.metrics["model_val_clean_acc"], abs=1e-6)
@@ -279,15 +280,6 @@ def test_multi_objective_search_returns_a_non_dominated_pareto_front(ray_local, 
 # ----------------------------------------------------------------------------- kill the driver, resume
 
 
-def _descendants(pid: int) -> list[int]:
-    import psutil
-
-    try:
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
 @pytest.mark.slow
 def test_killed_search_resumes_without_running_a_trial_twice(ray_local, tmp_path):
     from scoretune.cli import main
@@ -314,7 +306,7 @@ def test_killed_search_resumes_without_running_a_trial_twice(ray_local, tmp_path
                 break
             time.sleep(0.5)
     finally:
-        pids = _descendants(proc.pid)
+        pids = descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         for pid in pids:  # the driver's own Ray (raylet, GCS, workers): started by us, ended by id
             with contextlib.suppress(ProcessLookupError):

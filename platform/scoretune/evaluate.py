@@ -1,888 +1,189 @@
-"""Robustness evaluation: clean accuracy, PGD-k and AutoAttack, and loading the model to evaluate.
+"""RobustBench-style benchmark: one call from a model reference to logged robust accuracy.
 
-Robust-accuracy *claims* count only under AutoAttack (Croce & Hein, ICML 2020), here the PyPI
-package ``pyautoattack`` 0.2.0; PGD-k (Madry et al. 2018) is the cheap training-time monitor.
+    result = benchmark("models:/scoretune-quickstart@champion")        # AutoAttack standard
+    result = benchmark(net, data=ds, eps=8/255, norm="linf", log_to=run_id)
 
-AutoAttack versions
--------------------
-``standard``  APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5000 queries): the
-              RobustBench protocol.
-``fast``      ``version='custom'`` with attacks ``['apgd-ce', 'apgd-t']`` *and the standard
-              version's settings for them* (APGD-CE with 1 restart, not the custom default 5). It is
-              therefore exactly the first two stages of ``standard`` (same seed, same batches), so
-              ``aa_fast_acc >= aa_standard_acc`` always holds.
+:func:`benchmark` resolves the reference (:mod:`scoretune.tracking.model_refs`), loads the split it
+is evaluated on (defaults from the model's training config), checks eps against the data's pixel
+range, runs the attack (:mod:`scoretune.robustness`) and optionally logs the metrics and tags into an
+MLflow run. ``scoretune evaluate`` is a thin argument parser over it.
 
-How pyautoattack is driven (and why not its ``state_path``)
------------------------------------------------------------
-pyautoattack 0.2.0's own resume is broken: ``EvaluationState`` writes ``attacks_to_run`` as the
-``str`` of a set, so reloading always raises "The state was created with a different set of
-attacks"; a restored run would then hit an unbound ``y_adv``; and finished attacks are saved at
-most once a minute. :func:`autoattack_accuracy` therefore runs the attacks itself, one attack and
-one batch at a time, through the package's ``run_standard_evaluation`` (``attacks_to_run = [a]``,
-the version's parameters), and keeps its own JSON state (clean flags, robust flags, finished
-attacks, the batch reached in the current attack), written atomically after every batch. An
-interrupted evaluation resumes at the batch it stopped in and gives the same numbers as an
-uninterrupted one.
+Tag scheme (``scoretune.tracking.tags``): the metrics of :meth:`EvalResult.metrics` (``clean_acc``,
+``<attack>_acc``, ``aa_<stage>_acc``), ``eval.<metric>.<setting>`` for every setting (model, eps,
+norm, dataset, split, n_ex, seed, batch_size, seconds; ``aa_checks`` for AutoAttack) and
+``aa_check.<name>`` per AutoAttack check that fired.
 
-AutoAttack's checks (``pyautoattack.checks``) report through the ``logging`` logger
-``"auto-attack"`` (``logger.warning``), or ``warnings.warn(Warning(msg))`` where no logger is
-passed. Both are captured and returned as :class:`AACheck` records (``randomized``,
-``softmax_output``, ``dynamic``, ``n_classes``, ``zero_gradients`` (from APGD-T's DLR gradient),
-``square_success`` (Square beat the gradient attacks: run on the whole evaluation at the end)).
-One check is added here: ``perturbation_bound`` (a misclassified example outside the eps-ball or
-the [0, 1] box is not counted as a success; AutoAttack itself only prints the largest
-perturbation). Checks are reported once per kind, with a count. ``checks.check_dynamic`` counts in a module-global dict that the package never
-resets; it is reset before each evaluation so one dynamic model cannot flag later ones.
-
-Model loading
--------------
-:func:`load_model` takes a scoretune checkpoint, a RobustBench-style export (``scoretune.export``),
-an MLflow run id / ``runs:/<id>/model``, or a ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` /
-``models:/m-<id>`` URI. MLflow 3 logs our models as torch.export programs; loading gives a
-``GraphModule`` on which ``.eval()`` raises ``NotImplementedError``. It was exported in eval mode
-(BatchNorm uses running statistics: verified on the graph), so it is wrapped in
-:class:`ExportedModel`, whose ``eval()`` is a no-op and whose ``train()`` refuses. Gradients with
-respect to the input flow through it. No MLflow import happens at module level.
+The eps rule: with pixel range [lo, hi] (width w) and d input values per example, the eps-ball
+already contains the whole box once eps >= w (linf) or eps >= w * sqrt(d) (l2, the box's diagonal):
+every input is then reachable and the number means nothing, so a larger eps is refused (it is
+almost always pixel units confused with [0, 1] units, e.g. ``--eps 8`` for 8/255).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
+import math
 import os
-import re
 import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import torch
 import torch.nn as nn
 
-from .attacks import AttackConfig, eval_mode, pgd_ce
 from .errors import UserError
+from .robustness import ATTACKS, EvalResult, Log, Progress, model_fingerprint
+from .robustness import evaluate as evaluate_tensors
+from .tracking.model_refs import REF_HELP, ExportedModel, LoadedModel, load_model
 
-ATTACKS = ("aa-standard", "aa-fast", "pgd-20", "pgd-50", "clean")
-AA_VERSIONS: dict[str, tuple[str, ...]] = {
-    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
-    "fast": ("apgd-ce", "apgd-t"),
-}
-PGD_STEPS = {"pgd-20": 20, "pgd-50": 50}
-_AA_NORMS = {"linf": "Linf", "l2": "L2"}
-_STATE_FORMAT = "scoretune-aa-state-v1"
-_PERTURBATION_TOL = 1e-5  # float32 slack on the eps-ball and the [0, 1] box
+__all__ = ["ATTACKS", "REF_HELP", "EVAL_EXPERIMENT", "EvalResult", "ExportedModel", "LoadedModel", "benchmark",
+           "check_eps", "load_model", "log_result"]
 
-Progress = Callable[[str, int, int], None]  # (phase, batches done, batches in phase)
-Log = Callable[[str], None]
+EVAL_EXPERIMENT = "scoretune-eval"
 
 
-# ----------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class AACheck:
-    """One AutoAttack check that fired: its kind, the first message, how many times it was reported."""
-
-    name: str
-    message: str
-    count: int = 1
-
-
-@dataclass
-class AAResult:
-    """AutoAttack on ``n`` points.
-
-    ``per_attack[a]``: robust accuracy after attack ``a`` (cumulative, in run order);
-    ``removed[a]``: how many points attack ``a`` turned from robust into fooled.
-    ``robust``: per-point flags (bool, CPU). ``resumed``: part of the work came from a state file.
-    """
-
-    version: str
-    attacks: tuple[str, ...]
-    eps: float
-    norm: str
-    n: int
-    clean_acc: float
-    robust_acc: float
-    per_attack: dict[str, float]
-    removed: dict[str, int]
-    checks: list[AACheck]
-    max_perturbation: float
-    seconds: float
-    resumed: bool
-    robust: torch.Tensor
-
-    @property
-    def warnings(self) -> list[str]:
-        return [c.message for c in self.checks]
-
-
-@dataclass
-class EvalResult:
-    """What :func:`evaluate` measured. ``robust_acc`` is None for ``attack='clean'``."""
-
-    attack: str
-    eps: float
-    norm: str
-    n: int
-    clean_acc: float
-    robust_acc: float | None
-    per_attack: dict[str, float] = field(default_factory=dict)
-    removed: dict[str, int] = field(default_factory=dict)
-    checks: list[AACheck] = field(default_factory=list)
-    seconds: float = 0.0
-    resumed: bool = False
-
-    @property
-    def metric_name(self) -> str | None:
-        """The MLflow metric of the robust accuracy (``aa_standard_acc``, ``pgd20_acc``, ...)."""
-        return attack_metric(self.attack)
-
-    def metrics(self) -> dict[str, float]:
-        """MLflow metrics: ``clean_acc``, the attack's metric and ``aa_<attack>_acc`` per AutoAttack stage."""
-        out = {"clean_acc": self.clean_acc}
-        if self.robust_acc is not None and self.metric_name:
-            out[self.metric_name] = self.robust_acc
-        for a, acc in self.per_attack.items():
-            out[per_attack_metric(a)] = acc
-        return out
-
-    def check_tags(self) -> dict[str, str]:
-        """``aa_check.<name>`` -> message (with the report count) for every AutoAttack check that fired."""
-        return {f"aa_check.{c.name}": c.message + (f" (reported {c.count}x)" if c.count > 1 else "")
-                for c in self.checks}
-
-
-def attack_metric(attack: str) -> str | None:
-    """``aa-standard`` -> ``aa_standard_acc``, ``pgd-20`` -> ``pgd20_acc``, ``clean`` -> None."""
-    if attack == "clean":
-        return None
-    if attack.startswith("pgd-"):
-        return f"pgd{attack[4:]}_acc"
-    return attack.replace("-", "_") + "_acc"
-
-
-def per_attack_metric(name: str) -> str:
-    """``apgd-ce`` -> ``aa_apgd_ce_acc``."""
-    return "aa_" + name.replace("-", "_") + "_acc"
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    have = _model_device(model)
-    if device is None:
-        return have
-    want = torch.device(device)
-    if want.type != have.type or (want.index is not None and have.index is not None and want.index != have.index):
-        raise ValueError(f"the model is on {have} but device={want}; move it first with model.to('{want}')")
-    return want
-
-
-def _batches(n: int, batch_size: int) -> list[slice]:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-
-
-def _frac(flags: torch.Tensor) -> float:
-    """Fraction of True flags, as an exact count / n (so equal counts give equal floats)."""
-    return int(flags.sum()) / int(flags.numel())
-
-
-def _check_xy(x: torch.Tensor, y: torch.Tensor) -> None:
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}; they must match")
-    if x.shape[0] == 0:
-        raise ValueError("nothing to evaluate: x is empty")
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256,
-            device: torch.device | str | None = None) -> torch.Tensor:
-    """Predicted labels (CPU int64) of ``model`` in eval mode."""
-    dev = _resolve_device(model, device)
-    out = []
-    with eval_mode(model):
-        for s in _batches(x.shape[0], batch_size):
-            out.append(model(x[s].to(dev)).argmax(-1).cpu())
-    return torch.cat(out)
-
-
-def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
-                   device: torch.device | str | None = None) -> float:
-    """Fraction of ``x`` that ``model`` (eval mode) classifies as ``y``."""
-    _check_xy(x, y)
-    return _frac(predict(model, x, batch_size=batch_size, device=device) == y.cpu())
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A hash of every parameter and buffer (names, dtypes, shapes, values): identifies the weights."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(model.state_dict().items()):
-        if not isinstance(t, torch.Tensor):
-            continue
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def data_digest(x: torch.Tensor, y: torch.Tensor) -> str:
-    """A hash of the evaluation inputs and labels."""
-    h = hashlib.blake2b(digest_size=16)
-    for t in (x, y):
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- PGD
-
-
-def pgd_accuracy(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: float,
-    norm: str = "linf",
-    steps: int = 20,
-    restarts: int = 1,
+def benchmark(
+    model_ref: str | nn.Module | LoadedModel,
     *,
-    step_size: float | None = None,
-    batch_size: int = 256,
-    device: torch.device | str | None = None,
-    seed: int = 0,
-    pixel_range: tuple[float, float] | None = (0.0, 1.0),
-    progress: Progress | None = None,
-) -> float:
-    """Robust accuracy under PGD-``steps`` on cross-entropy with ``restarts`` random restarts.
-
-    Uses :func:`scoretune.attacks.pgd_ce` (step 2.5 eps / steps unless ``step_size``). A point
-    counts as robust only if it is classified correctly both clean and at the attack's output, so
-    the result never exceeds the clean accuracy. Seeded: the same call gives the same number.
-    """
-    return _frac(_pgd_flags(model, x, y, eps, norm, steps, restarts, step_size=step_size,
-                            batch_size=batch_size, device=device, seed=seed, pixel_range=pixel_range,
-                            progress=progress)[1])
-
-
-def _pgd_flags(model, x, y, eps, norm, steps, restarts, *, step_size, batch_size, device, seed,
-               pixel_range, progress) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clean-correct flags, robust flags), both CPU bool."""
-    _check_xy(x, y)
-    dev = _resolve_device(model, device)
-    cfg = AttackConfig(eps=eps, norm=norm, steps=steps, step_size=step_size, pixel_range=pixel_range)
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(seed)
-    clean = torch.zeros(x.shape[0], dtype=torch.bool)
-    robust = torch.zeros(x.shape[0], dtype=torch.bool)
-    batches = _batches(x.shape[0], batch_size)
-    with eval_mode(model):
-        for i, s in enumerate(batches):
-            xb, yb = x[s].to(dev), y[s].to(dev)
-            with torch.no_grad():
-                ok = model(xb).argmax(-1) == yb
-            clean[s] = ok.cpu()
-            if bool(ok.any()):
-                x_adv = pgd_ce(model, xb[ok], yb[ok], cfg, restarts=restarts, generator=gen)
-                with torch.no_grad():
-                    still = model(x_adv).argmax(-1) == yb[ok]
-                idx = torch.arange(s.start, s.stop)[ok.cpu()]
-                robust[idx] = still.cpu()
-            if progress:
-                progress(f"pgd-{steps}", i + 1, len(batches))
-    return clean, robust
-
-
-# ----------------------------------------------------------------------------- AutoAttack: checks
-
-
-_CHECK_KINDS = (
-    ("randomized defense", "randomized"),
-    ("probability distribution", "softmax_output"),
-    ("zero gradient", "zero_gradients"),
-    ("Square Attack has decreased", "square_success"),
-    ("dynamic defense", "dynamic"),
-    ("target classes", "n_classes"),
-    ("not possible to use the", "n_classes"),
-)
-
-
-def _check_kind(message: str) -> str:
-    for needle, kind in _CHECK_KINDS:
-        if needle in message:
-            return kind
-    return "other"
-
-
-class _CheckLog:
-    """Collects AutoAttack check messages by kind (first message kept, reports counted)."""
-
-    def __init__(self, log: Log | None, initial: list[dict[str, Any]] | None = None):
-        self.log = log
-        self.items: dict[str, AACheck] = {}
-        for c in initial or []:
-            self.items[c["name"]] = AACheck(c["name"], c["message"], int(c["count"]))
-
-    def add(self, message: str, kind: str | None = None) -> None:
-        kind = kind or _check_kind(message)
-        old = self.items.get(kind)
-        if old is None:
-            self.items[kind] = AACheck(kind, message, 1)
-            if self.log:
-                self.log(f"AutoAttack check [{kind}]: {message}")
-        else:
-            self.items[kind] = AACheck(kind, old.message, old.count + 1)
-
-    def as_list(self) -> list[AACheck]:
-        return list(self.items.values())
-
-    def to_json(self) -> list[dict[str, Any]]:
-        return [{"name": c.name, "message": c.message, "count": c.count} for c in self.items.values()]
-
-
-class _Handler(logging.Handler):
-    def __init__(self, sink: _CheckLog):
-        super().__init__(level=logging.WARNING)
-        self.sink = sink
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.sink.add(record.getMessage())
-
-
-@contextlib.contextmanager
-def _capture_checks(sink: _CheckLog) -> Iterator[None]:
-    """Route the 'auto-attack' logger's warnings and pyautoattack's ``warnings.warn`` into ``sink``."""
-    from pyautoattack import checks
-
-    for k in checks.funcs:  # a module-global call counter the package never resets (check_dynamic)
-        checks.funcs[k] = 0
-    logger = logging.getLogger("auto-attack")
-    handler = _Handler(sink)
-    old_propagate, old_level = logger.propagate, logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False  # reported by us, once per kind, not printed per batch
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = old_propagate
-        logger.setLevel(old_level)
-    for w in caught:
-        if w.category is Warning and _check_kind(str(w.message)) != "other":
-            sink.add(str(w.message))
-        else:  # not ours: let it through
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-
-
-# ----------------------------------------------------------------------------- AutoAttack: state
-
-
-def _flags_str(t: torch.Tensor) -> str:
-    return "".join("1" if b else "0" for b in t.tolist())
-
-
-def _flags(s: str) -> torch.Tensor:
-    return torch.tensor([c == "1" for c in s], dtype=torch.bool)
-
-
-def _read_state(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        state = json.loads(path.read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("key"), dict) \
-                or state["key"].get("format") != _STATE_FORMAT:
-            raise ValueError("not a scoretune AutoAttack state")
-    except (OSError, ValueError) as e:
-        raise UserError(f"AutoAttack state file {path} is unreadable ({e}); "
-                        "delete it to restart the evaluation") from None
-    diff = sorted(k for k in set(key) | set(state["key"]) if key.get(k) != state["key"].get(k))
-    if diff:
-        raise UserError(
-            f"AutoAttack state file {path} belongs to a different evaluation (differs in: {', '.join(diff)}); "
-            "delete it or use another state path (--state-dir)"
-        )
-    return state
-
-
-def _write_state(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- AutoAttack
-
-
-def _adversary(model: nn.Module, eps: float, norm: str, version: str, seed: int, device: torch.device,
-               n_classes: int):
-    """A pyautoattack ``AutoAttack`` with ``version``'s attack parameters (``fast``: standard's)."""
-    from pyautoattack import AutoAttack
-
-    if version == "standard":
-        adv = AutoAttack(model, eps=eps, norm=_AA_NORMS[norm], version="standard", device=device, seed=seed)
-    else:
-        adv = AutoAttack(model, eps=eps, norm=_AA_NORMS[norm], version="custom",
-                         attacks=list(AA_VERSIONS[version]), device=device, seed=seed)
-        adv.apgd.n_restarts = 1  # the standard version's APGD-CE (custom's default is 5 restarts)
-        adv.apgd_targeted.n_restarts = 1
-    targets = max(1, min(9, n_classes - 1))
-    adv.apgd_targeted.n_target_classes = targets
-    adv.fab.n_target_classes = targets
-    adv.verbose = False
-    return adv
-
-
-def _perturbation(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
-    d = (x_adv - x).flatten(1)
-    return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
-
-
-def autoattack_accuracy(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps: float,
-    norm: str = "linf",
-    version: str = "standard",
-    *,
-    batch_size: int = 250,
-    device: torch.device | str | None = None,
-    seed: int = 0,
-    state_path: str | os.PathLike | None = None,
-    log: Log | None = None,
-    progress: Progress | None = None,
-) -> AAResult:
-    """AutoAttack robust accuracy of ``model`` (eval mode) on ``x`` in [0, 1], ``y``.
-
-    ``version``: ``standard`` or ``fast`` (see the module docstring). ``seed`` seeds every attack
-    (pyautoattack reseeds torch's global RNG per attack). ``state_path``: a JSON file written after
-    every batch; an existing one for the same evaluation (model weights, data, eps, norm, version,
-    seed, batch size) is resumed, one for another evaluation raises :class:`UserError`.
-    ``log`` receives one line per finished attack and per check that fires; ``progress`` gets
-    ``(attack, batches done, batches)`` after every batch.
-    """
-    if version not in AA_VERSIONS:
-        raise ValueError(f"unknown AutoAttack version '{version}'; choose one of: {', '.join(AA_VERSIONS)}")
-    if norm not in _AA_NORMS:
-        raise ValueError(f"AutoAttack norm must be one of {', '.join(_AA_NORMS)}, got '{norm}'")
-    _check_xy(x, y)
-    if float(x.min()) < 0.0 or float(x.max()) > 1.0:
-        raise UserError(
-            "AutoAttack assumes inputs in [0, 1] (it clamps to that box); these range over "
-            f"[{float(x.min()):.3g}, {float(x.max()):.3g}]: use a PGD attack (pgd-20) for unbounded inputs"
-        )
-    dev = _resolve_device(model, device)
-    x, y = x.detach().cpu().float(), y.detach().cpu().long()
-    path = Path(state_path) if state_path is not None else None
-    attacks = AA_VERSIONS[version]
-    key = {"format": _STATE_FORMAT, "version": version, "attacks": list(attacks), "eps": float(eps),
-           "norm": norm, "seed": int(seed), "batch_size": int(batch_size), "n": int(x.shape[0]),
-           "data": data_digest(x, y), "model": model_fingerprint(model)}
-    state = _read_state(path, key) if path is not None else None
-    resumed = state is not None
-    if state is None:
-        state = {"key": key, "clean": None, "robust": None, "done": [], "current": None, "checks": [],
-                 "max_perturbation": 0.0, "seconds": 0.0}
-    sink = _CheckLog(log, state["checks"])
-    clock = [time.perf_counter()]
-
-    def save() -> None:
-        now = time.perf_counter()
-        state["seconds"] += now - clock[0]
-        if state["current"] is not None:
-            state["current"]["seconds"] += now - clock[0]
-        clock[0] = now
-        state["checks"] = sink.to_json()
-        if path is not None:
-            _write_state(path, state)
-
-    with eval_mode(model), _capture_checks(sink):
-        if state["clean"] is None:
-            state["clean"] = state["robust"] = _flags_str(predict(model, x, batch_size=batch_size, device=dev) == y)
-            save()
-        robust = _flags(state["robust"])
-        with torch.no_grad():
-            n_classes = int(model(x[:1].to(dev)).shape[-1])
-        adversary = _adversary(model, eps, norm, version, seed, dev, n_classes)
-        done = {d["attack"] for d in state["done"]}
-        for attack in attacks:
-            if attack in done:
-                continue
-            cur = state["current"]
-            if cur is None or cur["attack"] != attack:
-                cur = state["current"] = {"attack": attack, "todo": torch.nonzero(robust).flatten().tolist(),
-                                          "next": 0, "start_robust": int(robust.sum()), "seconds": 0.0}
-            todo = torch.tensor(cur["todo"], dtype=torch.long)
-            batches = _batches(len(todo), batch_size) if len(todo) else []
-            for b in range(cur["next"], len(batches)):
-                idx = todo[batches[b]]
-                fooled = _attack_batch(adversary, model, attack, x[idx], y[idx], eps, norm, dev, sink, state)
-                robust[idx[fooled]] = False
-                state["robust"] = _flags_str(robust)
-                cur["next"] = b + 1
-                save()
-                if progress:
-                    progress(attack, b + 1, len(batches))
-            save()
-            n_rob = int(robust.sum())
-            state["done"].append({"attack": attack, "robust_acc": n_rob / x.shape[0],
-                                  "removed": cur["start_robust"] - n_rob, "seconds": cur["seconds"]})
-            state["current"] = None
-            save()
-            if log:
-                log(f"robust accuracy after {attack}: {n_rob / x.shape[0]:.2%} "
-                    f"(removed {cur['start_robust'] - n_rob}, {cur['seconds']:.1f} s)")
-        per_attack = {d["attack"]: d["robust_acc"] for d in state["done"]}
-        clean_acc = _frac(_flags(state["clean"]))
-        from pyautoattack import checks
-
-        checks.check_square_sr({"clean": clean_acc, **per_attack}, logger=logging.getLogger("auto-attack"))
-    save()
-    return AAResult(
-        version=version, attacks=tuple(attacks), eps=float(eps), norm=norm, n=int(x.shape[0]),
-        clean_acc=clean_acc, robust_acc=_frac(robust), per_attack=per_attack,
-        removed={d["attack"]: int(d["removed"]) for d in state["done"]}, checks=sink.as_list(),
-        max_perturbation=float(state["max_perturbation"]), seconds=float(state["seconds"]),
-        resumed=resumed, robust=robust,
-    )
-
-
-def _attack_batch(adversary, model, attack, xb, yb, eps, norm, dev, sink, state) -> torch.Tensor:
-    """Run one AutoAttack stage on one batch of still-robust points; returns 'fooled' flags (CPU).
-
-    A point counts as fooled only if the model misclassifies the returned example *and* it lies
-    in the eps-ball and the [0, 1] box (else a ``perturbation_bound`` check is recorded).
-    """
-    adversary.attacks_to_run = [attack]
-    xb, yb = xb.to(dev), yb.to(dev)
-    x_adv, _ = adversary.run_standard_evaluation(xb, yb, batch_size=xb.shape[0])
-    x_adv = x_adv.to(dev)
-    with torch.no_grad():
-        wrong = model(x_adv).argmax(-1) != yb
-    dist = _perturbation(x_adv, xb, norm)
-    inside = (dist <= eps + _PERTURBATION_TOL) & (x_adv.flatten(1).amin(1) >= -_PERTURBATION_TOL) \
-        & (x_adv.flatten(1).amax(1) <= 1 + _PERTURBATION_TOL)
-    if bool((wrong & ~inside).any()):
-        sink.add(f"{attack} returned {int((wrong & ~inside).sum())} misclassified point(s) outside the "
-                 f"{norm} eps-ball / [0, 1] box (max distance {float(dist.max()):.5f}); not counted",
-                 "perturbation_bound")
-    fooled = wrong & inside
-    if bool(fooled.any()):
-        state["max_perturbation"] = max(state["max_perturbation"], float(dist[fooled].max()))
-    return fooled.cpu()
-
-
-# ----------------------------------------------------------------------------- one entry point
-
-
-def evaluate(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
+    data: Any = None,
+    split: str = "test",
+    n_ex: int | None = None,
     attack: str = "aa-standard",
-    eps: float,
-    norm: str = "linf",
+    eps: float | None = None,
+    norm: str | None = None,
     batch_size: int = 250,
-    device: torch.device | str | None = None,
+    device: Any = "auto",
     seed: int = 0,
     restarts: int = 1,
-    pixel_range: tuple[float, float] | None = (0.0, 1.0),
+    data_root: str | None = None,
+    tracking_uri: str | None = None,
+    log_to: str | None = None,
     state_path: str | os.PathLike | None = None,
+    state_dir: str | os.PathLike | None = None,
     log: Log | None = None,
     progress: Progress | None = None,
 ) -> EvalResult:
-    """RobustBench-like one-call evaluation of ``model`` on ``x`` (natural scale, [0, 1] images), ``y``.
+    """Evaluate ``model_ref`` under ``attack`` and return the :class:`EvalResult`.
 
-    ``attack``: ``aa-standard`` | ``aa-fast`` (AutoAttack, :func:`autoattack_accuracy`),
-    ``pgd-20`` | ``pgd-50`` (:func:`pgd_accuracy` with ``restarts``) or ``clean``.
+    ``model_ref``: a reference (``REF_HELP``), an already loaded :class:`LoadedModel`, or an
+    in-memory ``nn.Module`` (then ``data`` and ``eps`` are required; ``norm`` defaults to linf).
+    ``data``: a dataset name (default: the model's training dataset, with its root, val split and
+    options) or a loaded ``scoretune.data.Dataset``. ``split``: test | val; ``n_ex``: the first N.
+    ``eps``/``norm`` default to the model's training attack. ``log_to``: None (no MLflow), a run id,
+    or ``"auto"``: the model's own run when it came from MLflow, else a new run in experiment
+    ``scoretune-eval``. ``state_path`` (a file) or ``state_dir`` (a file named after the evaluation
+    in it): AutoAttack's resumable state.
     """
-    if attack not in ATTACKS:
-        raise ValueError(f"unknown attack '{attack}'; choose one of: {', '.join(ATTACKS)}")
-    t0 = time.perf_counter()
-    if attack.startswith("aa-"):
-        r = autoattack_accuracy(model, x, y, eps, norm, attack[3:], batch_size=batch_size, device=device,
-                                seed=seed, state_path=state_path, log=log, progress=progress)
-        return EvalResult(attack=attack, eps=r.eps, norm=norm, n=r.n, clean_acc=r.clean_acc,
-                          robust_acc=r.robust_acc, per_attack=r.per_attack, removed=r.removed,
-                          checks=r.checks, seconds=r.seconds, resumed=r.resumed)
-    if attack == "clean":
-        acc = clean_accuracy(model, x, y, batch_size=batch_size, device=device)
-        return EvalResult(attack=attack, eps=float(eps), norm=norm, n=int(x.shape[0]), clean_acc=acc,
-                          robust_acc=None, seconds=time.perf_counter() - t0)
-    clean, robust = _pgd_flags(model, x, y, eps, norm, PGD_STEPS[attack], restarts, step_size=None,
-                               batch_size=batch_size, device=device, seed=seed, pixel_range=pixel_range,
-                               progress=progress)
-    return EvalResult(attack=attack, eps=float(eps), norm=norm, n=int(x.shape[0]),
-                      clean_acc=_frac(clean), robust_acc=_frac(robust),
-                      seconds=time.perf_counter() - t0)
+    from .engine import resolve_device
+
+    dev = resolve_device(device) if isinstance(device, str) else device
+    if isinstance(model_ref, LoadedModel):
+        loaded = model_ref
+    elif isinstance(model_ref, nn.Module):
+        loaded = LoadedModel(net=model_ref, ref=type(model_ref).__name__, kind="module")
+    else:
+        loaded = load_model(model_ref, dev, tracking_uri=tracking_uri)
+    x, y, info, dataset = _eval_data(loaded, data, split, n_ex, data_root)
+    eps = eps if eps is not None else loaded.eps
+    if eps is None:
+        raise UserError(f"no eps is known for {loaded.ref}; pass --eps (e.g. --eps 8/255)")
+    norm = norm or loaded.norm or "linf"
+    check_eps(float(eps), norm, info.pixel_range, tuple(x.shape[1:]))
+    settings = {"model": loaded.ref, "attack": attack, "eps": eps, "norm": norm, "dataset": dataset,
+                "split": split, "n_ex": int(x.shape[0]), "seed": seed, "batch_size": batch_size}
+    if state_path is None and state_dir is not None and attack.startswith("aa-"):
+        key = json.dumps({**settings, "weights": model_fingerprint(loaded.net)}, sort_keys=True)
+        state_path = Path(state_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    result = evaluate_tensors(loaded.net, x, y, attack=attack, eps=eps, norm=norm, batch_size=batch_size,
+                              device=dev, seed=seed, restarts=restarts, pixel_range=info.pixel_range,
+                              state_path=state_path if attack.startswith("aa-") else None, log=log,
+                              progress=progress)
+    result.settings, result.source_run_id = settings, loaded.run_id
+    result.state_path = str(state_path) if state_path is not None and attack.startswith("aa-") else None
+    if log_to is not None:
+        result.logged = log_result(result, loaded, settings, tracking_uri,
+                                   run_id=None if log_to == "auto" else log_to)
+    return result
 
 
-# ----------------------------------------------------------------------------- model loading
-
-
-class ExportedModel(nn.Module):
-    """A torch.export ``GraphModule`` (MLflow's PyTorch flavour) usable like a normal eval-mode model.
-
-    The graph was traced in eval mode (BatchNorm on running statistics, no dropout), so ``eval()``
-    only sets the flag; ``train()`` refuses, since a traced graph cannot switch to training.
-    """
-
-    def __init__(self, graph: nn.Module):
-        super().__init__()
-        _check_exported_eval(graph)
-        self.graph = graph
-        self.training = False
-        object.__setattr__(graph, "training", False)
-
-    def train(self, mode: bool = True) -> "ExportedModel":
-        if mode:
-            raise RuntimeError("an exported (MLflow) model is frozen in eval mode and cannot be trained; "
-                               "train from the run's checkpoint instead")
-        self.training = False
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph(x)
-
-
-def _check_exported_eval(graph: nn.Module) -> None:
-    g = getattr(graph, "graph", None)
-    if g is None:
+def check_eps(eps: float, norm: str, pixel_range: tuple[float, float] | None, input_shape: tuple[int, ...]) -> None:
+    """Refuse an eps whose ball contains the whole pixel box (see the module docstring)."""
+    if eps < 0:
+        raise UserError(f"--eps must be >= 0, got {eps:g}")
+    if pixel_range is None:  # unbounded inputs (toy): no box to compare with
         return
-    for node in g.nodes:
-        if node.op != "call_function":
-            continue
-        name = str(node.target)
-        training = None
-        if "batch_norm" in name and "no_training" not in name:
-            training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training")
-        elif "dropout" in name:
-            training = node.args[2] if len(node.args) > 2 else node.kwargs.get("train")
-        if training is True:
-            raise UserError(f"the logged model was exported in training mode ({name}); re-log it after "
-                            "net.eval() (scoretune train does this)")
+    lo, hi = pixel_range
+    width = hi - lo
+    bound = width if norm == "linf" else width * math.sqrt(math.prod(input_shape))
+    if eps > bound:
+        what = "the pixel range" if norm == "linf" else f"the diagonal of the {math.prod(input_shape)}-value box"
+        raise UserError(f"--eps {eps:g} is larger than {what} [{lo:g}, {hi:g}] ({bound:.4g}) of the data, so every "
+                        f"input is reachable under {norm}; give eps in the data's units, e.g. --eps 8/255")
 
 
-@dataclass
-class LoadedModel:
-    """A model to evaluate and what is known about it.
+def _eval_data(loaded: LoadedModel, data: Any, split: str, n_ex: int | None, data_root: str | None):
+    """(x, y, dataset info, dataset name) for the requested split, first ``n_ex`` examples."""
+    from .data import DatasetError, available_datasets, load_dataset, to_float
 
-    ``kind``: ``checkpoint`` | ``robustbench`` | ``mlflow``. ``run_id``: the MLflow run the model
-    came from (metrics are logged there), None for files. ``dataset``/``eps``/``norm``/``val_size``/
-    ``data_seed``/``data_root``: defaults from the training config (None when unknown).
-    ``spec``: the architecture spec (``engine.model_spec``) when known.
-    """
-
-    net: nn.Module
-    ref: str
-    kind: str
-    run_id: str | None = None
-    model_uri: str | None = None
-    tracking_uri: str | None = None
-    dataset: str | None = None
-    eps: float | None = None
-    norm: str | None = None
-    val_size: float | None = None
-    data_seed: int | None = None
-    data_root: str | None = None
-    data_options: dict[str, Any] = field(default_factory=dict)
-    spec: dict[str, Any] | None = None
-
-
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-REF_HELP = ("a checkpoint file (.pt), a RobustBench export (.pt with its .json sidecar), an MLflow run id, "
-            "runs:/<run_id>/model, models:/NAME@ALIAS, models:/NAME/VERSION or models:/m-<model_id>")
-
-
-def _apply_config(loaded: LoadedModel, cfg: Any) -> None:
-    loaded.dataset = cfg.data.name
-    loaded.eps, loaded.norm = float(cfg.attack.eps), cfg.attack.norm
-    loaded.val_size, loaded.data_seed = float(cfg.data.val_size), int(cfg.seed)
-    loaded.data_root, loaded.data_options = cfg.data.root, dict(cfg.data.options)
-
-
-def _load_checkpoint_ref(ref: str, device: torch.device) -> LoadedModel:
-    from .engine import load_checkpoint, model_from_checkpoint
-
-    state = load_checkpoint(ref)
-    try:
-        net, cfg = model_from_checkpoint(state, device=device)
-        spec = json.loads(state["model_spec"])
-    except Exception as e:  # noqa: BLE001 - a checkpoint of another format / version
-        from .engine import CheckpointError
-
-        raise CheckpointError(f"{ref} is not a usable scoretune checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
-    loaded = LoadedModel(net=net, ref=ref, kind="checkpoint", spec=spec)
-    _apply_config(loaded, cfg)
-    loaded.dataset = spec.get("dataset", loaded.dataset)
-    return loaded
-
-
-def load_model(ref: str, device: torch.device | str = "cpu", *, tracking_uri: str | None = None) -> LoadedModel:
-    """Load the model ``ref`` points at (see ``REF_HELP``) onto ``device``, in eval mode.
-
-    Files win over run ids. Raises :class:`~scoretune.engine.CheckpointError` for a missing or
-    corrupt file and :class:`UserError` for a reference that names nothing.
-    """
-    from .engine import CheckpointError
-
-    device = torch.device(device)
-    ref = str(ref)
-    p = Path(ref).expanduser()
-    if not ref.startswith(("models:/", "runs:/")) and p.exists():
-        if p.is_dir():
-            raise CheckpointError(f"{ref} is a directory; pass a checkpoint file such as {p / 'best.pt'}")
-        from .export import is_robustbench_export, load_robustbench, read_sidecar
-
-        if is_robustbench_export(p):
-            side = read_sidecar(p)
-            net = load_robustbench(p, device=device)
-            spec = side.get("model_spec") or {}
-            loaded = LoadedModel(net=net, ref=ref, kind="robustbench", spec=spec,
-                                 dataset=spec.get("dataset"), eps=side.get("eps"), norm=side.get("norm"))
-            return loaded
-        return _load_checkpoint_ref(str(p), device)
-    if ref.startswith(("models:/", "runs:/")) or _RUN_ID.match(ref):
-        return _load_mlflow_ref(ref, device, tracking_uri)
-    if p.suffix in (".pt", ".pth", ".ckpt") or os.sep in ref:
-        raise CheckpointError(f"checkpoint not found: {ref}")
-    raise UserError(f"unknown model reference '{ref}': expected {REF_HELP}")
-
-
-def _mlflow_error(e: Exception) -> str:
-    msg = str(getattr(e, "message", None) or e).strip().splitlines()
-    return msg[0][:200] if msg else type(e).__name__
-
-
-def _resolve_run_of_model_uri(client: Any, uri: str) -> str | None:
-    """The source run id of a ``models:/`` URI (registered version or logged model)."""
-    rest = uri[len("models:/"):].strip("/")
-    if rest.startswith("m-") and "/" not in rest and "@" not in rest:
-        return client.get_logged_model(rest).source_run_id
-    if "@" in rest:
-        name, alias = rest.split("@", 1)
-        return client.get_model_version_by_alias(name, alias).run_id
-    name, _, version = rest.partition("/")
-    if not version:
-        raise UserError(f"model URI '{uri}' names no version: use models:/{name}@ALIAS or models:/{name}/VERSION")
-    if version == "latest":
-        versions = client.search_model_versions(f"name='{name}'")
-        if not versions:
-            raise UserError(f"registered model '{name}' has no versions")
-        return max(versions, key=lambda v: int(v.version)).run_id
-    if not version.isdigit():
-        raise UserError(f"model URI '{uri}': stages are not supported; use models:/{name}@ALIAS or a version number")
-    return client.get_model_version(name, version).run_id
-
-
-def _load_mlflow_ref(ref: str, device: torch.device, tracking_uri: str | None) -> LoadedModel:
-    import mlflow
-    import mlflow.pytorch
-    from mlflow.exceptions import MlflowException
-
-    from .tracking import client as make_client
-    from .tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    where = f"in the MLflow store {uri} (pass --tracking-uri to use another)"
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise UserError(f"cannot resolve '{ref}': the MLflow store {uri} does not exist "
-                        "(pass --tracking-uri, or run from the directory that holds mlflow.db)")
-    mlflow.set_tracking_uri(uri)
-    cl = make_client(uri)
-    try:
-        if ref.startswith("models:/"):
-            run_id, model_uri = _resolve_run_of_model_uri(cl, ref), ref
-        elif ref.startswith("runs:/"):
-            run_id = ref[len("runs:/"):].split("/", 1)[0]
-            model_uri = ref if "/" in ref[len("runs:/"):].strip("/") else f"runs:/{run_id}/model"
-        else:
-            run_id, model_uri = ref, f"runs:/{ref}/model"
-        run = cl.get_run(run_id) if run_id else None
-    except MlflowException as e:
-        raise UserError(f"cannot resolve '{ref}' {where}: {_mlflow_error(e)}") from None
-    loaded = LoadedModel(net=nn.Identity(), ref=ref, kind="mlflow", run_id=run_id, model_uri=model_uri,
-                         tracking_uri=uri)
-    if run is not None:
-        _apply_run_metadata(loaded, cl, run)
-    try:
-        obj = mlflow.pytorch.load_model(model_uri)
-    except Exception as e:  # noqa: BLE001 - no logged model in the run: fall back to its checkpoint
-        net = _checkpoint_artifact(cl, run_id, loaded, device) if run_id and not ref.startswith("models:/") else None
-        if net is None:
-            raise UserError(f"cannot load the model '{model_uri}' {where}: {_mlflow_error(e)}") from None
-        loaded.net = net
-        return loaded
-    net = obj
-    if not isinstance(net, nn.Module):
-        raise UserError(f"'{model_uri}' is not a PyTorch model (got {type(net).__name__})")
-    try:
-        net.eval()
-    except NotImplementedError:  # torch.export GraphModule
-        net = ExportedModel(net)
-    loaded.net = net.to(device)
-    return loaded
-
-
-def _apply_run_metadata(loaded: LoadedModel, cl: Any, run: Any) -> None:
-    """Dataset, eps, norm, val split from the run's config.json artifact, else its params."""
-    from .config import ExperimentConfig
-
-    try:
-        import mlflow.artifacts
-
-        text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.json")
-        _apply_config(loaded, ExperimentConfig.model_validate_json(text))
-        return
-    except Exception:  # noqa: BLE001 - not a scoretune train run: use the params
-        pass
-    p = run.data.params
-
-    def num(k: str, cast: Callable[[str], Any]) -> Any:
+    if split not in ("test", "val"):
+        raise UserError(f"split must be test or val, got {split!r}")
+    if data is not None and not isinstance(data, str):
+        ds, name = data, data.info.name
+    else:
+        name = data or loaded.dataset
+        if not name:
+            raise UserError(f"cannot tell which dataset {loaded.ref} was trained on; pass --data NAME "
+                            f"(one of: {', '.join(available_datasets())})")
+        same = name == loaded.dataset
         try:
-            return cast(p[k]) if k in p and p[k] not in ("None", "") else None
-        except ValueError:
-            return None
+            ds = load_dataset(
+                name, root=data_root or (loaded.data_root if same else None),
+                val_size=loaded.val_size if same and loaded.val_size is not None else 0.1,
+                seed=loaded.data_seed if same and loaded.data_seed is not None else 0,
+                **(loaded.data_options if same else {}),
+            )
+        except DatasetError as e:  # data.py's hints name the train flag; evaluate's is --data-root
+            raise DatasetError(str(e).replace("--set data.root=DIR", "--data-root DIR")) from None
+        except (ValueError, TypeError) as e:
+            raise UserError(str(e)) from None
+    part = ds.test if split == "test" else ds.val
+    if len(part) == 0:
+        raise UserError(f"the {split} split of {name} is empty (trained with data.val_size=0?); use --split test")
+    n = min(len(part), n_ex or len(part))
+    x, y = to_float(part.x[:n]), part.y[:n]
+    spec_shape = tuple(loaded.spec["input_shape"]) if loaded.spec and loaded.spec.get("input_shape") else None
+    if spec_shape is not None and spec_shape != tuple(x.shape[1:]):
+        raise UserError(f"the model takes inputs of shape {spec_shape} but {name} has {tuple(x.shape[1:])}; "
+                        "pass the --data it was trained on")
+    return x, y, ds.info, name
 
-    loaded.dataset = p.get("data.name")
-    loaded.eps, loaded.norm = num("attack.eps", float), p.get("attack.norm")
-    loaded.val_size, loaded.data_seed = num("data.val_size", float), num("seed", int)
-    loaded.data_root = p.get("data.root") if p.get("data.root") not in (None, "None", "") else None
 
+def log_result(result: EvalResult, loaded: LoadedModel, settings: dict[str, Any], tracking_uri: str | None,
+               *, run_id: str | None = None) -> dict[str, str]:
+    """Log ``result`` (metrics + ``eval.*``/``aa_check.*`` tags) into ``run_id``, else the model's run,
+    else a new run in experiment ``scoretune-eval``. Returns ``{'run_id', 'tracking_uri', 'where'}``."""
+    from mlflow.entities import Metric, RunTag
 
-def _checkpoint_artifact(cl: Any, run_id: str, loaded: LoadedModel, device: torch.device) -> nn.Module | None:
-    """The run's ``checkpoints/best.pt`` (else ``last.pt``) artifact as a model, or None."""
-    import tempfile
+    from .tracking import RunLogger, client, finite_metrics, resolve_tracking_uri, tags
 
-    try:
-        names = [Path(a.path).name for a in cl.list_artifacts(run_id, "checkpoints")]
-    except Exception:  # noqa: BLE001
-        return None
-    for name in ("best.pt", "last.pt"):
-        if name in names:
-            with tempfile.TemporaryDirectory(prefix="scoretune-eval-") as d:
-                local = cl.download_artifacts(run_id, f"checkpoints/{name}", d)
-                ck = _load_checkpoint_ref(local, device)
-            loaded.spec = ck.spec
-            return ck.net
-    return None
+    metrics = finite_metrics(result.metrics())
+    prefix = f"{tags.EVAL_PREFIX}{result.metric_name or 'clean'}."
+    run_tags = {prefix + k: str(v) for k, v in settings.items() if k != "attack"}
+    run_tags[prefix + "seconds"] = f"{result.seconds:.1f}"
+    if result.attack.startswith("aa-"):
+        run_tags[prefix + "aa_checks"] = ",".join(c.name for c in result.checks) or "none"
+        run_tags.update(result.check_tags())
+    target = run_id or loaded.run_id
+    if target:
+        uri = (loaded.tracking_uri if target == loaded.run_id else None) or resolve_tracking_uri(tracking_uri)
+        ts = int(time.time() * 1000)
+        client(uri).log_batch(target, metrics=[Metric(k, v, ts, 0) for k, v in metrics.items()],
+                              tags=[RunTag(k, v[:5000]) for k, v in run_tags.items()])
+        return {"run_id": target, "tracking_uri": uri, "where": "model run" if target == loaded.run_id else "run"}
+    logger = RunLogger(tracking_uri, EVAL_EXPERIMENT, run_name=f"eval {Path(loaded.ref).name} {result.attack}",
+                       tags={tags.KIND: "eval", tags.MODEL_REF: loaded.ref})
+    logger.log_params(settings)
+    logger.log_metrics(metrics)
+    logger.set_tags(run_tags)
+    logger.end("FINISHED")
+    return {"run_id": logger.run_id, "tracking_uri": logger.uri, "where": f"new run in '{EVAL_EXPERIMENT}'"}

@@ -8,27 +8,20 @@ experiment ``scoretune-eval``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from ._argtypes import eps_value, positive_int
 
 HELP = "evaluate a checkpoint or MLflow model under AutoAttack / PGD and log the numbers to MLflow"
-EVAL_EXPERIMENT = "scoretune-eval"
 DEFAULT_STATE_DIR = os.path.join("runs", "eval_state")
-# Copies of scoretune.evaluate.ATTACKS / REF_HELP: importing that module pulls in torch, and
+# Copies of scoretune.robustness.ATTACKS / tracking.model_refs.REF_HELP: importing those pulls in torch, and
 # ``scoretune --help`` builds every subcommand's parser (a test keeps the copies equal).
 ATTACKS = ("aa-standard", "aa-fast", "pgd-20", "pgd-50", "clean")
 REF_HELP = ("a checkpoint file (.pt), a RobustBench export (.pt with its .json sidecar), an MLflow run id, "
             "runs:/<run_id>/model, models:/NAME@ALIAS, models:/NAME/VERSION or models:/m-<model_id>")
-
-
-
-
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,84 +59,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from ..engine import resolve_device
-    from ..errors import UserError
-    from ..evaluate import evaluate, load_model, model_fingerprint
+    from ..evaluate import benchmark, load_model
 
-    device = resolve_device(args.device)
-    loaded = load_model(args.model, device, tracking_uri=args.tracking_uri)
-    x, y, info, dataset = _eval_data(loaded, args)
-    eps = args.eps if args.eps is not None else loaded.eps
-    if eps is None:
-        raise UserError(f"no eps is known for {args.model}; pass --eps (e.g. --eps 8/255)")
-    norm = args.norm or loaded.norm or "linf"
+    ref: Any = args.model
     if args.export_robustbench:
-        _export(loaded, args.export_robustbench, eps, norm, device)
-    settings = {"model": args.model, "attack": args.attack, "eps": eps, "norm": norm, "dataset": dataset,
-                "split": args.split, "n_ex": int(x.shape[0]), "seed": args.seed, "batch_size": args.batch_size}
-    state_path = None
-    if args.attack.startswith("aa-"):
-        key = json.dumps({**settings, "weights": model_fingerprint(loaded.net)}, sort_keys=True)
-        name = hashlib.sha256(key.encode()).hexdigest()[:16]
-        state_path = Path(args.state_dir or DEFAULT_STATE_DIR) / f"{name}.json"
+        device = resolve_device(args.device)
+        ref = load_model(args.model, device, tracking_uri=args.tracking_uri)
+        _export(ref, args.export_robustbench, args.eps if args.eps is not None else ref.eps,
+                args.norm or ref.norm or "linf", device)
     bars = _Bars()
     try:
-        result = evaluate(loaded.net, x, y, attack=args.attack, eps=eps, norm=norm, batch_size=args.batch_size,
-                          device=device, seed=args.seed, restarts=args.restarts, pixel_range=info.pixel_range,
-                          state_path=state_path, log=bars.write, progress=bars)
+        result = benchmark(ref, data=args.data, split=args.split, n_ex=args.n_ex, attack=args.attack, eps=args.eps,
+                           norm=args.norm, batch_size=args.batch_size, device=args.device, seed=args.seed,
+                           restarts=args.restarts, data_root=args.data_root, tracking_uri=args.tracking_uri,
+                           log_to=None if args.no_mlflow else "auto",
+                           state_dir=args.state_dir or DEFAULT_STATE_DIR, log=bars.write, progress=bars)
     except KeyboardInterrupt:
         bars.close()
-        if state_path is not None:
-            print(f"interrupted: rerun the same command to resume AutoAttack from {state_path}", file=sys.stderr)
+        if args.attack.startswith("aa-"):
+            print("interrupted: rerun the same command to resume AutoAttack from its state in "
+                  f"{args.state_dir or DEFAULT_STATE_DIR}", file=sys.stderr)
         raise
     bars.close()
-    logged = None if args.no_mlflow else log_result(result, loaded, settings, args.tracking_uri)
-    if args.json:
-        print(json.dumps(_as_json(result, settings, loaded, logged, state_path)))
-    else:
-        print(format_result(result, settings, loaded, logged, state_path))
+    print(json.dumps(_as_json(result)) if args.json else format_result(result))
     return 0
 
 
 # ----------------------------------------------------------------------------- pieces
 
 
-def _eval_data(loaded: Any, args: argparse.Namespace):
-    """(x, y, dataset info, dataset name) for the requested split, first ``--n-ex`` examples."""
-    from ..data import available_datasets, load_dataset, to_float
-    from ..errors import UserError
-
-    name = args.data or loaded.dataset
-    if not name:
-        raise UserError(f"cannot tell which dataset {args.model} was trained on; pass --data NAME "
-                        f"(one of: {', '.join(available_datasets())})")
-    same = name == loaded.dataset
-    try:
-        ds = load_dataset(
-            name, root=args.data_root or (loaded.data_root if same else None),
-            val_size=loaded.val_size if same and loaded.val_size is not None else 0.1,
-            seed=loaded.data_seed if same and loaded.data_seed is not None else 0,
-            **(loaded.data_options if same else {}),
-        )
-    except (ValueError, TypeError) as e:
-        if type(e).__name__ == "DatasetError":
-            raise
-        raise UserError(str(e)) from None
-    split = ds.test if args.split == "test" else ds.val
-    if len(split) == 0:
-        raise UserError(f"the {args.split} split of {name} is empty (trained with data.val_size=0?); use --split test")
-    n = min(len(split), args.n_ex or len(split))
-    x, y = to_float(split.x[:n]), split.y[:n]
-    spec_shape = tuple(loaded.spec["input_shape"]) if loaded.spec and loaded.spec.get("input_shape") else None
-    if spec_shape is not None and spec_shape != tuple(x.shape[1:]):
-        raise UserError(f"the model takes inputs of shape {spec_shape} but {name} has {tuple(x.shape[1:])}; "
-                        "pass the --data it was trained on")
-    return x, y, ds.info, name
-
-
 def _export(loaded: Any, out: str, eps: float, norm: str, device: Any) -> None:
     from ..errors import UserError
-    from ..evaluate import ExportedModel
     from ..export import export_robustbench, load_robustbench
+    from ..tracking.model_refs import ExportedModel
 
     if not loaded.spec:
         raise UserError(f"cannot export {loaded.ref}: its architecture spec is unknown (export from the run's "
@@ -182,42 +130,11 @@ class _Bars:
         self.bar, self.phase = None, None
 
 
-def log_result(result: Any, loaded: Any, settings: dict[str, Any], tracking_uri: str | None) -> dict[str, str]:
-    """Log ``result`` to the model's run (metrics + ``eval.*``/``aa_check.*`` tags), else to a new run
-    in experiment ``scoretune-eval``. Returns ``{'run_id', 'tracking_uri', 'where'}``."""
-    import time
-
-    from mlflow.entities import Metric, RunTag
-
-    from ..tracking import RunLogger, client, finite_metrics, resolve_tracking_uri
-
-    metrics = finite_metrics(result.metrics())
-    prefix = f"eval.{result.metric_name or 'clean'}."
-    tags = {prefix + k: str(v) for k, v in settings.items() if k != "attack"}
-    tags[prefix + "seconds"] = f"{result.seconds:.1f}"
-    if result.attack.startswith("aa-"):
-        tags[prefix + "aa_checks"] = ",".join(c.name for c in result.checks) or "none"
-        tags.update(result.check_tags())
-    if loaded.run_id:
-        uri = loaded.tracking_uri or resolve_tracking_uri(tracking_uri)
-        cl = client(uri)
-        ts = int(time.time() * 1000)
-        cl.log_batch(loaded.run_id, metrics=[Metric(k, v, ts, 0) for k, v in metrics.items()],
-                     tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
-        return {"run_id": loaded.run_id, "tracking_uri": uri, "where": "model run"}
-    logger = RunLogger(tracking_uri, EVAL_EXPERIMENT, run_name=f"eval {Path(loaded.ref).name} {result.attack}",
-                       tags={"scoretune.kind": "eval", "scoretune.model_ref": loaded.ref})
-    logger.log_params(settings)
-    logger.log_metrics(metrics)
-    logger.set_tags(tags)
-    logger.end("FINISHED")
-    return {"run_id": logger.run_id, "tracking_uri": logger.uri, "where": f"new run in '{EVAL_EXPERIMENT}'"}
-
-
-def format_result(result: Any, settings: dict[str, Any], loaded: Any, logged: dict[str, str] | None,
-                  state_path: Path | None) -> str:
-    """The human-readable result table."""
-    src = loaded.ref + (f" (run {loaded.run_id})" if loaded.run_id and loaded.run_id != loaded.ref else "")
+def format_result(result: Any) -> str:
+    """The human-readable result table of a :func:`scoretune.evaluate.benchmark` result."""
+    settings, logged, run_id = result.settings, result.logged, result.source_run_id
+    state_path = _rel(result.state_path)
+    src = settings["model"] + (f" (run {run_id})" if run_id and run_id != settings["model"] else "")
     lines = [
         f"model    {src}",
         f"data     {settings['dataset']} {settings['split']}, n={result.n}",
@@ -247,10 +164,14 @@ def format_result(result: Any, settings: dict[str, Any], loaded: Any, logged: di
     return "\n".join(lines)
 
 
-def _as_json(result: Any, settings: dict[str, Any], loaded: Any, logged: dict[str, str] | None,
-             state_path: Path | None) -> dict[str, Any]:
+def _rel(path: str | None) -> str | None:
+    return os.path.relpath(path) if path and not os.path.isabs(path) else path
+
+
+def _as_json(result: Any) -> dict[str, Any]:
+    state_path, logged = _rel(result.state_path), result.logged
     return {
-        **settings, "run_id": loaded.run_id, "clean_acc": result.clean_acc, "robust_acc": result.robust_acc,
+        **result.settings, "run_id": result.source_run_id, "clean_acc": result.clean_acc, "robust_acc": result.robust_acc,
         "per_attack": result.per_attack, "removed": result.removed, "metrics": result.metrics(),
         "checks": [{"name": c.name, "message": c.message, "count": c.count} for c in result.checks],
         "seconds": result.seconds, "resumed": result.resumed,

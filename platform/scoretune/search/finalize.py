@@ -120,8 +120,8 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
     trial's child run, tag the run with the model URI/epoch and log the checkpoint epoch's metrics as
     ``model_<metric>``."""
     from trainables.ray_checkpoint import load_state
-    from ..drivers.training_run import example_input
 
+    from ..drivers.training_run import example_input
     from ..engine import model_from_checkpoint
     from ..tracking import log_torch_model
 
@@ -138,20 +138,21 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
     log_metrics(cl, t.run_id, {f"model_{k}": v for k, v in row.items() if k in ENGINE_METRICS}, step=epoch)
     if space.autoattack.version != "none":
         try:
-            autoattack_trial(cl, t.run_id, net, _cfg, space, epoch)
+            autoattack_trial(cl, tracking_uri, t.run_id, net, _cfg, space, epoch)
         except Exception as e:  # an evaluation problem must not cost the logged model
             cl.set_tag(t.run_id, "scoretune.autoattack_error", f"{type(e).__name__}: {str(e)[:300]}")
     cl.set_terminated(t.run_id, status="FINISHED")
     return uri
 
 
-def autoattack_trial(cl: Any, run_id: str, net: Any, cfg: Any, space: SearchSpace, epoch: int) -> dict[str, float]:
+def autoattack_trial(cl: Any, tracking_uri: str, run_id: str, net: Any, cfg: Any, space: SearchSpace,
+                     epoch: int) -> dict[str, float]:
     """AutoAttack (``space.autoattack``) on a trial's best model, on its held-out split at its own eps and
-    norm; logs ``clean_acc``, ``aa_<version>_acc``, per-attack accuracies and ``aa_acc`` to the trial's run
-    and AutoAttack's check warnings as ``aa_check.*`` tags."""
-    from ..data import load_dataset, to_float
-    from ..engine import resolve_device
-    from ..evaluate import evaluate
+    norm, through :func:`scoretune.evaluate.benchmark` (the call ``scoretune evaluate`` makes, with its tag
+    scheme ``eval.aa_<version>_acc.*`` and ``aa_check.*``) logged into the trial's run; plus ``aa_acc`` (the
+    version-independent name ``promote --metric aa_acc`` ranks by) at the model's epoch."""
+    from ..data import load_dataset
+    from ..evaluate import benchmark
 
     aa = space.autoattack
     ds = load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size, seed=cfg.seed,
@@ -159,16 +160,12 @@ def autoattack_trial(cl: Any, run_id: str, net: Any, cfg: Any, space: SearchSpac
     if ds.info.pixel_range is None:
         raise ValueError(f"AutoAttack needs inputs in [0, 1]; {cfg.data.name} has unbounded inputs "
                          "(set autoattack.version: none in the search space)")
-    split = ds.val if aa.split == "val" and len(ds.val) else ds.test
-    n = min(aa.n_ex, len(split))
-    result = evaluate(net, to_float(split.x[:n]), split.y[:n], attack=f"aa-{aa.version}", eps=cfg.attack.eps,
-                      norm=cfg.attack.norm, batch_size=aa.batch_size, device=resolve_device("auto"), seed=cfg.seed,
-                      pixel_range=ds.info.pixel_range)
+    split = aa.split if aa.split == "test" or len(ds.val) else "test"
+    result = benchmark(net, data=ds, split=split, n_ex=aa.n_ex, attack=f"aa-{aa.version}", eps=cfg.attack.eps,
+                       norm=cfg.attack.norm, batch_size=aa.batch_size, device="auto", seed=cfg.seed,
+                       tracking_uri=tracking_uri, log_to=run_id)
     metrics = {**result.metrics(), "aa_acc": result.robust_acc}
-    log_metrics(cl, run_id, metrics, step=epoch)
-    for k, v in {**result.check_tags(), "eval.aa_acc.attack": f"aa-{aa.version}", "eval.aa_acc.n_ex": str(n),
-                 "eval.aa_acc.split": aa.split}.items():
-        cl.set_tag(run_id, k, v)
+    log_metrics(cl, run_id, {"aa_acc": result.robust_acc}, step=epoch)
     return metrics
 
 

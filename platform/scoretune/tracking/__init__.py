@@ -3,18 +3,103 @@
 The default store is a SQLite file ``mlflow.db`` in the working directory; a tracking URI
 from ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` overrides it (a file path, a
 ``sqlite:///`` URI or an ``http://`` MLflow server).
+
+Fail fast, and safely:
+
+* An ``http(s)://`` server is probed with one TCP connect (5 s) before the first client for it is
+  made; an unreachable one is a one-line :class:`TrackingUnreachable` naming the URI. MLflow's own
+  retries are bounded (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 2, backoff factor 1, timeout 30 s, set
+  with ``os.environ.setdefault`` at import, so a user's own settings win) instead of ~5 minutes.
+* The first client of a local SQLite store is created under ``fcntl.flock`` on ``<db>.lock``, so
+  processes starting together on a new file do not race on its schema (alembic "table already
+  exists"); :func:`get_or_create_experiment` tolerates another process creating the experiment.
+* :func:`forbid_pickle` sets ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``: nothing loaded from a
+  store is unpickled (see :mod:`scoretune.tracking.model_refs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import socket
+import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+from urllib.parse import urlsplit
 
 import numpy as np
 
+from ..errors import UserError
+
 PARAM_MAX = 6000  # MLflow's limit on a param value
+CONNECT_TIMEOUT_S = 5.0
+for _k, _v in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
+    os.environ.setdefault(_k, _v)
+_REACHED: set[str] = set()
+
+
+class TrackingUnreachable(UserError):
+    """The MLflow tracking server does not answer."""
+
+
+def forbid_pickle() -> None:
+    """Make MLflow refuse pickle deserialization (its default in 3.x allows it)."""
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+
+
+def mlflow_error(e: BaseException) -> str:
+    """The first line of an MLflow error (at most 200 characters)."""
+    msg = str(getattr(e, "message", None) or e).strip().splitlines()
+    return msg[0][:200] if msg else type(e).__name__
+
+
+def unreachable_hint(uri: str, reason: str) -> str:
+    return (f"cannot reach the MLflow tracking server at {uri} ({reason}); start it (mlflow server / "
+            "scoretune ui) or pass --tracking-uri (or MLFLOW_TRACKING_URI) naming a running server or a "
+            "sqlite:///PATH.db store")
+
+
+def check_reachable(uri: str) -> None:
+    """For an ``http(s)://`` URI: one TCP connect within ``CONNECT_TIMEOUT_S``, else :class:`TrackingUnreachable`."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or uri in _REACHED:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "localhost", port), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or type(e).__name__)
+        raise TrackingUnreachable(unreachable_hint(uri, reason)) from None
+    _REACHED.add(uri)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a local ``sqlite:///`` URI, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if rest in ("", ":memory:") else Path(rest)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """An exclusive ``fcntl.flock`` on ``<db>.lock`` next to a local SQLite store (no-op otherwise)."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -30,19 +115,35 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
-def client(uri: str | None = None):
+def client(uri: str | None = None, *, registry_uri: str | None = None):
+    """An ``MlflowClient`` for ``uri``: a server is probed first (:func:`check_reachable`), a local
+    SQLite store is opened (and its schema created) under :func:`store_lock`."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    uri = resolve_tracking_uri(uri)
+    check_reachable(uri)
+    with store_lock(uri):
+        return MlflowClient(tracking_uri=uri, registry_uri=registry_uri)
 
 
 def get_or_create_experiment(cl, name: str) -> str:
-    exp = cl.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            cl.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    return cl.create_experiment(name)
+    """The id of experiment ``name`` (restored if deleted), created if missing; when another process
+    creates it at the same time, its experiment is used."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(5):
+        exp = cl.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                cl.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        try:
+            return cl.create_experiment(name)
+        except MlflowException:
+            if attempt == 4:  # not a lost race: the experiment still does not exist
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _param_value(v: Any) -> str:

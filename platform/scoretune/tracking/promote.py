@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UserError
-from . import resolve_tracking_uri, tags
+from . import client, resolve_tracking_uri, tags
 from .runs import all_parent_runs, child_runs, find_parent_runs
 
 
@@ -74,10 +74,8 @@ def promote(search: str, *, metric: str = "val_pgd_acc", mode: str = "max", alia
         raise UserError(f"--mode must be max or min, got {mode!r}")
     if any(c in search for c in "'\"`\\"):
         raise UserError(f"--search: a search name has no quotes or backslashes (got {search!r})")
-    from mlflow.tracking import MlflowClient
-
     uri = resolve_tracking_uri(tracking_uri)
-    cl = MlflowClient(tracking_uri=uri, registry_uri=uri)  # the registry lives in the same store
+    cl = client(uri, registry_uri=uri)  # the registry lives in the same store
     parents = find_parent_runs(cl, search)
     if not parents:
         names = sorted({r.data.tags.get(tags.SEARCH, "") for r in all_parent_runs(cl)} - {""})

@@ -25,5 +25,7 @@ MODEL_REF = "scoretune.model_ref"
 METRIC = "scoretune.metric"
 SUPERSEDED = "scoretune.superseded"     # a failed attempt that a resumed search restarted as a new trial
 PARENT = "mlflow.parentRunId"
+EVAL_PREFIX = "eval."                   # eval.<metric>.<setting>: how an evaluation metric was measured
+AA_CHECK_PREFIX = "aa_check."           # aa_check.<name>: an AutoAttack check that fired (EvalResult.check_tags)
 
 __all__ = [n for n in dir() if n.isupper()]
