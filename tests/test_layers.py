@@ -10,7 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ROOTS = {"scoretune": REPO / "platform" / "scoretune", "trainables": REPO / "trainables"}
-MATH = {"losses", "attacks", "bounds", "models", "data", "config", "stopping", "toy", "robustness", "errors",
+MATH = {"losses", "attacks", "bounds", "models", "data", "config", "stopping", "toy", "robustness", "autoattack_checks", "errors",
         "names"}
 FRAMEWORKS = {"ray", "mlflow", "optuna"}
 
