@@ -8,35 +8,59 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
+from .attacks import AttackConfig, eps_problem
 from .errors import UserError
-from .losses import CLIP_MODES, LOSS_NAMES, METHODS
+from .losses import CLIP_MODES, LOSS_NAMES, METHODS, Objective
+from .names import name_problem
 
 LossName = Literal[LOSS_NAMES]  # type: ignore[valid-type]
 MethodName = Literal[METHODS]  # type: ignore[valid-type]
 ClipMode = Literal[CLIP_MODES]  # type: ignore[valid-type]
+
+SEED_LIMIT = 2**32
+"""Seeds are in [0, 2^32): numpy's range; the engine derives ``seed * 1000 + rank`` from it."""
+
+PIXEL_RANGE = (0.0, 1.0)
+"""The input box of every image dataset (the toy's inputs are unbounded): the range of attack.eps."""
 
 
 class ConfigError(UserError, ValueError):
     """A configuration problem, with a one-line message naming the field."""
 
 
+def _not_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("must be a number, not true/false")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+"""An int field: YAML booleans are refused (``epochs: true`` is an error, not 1)."""
+
+Float = Annotated[float, BeforeValidator(_not_bool)]
+"""A float field: finite (``allow_inf_nan=False`` on every model) and never a boolean."""
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
     name: str = "digits"
     root: Optional[str] = None
-    val_size: float = Field(0.1, ge=0.0, lt=1.0)
+    val_size: Float = Field(0.1, ge=0.0, lt=1.0)
     ddpm_path: Optional[str] = None
-    ddpm_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    ddpm_fraction: Float = Field(0.0, ge=0.0, lt=1.0)
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -46,14 +70,15 @@ class DataConfig(_Strict):
 
         names = available_datasets()
         if v not in names:
-            raise ValueError(f"unknown dataset '{v}'; choose one of: {', '.join(names)}")
+            raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(names)}")
         return v
 
-    @model_validator(mode="after")
-    def _ddpm_pair(self) -> "DataConfig":
-        if self.ddpm_fraction > 0 and not self.ddpm_path:
-            raise ValueError("ddpm_fraction > 0 needs data.ddpm_path (an .npz with 'image' and 'label')")
-        return self
+    @field_validator("ddpm_fraction")
+    @classmethod
+    def _ddpm_pair(cls, v: float, info: ValidationInfo) -> float:
+        if v > 0 and not info.data.get("ddpm_path"):
+            raise ValueError("> 0 needs data.ddpm_path (an .npz with 'image' and 'label')")
+        return v
 
 
 class ModelConfig(_Strict):
@@ -68,67 +93,110 @@ class ModelConfig(_Strict):
 
         names = available_models()
         if v not in names and not v.startswith("wrn-"):
-            raise ValueError(f"unknown model '{v}'; choose one of: {', '.join(names)} or wrn-<depth>-<width>")
+            raise ValueError(f"unknown model {v!r}; choose one of: {', '.join(names)} or wrn-<depth>-<width>")
         return v
 
 
 class ObjectiveConfig(_Strict):
+    """The training objective; :meth:`build` makes the :class:`scoretune.losses.Objective`, whose
+    ``__post_init__`` holds the rules between fields (checked here once, at validation)."""
+
     method: MethodName = "trades"  # type: ignore[valid-type]
     loss: LossName = "se"  # type: ignore[valid-type]
-    beta: float = Field(6.0, ge=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    beta: Float = Field(6.0, ge=0.0)
+    label_smoothing: Float = Field(0.0, ge=0.0, lt=1.0)
     clip_mode: ClipMode = "none"  # type: ignore[valid-type]
-    clip: float = Field(0.0, ge=0.0)
+    clip: Float = Field(0.0, ge=0.0)
+
+    def build(self) -> Objective:
+        return Objective(**self.model_dump())
 
     @model_validator(mode="after")
-    def _clip_form(self) -> "ObjectiveConfig":
-        if self.clip_mode == "value" and self.method != "trades":
-            raise ValueError("clip_mode 'value' clips the TRADES robust term; use clip_mode 'smoothing' with pgdat")
-        if self.clip_mode == "smoothing" and self.clip >= 1.0:
-            raise ValueError("clip_mode 'smoothing' takes a clip value c in [0, 1)")
+    def _builds(self) -> "ObjectiveConfig":
+        self.build()  # its ValueError names the field ("clip_mode: ..."), shown as objective.clip_mode
         return self
 
 
 class AttackSettings(_Strict):
-    eps: float = Field(8 / 255, ge=0.0)
+    """The threat model B(x) and the training attack's budget; :meth:`build` makes the attacks."""
+
+    eps: Float = Field(8 / 255, ge=0.0)
     norm: Literal["linf", "l2"] = "linf"
-    steps: int = Field(10, ge=0)
-    step_size: Optional[float] = Field(None, gt=0.0)
+    steps: Int = Field(10, ge=0)
+    step_size: Optional[Float] = Field(None, gt=0.0)
+
+    def build(self, pixel_range: tuple[float, float] | None, input_dims: int | None = None,
+              steps: int | None = None) -> AttackConfig:
+        """The PGD attack in B(x) on inputs in ``pixel_range``: the training attack, or with ``steps``
+        an evaluation attack of that many steps (``step_size`` is kept only when the step counts
+        agree, else the default 2.5 eps / steps). ``input_dims`` (the data's number of input values)
+        completes the eps range check for l2 (eps <= the box's diameter)."""
+        problem = eps_problem(self.eps, self.norm, pixel_range, input_dims)
+        if problem:
+            raise ConfigError(f"attack.eps: {problem}")
+        n = self.steps if steps is None else steps
+        return AttackConfig(eps=self.eps, norm=self.norm, steps=n,
+                            step_size=self.step_size if n == self.steps else None, pixel_range=pixel_range)
 
 
 class EvalSettings(_Strict):
-    pgd_steps: int = Field(20, ge=0)
-    restarts: int = Field(1, ge=1)
-    max_samples: Optional[int] = Field(None, gt=0)
+    pgd_steps: Int = Field(20, ge=0)
+    restarts: Int = Field(1, ge=1)
+    max_samples: Optional[Int] = Field(None, gt=0)
     test: bool = True
 
 
 class OptimConfig(_Strict):
     name: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.1, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    lr: Float = Field(0.1, gt=0.0)
+    momentum: Float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0.0)
+    weight_decay: Float = Field(5e-4, ge=0.0)
     schedule: Literal["cosine", "piecewise", "constant"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0.0)
-    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])
-    gamma: float = Field(0.1, gt=0.0)
+    warmup_epochs: Float = Field(0.0, ge=0.0)
+    milestones: list[Float] = Field(default_factory=lambda: [0.5, 0.75])
+    gamma: Float = Field(0.1, gt=0.0, le=1.0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        # engine.lr_factor: the LR is multiplied by gamma once progress (the fraction of the
+        # post-warm-up steps done, in [0, 1)) reaches a milestone
+        for m in v:
+            if not 0.0 < m < 1.0:
+                raise ValueError(f"each milestone is a fraction of the schedule in (0, 1) (got {m!r})")
+        return v
 
 
 class EarlyStopConfig(_Strict):
     rule: Literal["none", "floor"] = "none"
-    floor: Optional[float] = Field(None, ge=0.0)
-    patience: int = Field(2, ge=1)
+    floor: Optional[Float] = Field(None, ge=0.0, validate_default=True)
+    patience: Int = Field(2, ge=1)
+
+    @field_validator("floor")
+    @classmethod
+    def _floor_given(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is None and info.data.get("rule") == "floor":
+            raise ValueError("rule 'floor' needs early_stop.floor = (C^l1)^2/2 (see `scoretune bound`)")
+        return v
 
 
 class ScalingSettings(_Strict):
-    workers: int = Field(1, ge=1)
+    workers: Int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    gpus_per_worker: Optional[float] = Field(None, ge=0.0)
-    max_failures: int = Field(0, ge=-1)
+    cpus_per_worker: Float = Field(1.0, gt=0.0)
+    gpus_per_worker: Optional[Float] = Field(None, ge=0.0)
+    max_failures: Int = Field(0, ge=-1)
     storage_path: Optional[str] = None
-    num_to_keep: Optional[int] = Field(2, ge=1)
+    num_to_keep: Optional[Int] = Field(2, ge=1)
+
+
+def batch_split_problem(batch_size: int, workers: int) -> str | None:
+    """Why ``batch_size`` cannot be split evenly over ``workers`` (None when it can): the one rule."""
+    if batch_size % workers:
+        return (f"batch_size {batch_size} is not divisible by {workers} workers (scaling.workers): the global "
+                "batch is split evenly; pick a worker count that divides it (or change batch_size)")
+    return None
 
 
 class ExperimentConfig(_Strict):
@@ -141,34 +209,50 @@ class ExperimentConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-    seed: int = 0
+    epochs: Int = Field(10, ge=1)
+    batch_size: Int = Field(128, ge=1)
+    seed: Int = Field(0, ge=0, lt=SEED_LIMIT)
     device: str = "auto"
     amp: Literal["auto", "on", "off"] = "auto"
     # NHWC memory layout for a conv model on image data (model and batches); 'auto' = on for such
     # models on every device (CPU: 1.2x per step for the small CNN, see benchmarks/README.md).
     channels_last: Literal["auto", "on", "off"] = "auto"
-    ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
+    ema_decay: Optional[Float] = Field(None, gt=0.0, lt=1.0)
     output_dir: str = "runs"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        problem = name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v == "auto" or v == "cpu" or v == "mps" or v == "cuda" or v.startswith("cuda:"):
+        if v in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:[0-9]+", v):
             return v
-        raise ValueError(f"unknown device '{v}'; choose one of: auto, cpu, cuda, cuda:N, mps")
+        raise ValueError(f"unknown device {v!r}; choose one of: auto, cpu, cuda, cuda:N, mps")
 
     @model_validator(mode="after")
-    def _eps_in_range(self) -> "ExperimentConfig":
-        if self.data.name != "toy" and self.attack.norm == "linf" and self.attack.eps > 1.0:
-            raise ValueError(
-                f"attack.eps={self.attack.eps} is out of range for [0,1] pixel data: use a value in [0, 1] "
-                "such as 8/255 = 0.0314 (eps is in pixel units, not /255)"
-            )
-        if self.early_stop.rule == "floor" and self.early_stop.floor is None:
-            raise ValueError("early_stop.rule 'floor' needs early_stop.floor = (C^l1)^2/2 (see `scoretune bound`)")
+    def _across_sections(self) -> "ExperimentConfig":
+        # eps in range for the data's input box (l2: the diameter check needs the input size, which
+        # only the loaded data knows: AttackSettings.build completes it)
+        problem = eps_problem(self.attack.eps, self.attack.norm, None if self.data.name == "toy" else PIXEL_RANGE)
+        if problem:
+            raise ValueError(f"attack.eps: {problem}")
+        problem = batch_split_problem(self.batch_size, self.scaling.workers)
+        if problem:
+            raise ValueError(problem)
         return self
+
+    def eval_attack(self, pixel_range: tuple[float, float] | None,
+                    input_dims: int | None = None) -> AttackConfig | None:
+        """PGD-``eval.pgd_steps`` in the training threat model (None when ``eval.pgd_steps`` is 0)."""
+        if self.eval.pgd_steps == 0:
+            return None
+        return self.attack.build(pixel_range, input_dims, steps=self.eval.pgd_steps)
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view (``objective.beta`` -> 6.0) for logging as params."""
@@ -189,34 +273,68 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): (.+)$", re.S)
+
+
+def _loc_part(p: Any) -> str:
+    t = str(p)
+    return t if re.fullmatch(r"[A-Za-z0-9_\-]+", t) else repr(p)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")) if "\n" in text else text
+
+
 def format_validation_error(err: ValidationError) -> str:
-    """One line per problem, ``field.path: message (got value)``, joined by '; '."""
+    """One line per problem, ``field.path: message (got value)``, joined by '; '.
+
+    A validator may name the field it blames first (``"clip_mode: ..."`` from the objective section
+    becomes ``objective.clip_mode: ...``); an error of the whole config names its fields itself."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        loc = ".".join(_loc_part(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "finite_number":
+            msg = "must be finite"
+        elif e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `scoretune train --help`)"
+        elif e["type"] == "value_error":
+            m = _FIELD_PREFIX.match(msg)
+            if m:
+                loc, msg = (f"{loc}.{m.group(1)}" if loc and not m.group(1).startswith(loc + ".") else m.group(1),
+                            m.group(2))
         got = e.get("input")
-        got_s = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
-        parts.append(f"{loc}: {msg}{got_s}")
-    return "; ".join(parts)
+        skip = e["type"] in ("extra_forbidden", "missing") or got is None or isinstance(got, dict) or "(got " in msg
+        got_s = "" if skip else f" (got {_short_repr(got)})"
+        parts.append(f"{loc}: {msg}{got_s}" if loc else f"{msg}{got_s}")
+    return _one_line("; ".join(parts))
+
+
+def _short_repr(v: Any, limit: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     """``["objective.beta=3", "data.name=toy"]`` -> nested dict; values are parsed as YAML scalars."""
     nested: dict[str, Any] = {}
     for pair in pairs or []:
-        if "=" not in pair:
-            raise ConfigError(f"--set expects key=value, got '{pair}'")
+        if not isinstance(pair, str) or "=" not in pair:
+            raise ConfigError(_one_line(f"--set expects key=value, got {pair!r}"))
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
-        node = nested
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(_one_line(f"--set {key!r}: expects a dotted key such as objective.beta"))
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(_one_line(f"--set {key}: malformed value {raw!r}: {problem}")) from None
+        node = nested
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{p}' is not a section")
+                raise ConfigError(_one_line(f"--set {key}: {p!r} is not a section"))
         node[parts[-1]] = value
     return nested
 
@@ -251,6 +369,10 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> ExperimentConfig:
+    """The validated config of the mapping ``raw`` with ``key=value`` overrides; a one-line
+    :class:`ConfigError` naming the field otherwise."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of config sections, got {type(raw).__name__}")
     merged = deep_merge(raw, parse_overrides(overrides))
     try:
         return ExperimentConfig.model_validate(merged)
