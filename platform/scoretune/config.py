@@ -282,7 +282,8 @@ def _loc_part(p: Any) -> str:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split("\n")) if "\n" in text else text
+    lines = text.splitlines()
+    return " ".join(lines) if len(lines) > 1 else text
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -327,8 +328,8 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
             raise ConfigError(_one_line(f"--set {key!r}: expects a dotted key such as objective.beta"))
         try:
             value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as e:
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        except Exception as e:  # YAMLError, or e.g. ValueError from a date such as 2020-13-45
+            problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
             raise ConfigError(_one_line(f"--set {key}: malformed value {raw!r}: {problem}")) from None
         node = nested
         for p in parts[:-1]:
@@ -356,6 +357,8 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {p} (pass the path to a YAML file)")
     try:
         data = yaml.safe_load(p.read_text())
+    except ValueError as e:  # e.g. a date such as 2020-13-45
+        raise ConfigError(_one_line(f"{p}: malformed YAML: {e}")) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
