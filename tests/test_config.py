@@ -84,7 +84,7 @@ def test_missing_config_file(tmp_path):
 
 def test_value_clip_needs_trades():
     msg = _error({"objective": {"method": "pgdat", "clip_mode": "value", "clip": 0.1}})
-    assert "objective.clip_mode: 'value' clips the TRADES robust term" in msg
+    assert "objective.clip_mode: clip_mode 'value' clips the TRADES robust term" in msg
 
 
 def test_floor_rule_needs_a_floor():

@@ -184,9 +184,9 @@ def _must_fail(raw: dict) -> bool:
     """A boolean or a non-finite number at a numeric field (or in the milestones) is never valid."""
     for key, value in flatten(raw).items():
         items = value if key == "optim.milestones" and isinstance(value, list) else [value]
-        if key in NUMERIC or key == "optim.milestones":
-            if any(isinstance(v, bool) or (isinstance(v, float) and not math.isfinite(v)) for v in items):
-                return True
+        numeric = key in NUMERIC or key == "optim.milestones"
+        if numeric and any(isinstance(v, bool) or (isinstance(v, float) and not math.isfinite(v)) for v in items):
+            return True
     return False
 
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+import typing
+from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
 from .attacks import AttackConfig, eps_problem
@@ -38,29 +38,33 @@ class ConfigError(UserError, ValueError):
     """A configuration problem, with a one-line message naming the field."""
 
 
-def _not_bool(v: Any) -> Any:
-    if isinstance(v, bool):
-        raise ValueError("must be a number, not true/false")
-    return v
-
-
-Int = Annotated[int, BeforeValidator(_not_bool)]
-"""An int field: YAML booleans are refused (``epochs: true`` is an error, not 1)."""
-
-Float = Annotated[float, BeforeValidator(_not_bool)]
-"""A float field: finite (``allow_inf_nan=False`` on every model) and never a boolean."""
+def _numeric(annotation: Any) -> bool:
+    """int or float, or Optional of one (a bool field is neither)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] if typing.get_origin(annotation) else []
+    inner = args[0] if len(args) == 1 else annotation
+    return inner in (int, float)
 
 
 class _Strict(BaseModel):
+    """Unknown keys refused; every float finite (``allow_inf_nan=False``); a number field refuses a
+    boolean (YAML ``epochs: true`` is an error, not 1)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a number, not true/false")
+        return v
 
 
 class DataConfig(_Strict):
     name: str = "digits"
     root: Optional[str] = None
-    val_size: Float = Field(0.1, ge=0.0, lt=1.0)
+    val_size: float = Field(0.1, ge=0.0, lt=1.0)
     ddpm_path: Optional[str] = None
-    ddpm_fraction: Float = Field(0.0, ge=0.0, lt=1.0)
+    ddpm_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -103,10 +107,10 @@ class ObjectiveConfig(_Strict):
 
     method: MethodName = "trades"  # type: ignore[valid-type]
     loss: LossName = "se"  # type: ignore[valid-type]
-    beta: Float = Field(6.0, ge=0.0)
-    label_smoothing: Float = Field(0.0, ge=0.0, lt=1.0)
+    beta: float = Field(6.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     clip_mode: ClipMode = "none"  # type: ignore[valid-type]
-    clip: Float = Field(0.0, ge=0.0)
+    clip: float = Field(0.0, ge=0.0)
 
     def build(self) -> Objective:
         return Objective(**self.model_dump())
@@ -120,10 +124,10 @@ class ObjectiveConfig(_Strict):
 class AttackSettings(_Strict):
     """The threat model B(x) and the training attack's budget; :meth:`build` makes the attacks."""
 
-    eps: Float = Field(8 / 255, ge=0.0)
+    eps: float = Field(8 / 255, ge=0.0)
     norm: Literal["linf", "l2"] = "linf"
-    steps: Int = Field(10, ge=0)
-    step_size: Optional[Float] = Field(None, gt=0.0)
+    steps: int = Field(10, ge=0)
+    step_size: Optional[float] = Field(None, gt=0.0)
 
     def build(self, pixel_range: tuple[float, float] | None, input_dims: int | None = None,
               steps: int | None = None) -> AttackConfig:
@@ -140,22 +144,22 @@ class AttackSettings(_Strict):
 
 
 class EvalSettings(_Strict):
-    pgd_steps: Int = Field(20, ge=0)
-    restarts: Int = Field(1, ge=1)
-    max_samples: Optional[Int] = Field(None, gt=0)
+    pgd_steps: int = Field(20, ge=0)
+    restarts: int = Field(1, ge=1)
+    max_samples: Optional[int] = Field(None, gt=0)
     test: bool = True
 
 
 class OptimConfig(_Strict):
     name: Literal["sgd", "adam"] = "sgd"
-    lr: Float = Field(0.1, gt=0.0)
-    momentum: Float = Field(0.9, ge=0.0, lt=1.0)
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = True
-    weight_decay: Float = Field(5e-4, ge=0.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
     schedule: Literal["cosine", "piecewise", "constant"] = "cosine"
-    warmup_epochs: Float = Field(0.0, ge=0.0)
-    milestones: list[Float] = Field(default_factory=lambda: [0.5, 0.75])
-    gamma: Float = Field(0.1, gt=0.0, le=1.0)
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
 
     @field_validator("milestones")
     @classmethod
@@ -170,8 +174,8 @@ class OptimConfig(_Strict):
 
 class EarlyStopConfig(_Strict):
     rule: Literal["none", "floor"] = "none"
-    floor: Optional[Float] = Field(None, ge=0.0, validate_default=True)
-    patience: Int = Field(2, ge=1)
+    floor: Optional[float] = Field(None, ge=0.0, validate_default=True)
+    patience: int = Field(2, ge=1)
 
     @field_validator("floor")
     @classmethod
@@ -182,13 +186,13 @@ class EarlyStopConfig(_Strict):
 
 
 class ScalingSettings(_Strict):
-    workers: Int = Field(1, ge=1)
+    workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: Float = Field(1.0, gt=0.0)
-    gpus_per_worker: Optional[Float] = Field(None, ge=0.0)
-    max_failures: Int = Field(0, ge=-1)
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: Optional[float] = Field(None, ge=0.0)
+    max_failures: int = Field(0, ge=-1)
     storage_path: Optional[str] = None
-    num_to_keep: Optional[Int] = Field(2, ge=1)
+    num_to_keep: Optional[int] = Field(2, ge=1)
 
 
 def batch_split_problem(batch_size: int, workers: int) -> str | None:
@@ -209,15 +213,15 @@ class ExperimentConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
-    epochs: Int = Field(10, ge=1)
-    batch_size: Int = Field(128, ge=1)
-    seed: Int = Field(0, ge=0, lt=SEED_LIMIT)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     device: str = "auto"
     amp: Literal["auto", "on", "off"] = "auto"
     # NHWC memory layout for a conv model on image data (model and batches); 'auto' = on for such
     # models on every device (CPU: 1.2x per step for the small CNN, see benchmarks/README.md).
     channels_last: Literal["auto", "on", "off"] = "auto"
-    ema_decay: Optional[Float] = Field(None, gt=0.0, lt=1.0)
+    ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
     output_dir: str = "runs"
 
     @field_validator("name")

@@ -195,7 +195,8 @@ class Objective:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing: must be in [0, 1) (got {self.label_smoothing!r})")
         if self.clip_mode == "value" and self.method != "trades":
-            raise ValueError("clip_mode: 'value' clips the TRADES robust term; use clip_mode 'smoothing' with pgdat")
+            raise ValueError("clip_mode: clip_mode 'value' clips the TRADES robust term; use clip_mode 'smoothing' "
+                             "with pgdat")
         if self.clip_mode == "smoothing" and self.clip >= 1.0:
             raise ValueError(f"clip: clip_mode 'smoothing' takes a clip value c in [0, 1) (got {self.clip!r})")
 
