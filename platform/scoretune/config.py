@@ -277,7 +277,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): (.+)$", re.S)
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): (.+)$", re.DOTALL)
 
 
 def _loc_part(p: Any) -> str:
@@ -290,11 +290,25 @@ def _one_line(text: str) -> str:
     return " ".join(lines) if len(lines) > 1 else text
 
 
+def _blamed_field(title: str, loc: tuple, msg: str) -> tuple[str, str] | None:
+    """(dotted field, rest) when a validator of a config model starts its message with one of that
+    model's fields (``"clip_mode: ..."`` from the objective section: ``objective.clip_mode``)."""
+    m = _FIELD_PREFIX.match(msg)
+    model: Any = {c.__name__: c for c in _Strict.__subclasses__()}.get(title)
+    for p in loc:
+        field = model.model_fields.get(p) if model is not None and isinstance(p, str) else None
+        ann = field.annotation if field is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if m is None or model is None or m.group(1).split(".")[0] not in model.model_fields:
+        return None
+    return ".".join([*(str(p) for p in loc), m.group(1)]), m.group(2)
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One line per problem, ``field.path: message (got value)``, joined by '; '.
 
-    A validator may name the field it blames first (``"clip_mode: ..."`` from the objective section
-    becomes ``objective.clip_mode: ...``); an error of the whole config names its fields itself."""
+    A validator of a config model may name the field it blames first (``"clip_mode: ..."`` from
+    the objective section becomes ``objective.clip_mode: ...``); a whole-config error names its fields."""
     parts = []
     for e in err.errors():
         loc = ".".join(_loc_part(p) for p in e["loc"])
@@ -304,10 +318,9 @@ def format_validation_error(err: ValidationError) -> str:
         elif e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `scoretune train --help`)"
         elif e["type"] == "value_error":
-            m = _FIELD_PREFIX.match(msg)
-            if m:
-                loc, msg = (f"{loc}.{m.group(1)}" if loc and not m.group(1).startswith(loc + ".") else m.group(1),
-                            m.group(2))
+            blamed = _blamed_field(err.title, e["loc"], msg)
+            if blamed:
+                loc, msg = blamed
         got = e.get("input")
         skip = e["type"] in ("extra_forbidden", "missing") or got is None or isinstance(got, dict) or "(got " in msg
         got_s = "" if skip else f" (got {_short_repr(got)})"
