@@ -91,6 +91,13 @@ def test_batch_size_must_split_over_the_workers_at_validation():
     assert build_config({}, ["batch_size=64", "scaling.workers=2"]).scaling.workers == 2
 
 
+def test_rules_between_fields_name_the_field_they_blame():
+    assert "data.ddpm_fraction: > 0 needs data.ddpm_path" in _error(["data.ddpm_fraction=0.5"])
+    assert "objective.clip: clip_mode 'smoothing' takes a clip value c in [0, 1) (got 1.0)" in _error(
+        ["objective.clip_mode=smoothing", "objective.clip=1.0"])
+    assert _error(["early_stop.rule=floor"]).startswith("config: early_stop.floor: rule 'floor' needs")
+
+
 def test_malformed_set_value_is_a_config_error():
     with pytest.raises(ConfigError, match=r"--set optim.milestones: malformed value"):
         parse_overrides(["optim.milestones=[0.5,"])

@@ -1,7 +1,17 @@
 """Experiment configuration: validated pydantic models, YAML loading and ``--set`` overrides.
 
 Every error names the bad field (dotted path) and, where there is a fixed set, the allowed
-values, on one line.
+values, on one line. Each rule lives once, on the model of its section (rules between sections on
+:class:`ExperimentConfig`); the sections build their runtime objects (:meth:`ObjectiveConfig.build`,
+:meth:`AttackSettings.build`, :meth:`ExperimentConfig.eval_attack`).
+
+Ranges: every float is finite and no number field takes a boolean. ``attack.eps`` follows
+:func:`scoretune.attacks.eps_problem`: at most the diameter of the input box, i.e. <= 1 for linf
+on [0, 1] pixels (checked here) and <= sqrt(number of input values) for l2 (checked when the data
+is known, by :meth:`AttackSettings.build`); the toy's inputs are unbounded (any finite eps).
+``optim.milestones`` are fractions of the post-warm-up schedule in (0, 1), ``optim.gamma`` a decay
+factor in (0, 1], ``seed`` in [0, 2^32), ``name`` follows :func:`scoretune.names.name_problem`, and
+``batch_size`` must be divisible by ``scaling.workers``.
 """
 
 from __future__ import annotations
@@ -10,8 +20,8 @@ import copy
 import json
 import os
 import re
-from pathlib import Path
 import typing
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
