@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from scoretune.bounds import (
     BoundEstimate,
+    InnerMax,
     corollary1_check,
     estimate_C,
     madry_floor,
@@ -74,7 +75,7 @@ def toy_points():
 @pytest.mark.parametrize("divergence", ["l1", "kl"])
 def test_toy_C_matches_independent_quadrature_within_2_percent(toy_points, eps, divergence):
     ref = _reference_C(eps, divergence)
-    est = estimate_C(toy_posterior, toy_points, eps, "linf", divergence, grid=61)
+    est = estimate_C(toy_posterior, toy_points, InnerMax(eps, grid=61), divergence)
     assert est.method == "grid" and est.n == toy_points.shape[0]
     assert est.mean == pytest.approx(ref, rel=0.02)
     assert est.stderr < 0.01 * ref  # the 2% agreement is not luck of a noisy estimate
@@ -91,8 +92,8 @@ def test_reference_values_are_what_the_readme_reports():
 def test_pgd_inner_max_agrees_with_exact_grid(toy_points):
     xs = toy_points[:1500]
     gen = torch.Generator().manual_seed(0)
-    grid = estimate_C(toy_posterior, xs, 1.0, "linf", "l1", grid=401)
-    pgd = estimate_C(toy_posterior, xs, 1.0, "linf", "l1", restarts=3, steps=30, generator=gen)
+    grid = estimate_C(toy_posterior, xs, InnerMax(1.0, grid=401), "l1")
+    pgd = estimate_C(toy_posterior, xs, InnerMax(1.0, restarts=3, steps=30, generator=gen), "l1")
     assert pgd.method == "pgd"
     assert pgd.mean == pytest.approx(grid.mean, rel=0.005)
     # PGD is a lower bound of the true per-sample maximum (up to the grid spacing)
@@ -102,19 +103,19 @@ def test_pgd_inner_max_agrees_with_exact_grid(toy_points):
 def test_a_single_pgd_restart_leaves_x_where_the_gradient_of_C_vanishes(toy_points):
     # x' = x is the minimum of D(p_d(x), p_d(x')): a run started there would never move
     xs = toy_points[:300]
-    one = estimate_C(toy_posterior, xs, 1.0, "linf", "se", restarts=1, steps=10,
-                     generator=torch.Generator().manual_seed(0))
-    exact = estimate_C(toy_posterior, xs, 1.0, "linf", "se", grid=201)
+    one = estimate_C(toy_posterior, xs, InnerMax(1.0, restarts=1, steps=10,
+                                                   generator=torch.Generator().manual_seed(0)), "se")
+    exact = estimate_C(toy_posterior, xs, InnerMax(1.0, grid=201), "se")
     assert one.mean > 0.4 * exact.mean  # one random side of each ball: well above 0
     # an antithetic pair of restarts explores both sides of every 1-D ball
-    pair = estimate_C(toy_posterior, xs, 1.0, "linf", "se", restarts=2, steps=10,
-                      generator=torch.Generator().manual_seed(0))
+    pair = estimate_C(toy_posterior, xs, InnerMax(1.0, restarts=2, steps=10,
+                                                    generator=torch.Generator().manual_seed(0)), "se")
     assert pair.mean == pytest.approx(exact.mean, rel=0.01)
 
 
 def test_C_is_zero_at_eps_zero_and_grows_with_eps(toy_points):
     xs = toy_points[:2000]
-    values = [estimate_C(toy_posterior, xs, e, "linf", "l1", grid=51).mean for e in (0.0, 0.25, 0.5, 1.0)]
+    values = [estimate_C(toy_posterior, xs, InnerMax(e, grid=51), "l1").mean for e in (0.0, 0.25, 0.5, 1.0)]
     assert values[0] == pytest.approx(0.0, abs=1e-12)
     assert values == sorted(values) and values[-1] > 2 * values[1]
 
@@ -146,9 +147,9 @@ class ExactPosterior(nn.Module):
 def test_at_the_self_consistent_optimum_score_is_zero_and_madry_equals_C(toy_points):
     xs = toy_points[:2000]
     model = ExactPosterior()
-    s = score_risk(model, toy_posterior, xs, 1.0, "linf", "l1", grid=101)
-    m = madry_risk(model, toy_posterior, xs, 1.0, "linf", "l1", grid=101)
-    c = estimate_C(toy_posterior, xs, 1.0, "linf", "l1", grid=101)
+    s = score_risk(model, toy_posterior, xs, InnerMax(1.0, grid=101), "l1")
+    m = madry_risk(model, toy_posterior, xs, InnerMax(1.0, grid=101), "l1")
+    c = estimate_C(toy_posterior, xs, InnerMax(1.0, grid=101), "l1")
     assert s.mean == pytest.approx(0.0, abs=1e-9)
     assert m.mean == pytest.approx(c.mean, rel=1e-6)
     assert standard_risk(model, toy_posterior, xs, "kl").mean == pytest.approx(0.0, abs=1e-9)
@@ -160,11 +161,11 @@ def test_madry_risk_with_one_hot_labels_is_the_cross_entropy():
     x = torch.randn(64, 1)
     y = (torch.rand(64) < 0.3).long()
     onehot = F.one_hot(y, 2).float()
-    at_x = madry_risk(model, onehot, x, 0.0, "linf", "kl")
+    at_x = madry_risk(model, onehot, x, InnerMax(0.0), "kl")
     with torch.no_grad():
         ce = float(F.cross_entropy(model(x), y))
     assert at_x.mean == pytest.approx(ce, rel=1e-5)
-    robust = madry_risk(model, onehot, x, 0.5, "linf", "kl", restarts=2, steps=10)
+    robust = madry_risk(model, onehot, x, InnerMax(0.5, restarts=2, steps=10), "kl")
     assert robust.mean > at_x.mean
 
 
@@ -179,7 +180,7 @@ def trained_toy_models():
 def test_theorem1_sandwich_holds_for_trained_toy_models(trained_toy_models, toy_points, divergence):
     xs = toy_points[:1000]
     for name, model in trained_toy_models.items():
-        t = theorem1_check(model, toy_posterior, xs, 1.0, "linf", divergence, grid=101, tol=1e-4)
+        t = theorem1_check(model, toy_posterior, xs, InnerMax(1.0, grid=101), divergence, tol=1e-4)
         assert t.holds, (name, t)
         assert t.lower <= t.R_score.mean + 1e-4 <= t.upper + 2e-4
         assert t.slack == pytest.approx(min(t.slack_lower, t.slack_upper))
@@ -189,8 +190,8 @@ def test_theorem1_sandwich_holds_for_trained_toy_models(trained_toy_models, toy_
 
 def test_theorem1_with_pgd_estimates_holds_up_to_estimation_error(trained_toy_models, toy_points):
     gen = torch.Generator().manual_seed(1)
-    t = theorem1_check(trained_toy_models["pgdat_kl"], toy_posterior, toy_points[:500], 1.0, "linf", "l1",
-                       restarts=3, steps=20, generator=gen, tol=1e-3)
+    t = theorem1_check(trained_toy_models["pgdat_kl"], toy_posterior, toy_points[:500],
+                       InnerMax(1.0, restarts=3, steps=20, generator=gen), "l1", tol=1e-3)
     assert t.holds and t.R_madry.method == "pgd"
 
 
@@ -198,21 +199,21 @@ def test_theorem1_sandwich_fails_for_a_wrong_data_constant(trained_toy_models, t
     # the check can fail: pair R_Madry and R_SCORE at eps=1 with a C from a much smaller ball
     xs = toy_points[:1000]
     model = trained_toy_models["pgdat_kl"]
-    m = madry_risk(model, toy_posterior, xs, 1.0, "linf", "l1", grid=101).mean
-    s = score_risk(model, toy_posterior, xs, 1.0, "linf", "l1", grid=101).mean
-    c_small = estimate_C(toy_posterior, xs, 0.05, "linf", "l1", grid=101).mean
+    m = madry_risk(model, toy_posterior, xs, InnerMax(1.0, grid=101), "l1").mean
+    s = score_risk(model, toy_posterior, xs, InnerMax(1.0, grid=101), "l1").mean
+    c_small = estimate_C(toy_posterior, xs, InnerMax(0.05, grid=101), "l1").mean
     assert s > m + c_small
 
 
 def test_theorem1_needs_a_distance(trained_toy_models, toy_points):
     with pytest.raises(ValueError, match="distance"):
-        theorem1_check(trained_toy_models["score"], toy_posterior, toy_points[:10], 1.0, "linf", "kl", grid=11)
+        theorem1_check(trained_toy_models["score"], toy_posterior, toy_points[:10], InnerMax(1.0, grid=11), "kl")
 
 
 def test_corollary1_holds_and_gives_the_floor(trained_toy_models, toy_points):
     xs = toy_points[:1000]
     for name, model in trained_toy_models.items():
-        c = corollary1_check(model, toy_posterior, xs, 1.0, grid=101)
+        c = corollary1_check(model, toy_posterior, xs, InnerMax(1.0, grid=101))
         assert c.holds, (name, c)
         assert c.lhs == pytest.approx(abs(c.R_score_l1.mean - c.C_l1.mean))
         assert c.rhs == pytest.approx(math.sqrt(2 * c.R_madry_kl.mean))

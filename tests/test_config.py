@@ -30,7 +30,7 @@ def test_negative_beta_is_rejected():
 
 def test_eps_out_of_range_for_pixel_data():
     msg = _error({"attack": {"eps": 8}})
-    assert "attack.eps=8" in msg and "8/255" in msg
+    assert "attack.eps: 8 is out of range" in msg and "8/255" in msg
 
 
 def test_eps_above_one_is_fine_for_the_toy():
@@ -84,7 +84,7 @@ def test_missing_config_file(tmp_path):
 
 def test_value_clip_needs_trades():
     msg = _error({"objective": {"method": "pgdat", "clip_mode": "value", "clip": 0.1}})
-    assert "clip_mode 'value'" in msg
+    assert "objective.clip_mode: clip_mode 'value' clips the TRADES robust term" in msg
 
 
 def test_floor_rule_needs_a_floor():

@@ -190,8 +190,12 @@ def test_smoothing_clip_subtracts_the_bound_from_the_whole_loss():
     [
         ({"method": "mart"}, "unknown method 'mart'"),
         ({"loss": "hinge"}, "unknown loss 'hinge'"),
-        ({"beta": -1.0}, "beta must be >= 0"),
-        ({"method": "pgdat", "clip_mode": "value", "clip": 0.1}, "clip_mode 'value'"),
+        ({"beta": -1.0}, "beta: must be a finite number >= 0"),
+        ({"beta": float("inf")}, "beta: must be a finite number >= 0"),
+        ({"clip": float("nan")}, "clip: must be a finite number >= 0"),
+        ({"label_smoothing": 1.0}, r"label_smoothing: must be in \[0, 1\)"),
+        ({"method": "pgdat", "clip_mode": "value", "clip": 0.1}, "clip_mode: clip_mode 'value'"),
+        ({"clip_mode": "smoothing", "clip": 1.0}, r"clip: clip_mode 'smoothing' takes a clip value c in \[0, 1\)"),
     ],
 )
 def test_bad_objective_settings_fail_clearly(kwargs, match):

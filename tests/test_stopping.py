@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scoretune.stopping import AnyRule, FloorRule, PlateauRule, build_stopper
+from scoretune.stopping import FloorRule, PlateauRule, build_stopper
 
 FLOOR = 0.03
 DIGITS_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits_trades_se.yaml")
@@ -80,17 +80,13 @@ def test_floor_rule_counts_epochs_when_rows_carry_none():
     assert stopped and rule2.stopped_epoch == 3 and rule2.first_below_epoch == 2
 
 
-def test_floor_rule_from_C_uses_corollary_1():
-    assert FloorRule.from_C(0.2).floor == pytest.approx(0.02)
-
-
 @pytest.mark.parametrize("kwargs", [dict(floor=-0.1), dict(floor=float("nan")), dict(floor=0.1, patience=0)])
 def test_floor_rule_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
         FloorRule(**kwargs)
 
 
-# ----------------------------------------------------------------------------- PlateauRule, AnyRule
+# ----------------------------------------------------------------------------- PlateauRule
 
 
 def test_plateau_rule_stops_when_the_metric_stops_improving():
@@ -113,17 +109,6 @@ def test_plateau_rule_min_mode():
     assert feed(rule, [1.0, 0.8, 0.9, 0.85], metric="val_loss") == 4
     with pytest.raises(ValueError):
         PlateauRule(mode="up")
-
-
-def test_any_rule_stops_on_the_first_rule_and_every_rule_sees_every_row():
-    floor, plateau = FloorRule(FLOOR, patience=2), PlateauRule("val_pgd_acc", patience=3)
-    rule = AnyRule([floor, plateau])
-    rows = [{"epoch": e, "train_madry_kl": kl, "val_pgd_acc": acc}
-            for e, (kl, acc) in enumerate([(0.5, 0.3), (0.02, 0.4), (0.04, 0.35), (0.02, 0.36), (0.01, 0.37)], 1)]
-    stopped_at = next((r["epoch"] for r in rows if rule.should_stop(r)), None)
-    assert stopped_at == 5
-    assert rule.reason == floor.reason and rule.reason.startswith("floor:")
-    assert plateau.bad_epochs == 3  # the plateau rule saw every row too (and fired on the same epoch)
 
 
 def test_build_stopper_maps_the_config():

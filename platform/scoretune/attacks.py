@@ -11,6 +11,8 @@ mode for the attack (as the official SCORE/TRADES code does) and its mode is res
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -21,6 +23,31 @@ import torch.nn.functional as F
 from .losses import Objective, smooth_onehot
 
 NORMS = ("linf", "l2")
+
+
+def eps_problem(eps: float, norm: str, pixel_range: tuple[float, float] | None,
+                input_dims: int | None = None) -> str | None:
+    """Why ``eps`` is not a usable radius of B(x) (None when it is): the one range rule for eps.
+
+    eps is finite and >= 0; on bounded inputs (``pixel_range`` (lo, hi), e.g. [0, 1] pixels) a
+    larger ball than the box is meaningless, so eps <= the box's diameter in ``norm``: hi - lo
+    for linf, (hi - lo) sqrt(input_dims) for l2 (checked when ``input_dims`` is known).
+    Unbounded inputs (the 1-D toy, ``pixel_range=None``) take any finite eps.
+    """
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps):
+        return f"must be a finite number (got {eps!r})"
+    if eps < 0:
+        return f"must be >= 0 (got {eps!r})"
+    if pixel_range is None:
+        return None
+    width = float(pixel_range[1]) - float(pixel_range[0])
+    if norm == "linf" and eps > width:
+        return (f"{eps:g} is out of range for {norm} on [{pixel_range[0]:g},{pixel_range[1]:g}] pixel data: "
+                f"use a value in [0, {width:g}] such as 8/255 = 0.0314 (eps is in pixel units, not /255)")
+    if norm == "l2" and input_dims is not None and eps > width * math.sqrt(input_dims):
+        return (f"{eps:g} is larger than the l2 diameter {width * math.sqrt(input_dims):.4g} of the "
+                f"[{pixel_range[0]:g},{pixel_range[1]:g}]^{input_dims} input box: use a value such as 0.5")
+    return None
 
 
 @dataclass(frozen=True)
@@ -42,10 +69,13 @@ class AttackConfig:
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm '{self.norm}'; choose one of: {', '.join(NORMS)}")
-        if self.eps < 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        problem = eps_problem(self.eps, self.norm, None)
+        if problem:
+            raise ValueError(f"eps {problem}")
         if self.steps < 0:
             raise ValueError(f"attack steps must be >= 0, got {self.steps}")
+        if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size >= 0):
+            raise ValueError(f"step_size must be a finite number >= 0, got {self.step_size}")
 
     @property
     def alpha(self) -> float:

@@ -22,7 +22,8 @@ reads it as robust overfitting.
 The expectation over x is a sample mean over ``xs``; every estimate carries its standard error.
 The inner maximum is found by PGD (:func:`scoretune.attacks.pgd`, several restarts, keeping the
 per-sample maximum) or, for 1-D inputs, by an exact dense grid over [x - eps, x + eps]
-(``grid=<points>``), which serves as a cross-check of the PGD value.
+(``grid=<points>``), which serves as a cross-check of the PGD value. These settings (eps, norm,
+steps, restarts, grid, pixel range, generator) are one :class:`InnerMax`, shared by every estimate.
 
 ``posterior`` is p_d: any callable ``x -> probabilities (N, K)`` (e.g.
 :func:`scoretune.data.toy_posterior`, exact for the toy), or an ``nn.Module`` returning logits.
@@ -50,6 +51,7 @@ from .attacks import AttackConfig, eval_mode, pgd, random_init
 from .losses import Divergence, get_divergence
 
 __all__ = [
+    "InnerMax",
     "BoundEstimate",
     "ProbabilityModule",
     "PairModule",
@@ -175,6 +177,49 @@ def as_probability_module(posterior: Posterior, logits: bool | None = None) -> P
 
 # ----------------------------------------------------------------------------- inner maximisation
 
+
+@dataclass(frozen=True)
+class InnerMax:
+    """How the inner maximum over B(x) = {x' : ||x' - x||_norm <= eps} is found.
+
+    ``grid`` (1-D inputs only): an exact dense grid of that many points over [x - eps, x + eps]
+    (``method='grid'``). Otherwise PGD (``method='pgd'``, a lower bound of each maximum):
+    ``restarts`` restarts of ``steps`` coarse steps of ``step_size`` (default 2.5 eps / steps)
+    and a fine run from each end point. ``pixel_range`` is the valid input box (None: unbounded,
+    the toy); ``generator`` draws the random starts (shared, so successive estimates differ).
+    """
+
+    eps: float
+    norm: str = "linf"
+    steps: int = 50
+    restarts: int = 5
+    step_size: float | None = None
+    grid: int | None = None
+    pixel_range: tuple[float, float] | None = None
+    generator: torch.Generator | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.grid is not None and int(self.grid) < 2:
+            raise ValueError(f"grid needs at least 2 points, got {self.grid}")
+        if self.steps < 0 or self.restarts < 0:
+            raise ValueError(f"steps and restarts must be >= 0, got steps={self.steps}, restarts={self.restarts}")
+        self.coarse_attack()  # eps, norm and step size: checked by AttackConfig
+
+    @property
+    def method(self) -> str:
+        return "grid" if self.grid is not None else "pgd"
+
+    def coarse_attack(self) -> AttackConfig:
+        return AttackConfig(eps=self.eps, norm=self.norm, steps=self.steps, step_size=self.step_size,
+                            random_start=True, pixel_range=self.pixel_range)
+
+    def fine_attack(self) -> AttackConfig:
+        """Half the steps at a tenth of the coarse step, from the coarse end point."""
+        return AttackConfig(eps=self.eps, norm=self.norm, steps=max(self.steps // 2, 1),
+                            step_size=self.coarse_attack().alpha / 10, random_start=False,
+                            pixel_range=self.pixel_range)
+
+
 Value = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
 
 
@@ -182,11 +227,8 @@ def _in_box(x: torch.Tensor, pixel_range: tuple[float, float] | None) -> torch.T
     return x if pixel_range is None else x.clamp(*pixel_range)
 
 
-def _pgd_sup(
-    xs: torch.Tensor, module: nn.Module, value: Value, fixed: torch.Tensor | None, *,
-    eps: float, norm: str, restarts: int, steps: int, pixel_range: tuple[float, float] | None,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
+def _pgd_sup(xs: torch.Tensor, module: nn.Module, value: Value, fixed: torch.Tensor | None,
+             inner: InnerMax) -> torch.Tensor:
     """Per-sample max of ``value(fixed, module(x'))`` over B(x) by PGD.
 
     Candidates: x itself, and for each restart a coarse run (step 2.5 eps / steps) followed by a
@@ -196,19 +238,17 @@ def _pgd_sup(
     for C^D, x' = x is the global minimum (D = 0, zero gradient) and PGD would never leave it.
     The per-sample maximum over all candidates is returned, so more restarts never lower it.
     """
-    coarse = AttackConfig(eps=eps, norm=norm, steps=steps, random_start=True, pixel_range=pixel_range)
-    fine = AttackConfig(eps=eps, norm=norm, steps=max(steps // 2, 1), step_size=coarse.alpha / 10,
-                        random_start=False, pixel_range=pixel_range)
+    coarse, fine, generator = inner.coarse_attack(), inner.fine_attack(), inner.generator
 
     def loss(out: torch.Tensor) -> torch.Tensor:
         return value(fixed, out)
 
     with eval_mode(module), torch.no_grad():
-        best = value(fixed, module(_in_box(xs, pixel_range)))
-    if eps == 0 or steps == 0:
+        best = value(fixed, module(_in_box(xs, inner.pixel_range)))
+    if inner.eps == 0 or inner.steps == 0:
         return best
     delta = None
-    for r in range(max(restarts, 1)):
+    for r in range(max(inner.restarts, 1)):
         if r % 2 == 0:
             delta = random_init(xs, coarse, generator) - xs
             x_init = xs + delta
@@ -222,17 +262,14 @@ def _pgd_sup(
     return best
 
 
-def _grid_sup(
-    xs: torch.Tensor, module: nn.Module, value: Value, fixed: torch.Tensor | None, *,
-    eps: float, grid: int, pixel_range: tuple[float, float] | None,
-) -> torch.Tensor:
+def _grid_sup(xs: torch.Tensor, module: nn.Module, value: Value, fixed: torch.Tensor | None,
+              inner: InnerMax) -> torch.Tensor:
     """Per-sample max over ``grid`` equally spaced points of [x - eps, x + eps] (plus x itself);
     1-D inputs only (shape (N,) or (N, 1)). Exact up to the grid spacing 2 eps / (grid - 1)."""
     if xs[0].numel() != 1:
         raise ValueError(f"grid search is for 1-D inputs (shape (N,) or (N, 1)), got shape {tuple(xs.shape)}; "
                          "use the PGD estimate (grid=None)")
-    if grid < 2:
-        raise ValueError(f"grid needs at least 2 points, got {grid}")
+    eps, grid = inner.eps, int(inner.grid)
     dtype = xs.dtype if xs.is_floating_point() else torch.float32
     offsets = torch.linspace(-eps, eps, grid, dtype=dtype, device=xs.device)
     offsets = torch.cat([offsets, offsets.new_zeros(1)])
@@ -244,17 +281,16 @@ def _grid_sup(
     with eval_mode(module), torch.no_grad():
         for i in range(0, n, chunk):
             xc = flat[i: i + chunk]
-            xp = _in_box(xc[:, None] + offsets[None, :], pixel_range).reshape(-1, *xs.shape[1:])
+            xp = _in_box(xc[:, None] + offsets[None, :], inner.pixel_range).reshape(-1, *xs.shape[1:])
             f = fixed[i: i + chunk].repeat_interleave(g, dim=0) if fixed is not None else None
             out.append(value(f, module(xp)).reshape(xc.shape[0], g).amax(dim=1))
     return torch.cat(out) if out else flat.new_zeros(0)
 
 
-def _sup(xs, module, value, fixed, *, eps, norm, restarts, steps, grid, pixel_range, generator):
-    if grid is not None:
-        return _grid_sup(xs, module, value, fixed, eps=eps, grid=int(grid), pixel_range=pixel_range), "grid"
-    return _pgd_sup(xs, module, value, fixed, eps=eps, norm=norm, restarts=restarts, steps=steps,
-                    pixel_range=pixel_range, generator=generator), "pgd"
+def _sup(xs: torch.Tensor, module: nn.Module, value: Value, fixed: torch.Tensor | None,
+         inner: InnerMax) -> tuple[torch.Tensor, str]:
+    sup = _grid_sup if inner.method == "grid" else _pgd_sup
+    return sup(xs, module, value, fixed, inner), inner.method
 
 
 def _fixed_targets(posterior: Posterior | torch.Tensor, xs: torch.Tensor, logits: bool | None) -> torch.Tensor:
@@ -288,31 +324,24 @@ def _check_xs(xs: torch.Tensor) -> torch.Tensor:
 def estimate_C(
     posterior: Posterior,
     xs: torch.Tensor,
-    eps: float,
-    norm: str = "linf",
+    inner: InnerMax,
     divergence: str = "l1",
     *,
-    restarts: int = 5,
-    steps: int = 50,
-    grid: int | None = None,
-    pixel_range: tuple[float, float] | None = None,
     logits: bool | None = None,
-    generator: torch.Generator | None = None,
     keep_values: bool = True,
 ) -> BoundEstimate:
     """C^D = E_x max_{x' in B(x)} D(p_d(.|x), p_d(.|x')) (Pang et al. 2022, Theorem 1's data term).
 
-    The mean over ``xs`` (samples of p(x)) of the per-sample maximum, found by PGD with
-    ``restarts`` restarts of ``steps`` steps (``method='pgd'``, a lower bound of each maximum), or
-    for 1-D inputs by a dense grid of ``grid`` points (``method='grid'``). ``posterior`` is p_d, or
-    for real data a proxy model (logits), in which case the result is the proxy's constant.
+    The mean over ``xs`` (samples of p(x)) of the per-sample maximum over B(x), found as
+    ``inner`` says (PGD, a lower bound of each maximum, or for 1-D inputs an exact grid).
+    ``posterior`` is p_d, or for real data a proxy model (logits), in which case the result is
+    the proxy's constant.
     """
     xs = _check_xs(xs)
     div = get_divergence(divergence)
     module = as_probability_module(posterior, logits)
     fixed = _fixed_targets(module, xs, None)
-    values, method = _sup(xs, module, _div_value(div), fixed, eps=eps, norm=norm, restarts=restarts,
-                          steps=steps, grid=grid, pixel_range=pixel_range, generator=generator)
+    values, method = _sup(xs, module, _div_value(div), fixed, inner)
     return BoundEstimate.from_values(values, method, div.name, keep_values)
 
 
@@ -320,17 +349,11 @@ def madry_risk(
     model: nn.Module,
     posterior: Posterior | torch.Tensor,
     xs: torch.Tensor,
-    eps: float,
-    norm: str = "linf",
+    inner: InnerMax,
     divergence: str = "kl",
     *,
-    restarts: int = 5,
-    steps: int = 50,
-    grid: int | None = None,
-    pixel_range: tuple[float, float] | None = None,
     model_logits: bool = True,
     posterior_logits: bool | None = None,
-    generator: torch.Generator | None = None,
     keep_values: bool = True,
 ) -> BoundEstimate:
     """R_Madry^D = E_x max_{x' in B(x)} D(p_d(.|x), p_theta(.|x')) (Madry et al.'s robust risk in
@@ -340,8 +363,7 @@ def madry_risk(
     div = get_divergence(divergence)
     fixed = _fixed_targets(posterior, xs, posterior_logits)
     module = as_probability_module(model, model_logits)
-    values, method = _sup(xs, module, _div_value(div), fixed, eps=eps, norm=norm, restarts=restarts,
-                          steps=steps, grid=grid, pixel_range=pixel_range, generator=generator)
+    values, method = _sup(xs, module, _div_value(div), fixed, inner)
     return BoundEstimate.from_values(values, method, div.name, keep_values)
 
 
@@ -349,17 +371,11 @@ def score_risk(
     model: nn.Module,
     posterior: Posterior,
     xs: torch.Tensor,
-    eps: float,
-    norm: str = "linf",
+    inner: InnerMax,
     divergence: str = "se",
     *,
-    restarts: int = 5,
-    steps: int = 50,
-    grid: int | None = None,
-    pixel_range: tuple[float, float] | None = None,
     model_logits: bool = True,
     posterior_logits: bool | None = None,
-    generator: torch.Generator | None = None,
     keep_values: bool = True,
 ) -> BoundEstimate:
     """R_SCORE^D = E_x max_{x' in B(x)} D(p_d(.|x'), p_theta(.|x')) (SCORE, Pang et al. 2022).
@@ -380,8 +396,7 @@ def score_risk(
     def value(_fixed: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         return div(out[:, :k], out[:, k:])
 
-    values, method = _sup(xs, pair, value, None, eps=eps, norm=norm, restarts=restarts, steps=steps,
-                          grid=grid, pixel_range=pixel_range, generator=generator)
+    values, method = _sup(xs, pair, value, None, inner)
     return BoundEstimate.from_values(values, method, div.name, keep_values)
 
 
@@ -443,28 +458,19 @@ class Theorem1Terms:
     pointwise_fraction: float
 
 
-def _estimate_kwargs(restarts, steps, grid, pixel_range, generator) -> dict:
-    return dict(restarts=restarts, steps=steps, grid=grid, pixel_range=pixel_range, generator=generator)
-
-
 def theorem1_check(
     model: nn.Module,
     posterior: Posterior,
     xs: torch.Tensor,
-    eps: float,
-    norm: str = "linf",
+    inner: InnerMax,
     divergence: str = "l1",
     *,
     tol: float = 1e-4,
-    restarts: int = 5,
-    steps: int = 50,
-    grid: int | None = None,
-    pixel_range: tuple[float, float] | None = None,
     model_logits: bool = True,
     posterior_logits: bool | None = None,
-    generator: torch.Generator | None = None,
 ) -> Theorem1Terms:
-    """Estimate R_Madry^D, R_SCORE^D and C^D on ``xs`` and check Theorem 1 (D a distance).
+    """Estimate R_Madry^D, R_SCORE^D and C^D on ``xs`` (each inner max as ``inner`` says) and check
+    Theorem 1 (D a distance).
 
     Raises ValueError for a divergence that is not a distance (Theorem 1 needs the triangle
     inequality; see :attr:`scoretune.losses.Divergence.is_distance`).
@@ -475,17 +481,16 @@ def theorem1_check(
 
         names = ", ".join(n for n, d in DIVERGENCES.items() if d.is_distance)
         raise ValueError(f"Theorem 1 needs a distance; '{div.name}' is not one (choose one of: {names})")
-    kw = _estimate_kwargs(restarts, steps, grid, pixel_range, generator)
-    m = madry_risk(model, posterior, xs, eps, norm, div.name, model_logits=model_logits,
-                   posterior_logits=posterior_logits, **kw)
-    s = score_risk(model, posterior, xs, eps, norm, div.name, model_logits=model_logits,
-                   posterior_logits=posterior_logits, **kw)
-    c = estimate_C(posterior, xs, eps, norm, div.name, logits=posterior_logits, **kw)
+    m = madry_risk(model, posterior, xs, inner, div.name, model_logits=model_logits,
+                   posterior_logits=posterior_logits)
+    s = score_risk(model, posterior, xs, inner, div.name, model_logits=model_logits,
+                   posterior_logits=posterior_logits)
+    c = estimate_C(posterior, xs, inner, div.name, logits=posterior_logits)
     lower, upper = abs(m.mean - c.mean), m.mean + c.mean
     sl, su = s.mean - lower, upper - s.mean
     mv, sv, cv = m.values, s.values, c.values
     ok = (sv >= np.abs(mv - cv) - tol) & (sv <= mv + cv + tol)
-    return Theorem1Terms(div.name, float(eps), m, s, c, lower, upper, sl, su, min(sl, su),
+    return Theorem1Terms(div.name, float(inner.eps), m, s, c, lower, upper, sl, su, min(sl, su),
                          bool(min(sl, su) >= -tol), float(tol), float(ok.mean()))
 
 
@@ -509,25 +514,16 @@ def corollary1_check(
     model: nn.Module,
     posterior: Posterior,
     xs: torch.Tensor,
-    eps: float,
-    norm: str = "linf",
+    inner: InnerMax,
     *,
     tol: float = 1e-4,
-    restarts: int = 5,
-    steps: int = 50,
-    grid: int | None = None,
-    pixel_range: tuple[float, float] | None = None,
     model_logits: bool = True,
     posterior_logits: bool | None = None,
-    generator: torch.Generator | None = None,
 ) -> Corollary1Terms:
     """Estimate the terms of Corollary 1 on ``xs``: lhs = |R_SCORE^l1 - C^l1|, rhs = sqrt(2 R_Madry^KL)."""
-    kw = _estimate_kwargs(restarts, steps, grid, pixel_range, generator)
-    s = score_risk(model, posterior, xs, eps, norm, "l1", model_logits=model_logits,
-                   posterior_logits=posterior_logits, **kw)
-    c = estimate_C(posterior, xs, eps, norm, "l1", logits=posterior_logits, **kw)
-    m = madry_risk(model, posterior, xs, eps, norm, "kl", model_logits=model_logits,
-                   posterior_logits=posterior_logits, **kw)
+    s = score_risk(model, posterior, xs, inner, "l1", model_logits=model_logits, posterior_logits=posterior_logits)
+    c = estimate_C(posterior, xs, inner, "l1", logits=posterior_logits)
+    m = madry_risk(model, posterior, xs, inner, "kl", model_logits=model_logits, posterior_logits=posterior_logits)
     lhs, rhs = abs(s.mean - c.mean), math.sqrt(2.0 * max(m.mean, 0.0))
-    return Corollary1Terms(float(eps), s, c, m, lhs, rhs, rhs - lhs, bool(lhs <= rhs + tol), float(tol),
+    return Corollary1Terms(float(inner.eps), s, c, m, lhs, rhs, rhs - lhs, bool(lhs <= rhs + tol), float(tol),
                            madry_floor(c.mean))

@@ -1,7 +1,17 @@
 """Experiment configuration: validated pydantic models, YAML loading and ``--set`` overrides.
 
 Every error names the bad field (dotted path) and, where there is a fixed set, the allowed
-values, on one line.
+values, on one line. Each rule lives once, on the model of its section (rules between sections on
+:class:`ExperimentConfig`); the sections build their runtime objects (:meth:`ObjectiveConfig.build`,
+:meth:`AttackSettings.build`, :meth:`ExperimentConfig.eval_attack`).
+
+Ranges: every float is finite and no number field takes a boolean. ``attack.eps`` follows
+:func:`scoretune.attacks.eps_problem`: at most the diameter of the input box, i.e. <= 1 for linf
+on [0, 1] pixels (checked here) and <= sqrt(number of input values) for l2 (checked when the data
+is known, by :meth:`AttackSettings.build`); the toy's inputs are unbounded (any finite eps).
+``optim.milestones`` are fractions of the post-warm-up schedule in (0, 1), ``optim.gamma`` a decay
+factor in (0, 1], ``seed`` in [0, 2^32), ``name`` follows :func:`scoretune.names.name_problem`, and
+``batch_size`` must be divisible by ``scaling.workers``.
 """
 
 from __future__ import annotations
@@ -9,26 +19,54 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
+from .attacks import AttackConfig, eps_problem
 from .errors import UserError
-from .losses import CLIP_MODES, LOSS_NAMES, METHODS
+from .losses import CLIP_MODES, LOSS_NAMES, METHODS, Objective
+from .names import name_problem
 
 LossName = Literal[LOSS_NAMES]  # type: ignore[valid-type]
 MethodName = Literal[METHODS]  # type: ignore[valid-type]
 ClipMode = Literal[CLIP_MODES]  # type: ignore[valid-type]
+
+SEED_LIMIT = 2**32
+"""Seeds are in [0, 2^32): numpy's range; the engine derives ``seed * 1000 + rank`` from it."""
+
+PIXEL_RANGE = (0.0, 1.0)
+"""The input box of every image dataset (the toy's inputs are unbounded): the range of attack.eps."""
 
 
 class ConfigError(UserError, ValueError):
     """A configuration problem, with a one-line message naming the field."""
 
 
+def _numeric(annotation: Any) -> bool:
+    """int or float, or Optional of one (a bool field is neither)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] if typing.get_origin(annotation) else []
+    inner = args[0] if len(args) == 1 else annotation
+    return inner in (int, float)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys refused; every float finite (``allow_inf_nan=False``); a number field refuses a
+    boolean (YAML ``epochs: true`` is an error, not 1)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a number, not true/false")
+        return v
 
 
 class DataConfig(_Strict):
@@ -46,14 +84,15 @@ class DataConfig(_Strict):
 
         names = available_datasets()
         if v not in names:
-            raise ValueError(f"unknown dataset '{v}'; choose one of: {', '.join(names)}")
+            raise ValueError(f"unknown dataset {v!r}; choose one of: {', '.join(names)}")
         return v
 
-    @model_validator(mode="after")
-    def _ddpm_pair(self) -> "DataConfig":
-        if self.ddpm_fraction > 0 and not self.ddpm_path:
-            raise ValueError("ddpm_fraction > 0 needs data.ddpm_path (an .npz with 'image' and 'label')")
-        return self
+    @field_validator("ddpm_fraction")
+    @classmethod
+    def _ddpm_pair(cls, v: float, info: ValidationInfo) -> float:
+        if v > 0 and not info.data.get("ddpm_path"):
+            raise ValueError("> 0 needs data.ddpm_path (an .npz with 'image' and 'label')")
+        return v
 
 
 class ModelConfig(_Strict):
@@ -68,11 +107,14 @@ class ModelConfig(_Strict):
 
         names = available_models()
         if v not in names and not v.startswith("wrn-"):
-            raise ValueError(f"unknown model '{v}'; choose one of: {', '.join(names)} or wrn-<depth>-<width>")
+            raise ValueError(f"unknown model {v!r}; choose one of: {', '.join(names)} or wrn-<depth>-<width>")
         return v
 
 
 class ObjectiveConfig(_Strict):
+    """The training objective; :meth:`build` makes the :class:`scoretune.losses.Objective`, whose
+    ``__post_init__`` holds the rules between fields (checked here once, at validation)."""
+
     method: MethodName = "trades"  # type: ignore[valid-type]
     loss: LossName = "se"  # type: ignore[valid-type]
     beta: float = Field(6.0, ge=0.0)
@@ -80,20 +122,35 @@ class ObjectiveConfig(_Strict):
     clip_mode: ClipMode = "none"  # type: ignore[valid-type]
     clip: float = Field(0.0, ge=0.0)
 
+    def build(self) -> Objective:
+        return Objective(**self.model_dump())
+
     @model_validator(mode="after")
-    def _clip_form(self) -> "ObjectiveConfig":
-        if self.clip_mode == "value" and self.method != "trades":
-            raise ValueError("clip_mode 'value' clips the TRADES robust term; use clip_mode 'smoothing' with pgdat")
-        if self.clip_mode == "smoothing" and self.clip >= 1.0:
-            raise ValueError("clip_mode 'smoothing' takes a clip value c in [0, 1)")
+    def _builds(self) -> "ObjectiveConfig":
+        self.build()  # its ValueError names the field ("clip_mode: ..."), shown as objective.clip_mode
         return self
 
 
 class AttackSettings(_Strict):
+    """The threat model B(x) and the training attack's budget; :meth:`build` makes the attacks."""
+
     eps: float = Field(8 / 255, ge=0.0)
     norm: Literal["linf", "l2"] = "linf"
     steps: int = Field(10, ge=0)
     step_size: Optional[float] = Field(None, gt=0.0)
+
+    def build(self, pixel_range: tuple[float, float] | None, input_dims: int | None = None,
+              steps: int | None = None) -> AttackConfig:
+        """The PGD attack in B(x) on inputs in ``pixel_range``: the training attack, or with ``steps``
+        an evaluation attack of that many steps (``step_size`` is kept only when the step counts
+        agree, else the default 2.5 eps / steps). ``input_dims`` (the data's number of input values)
+        completes the eps range check for l2 (eps <= the box's diameter)."""
+        problem = eps_problem(self.eps, self.norm, pixel_range, input_dims)
+        if problem:
+            raise ConfigError(f"attack.eps: {problem}")
+        n = self.steps if steps is None else steps
+        return AttackConfig(eps=self.eps, norm=self.norm, steps=n,
+                            step_size=self.step_size if n == self.steps else None, pixel_range=pixel_range)
 
 
 class EvalSettings(_Strict):
@@ -112,13 +169,30 @@ class OptimConfig(_Strict):
     schedule: Literal["cosine", "piecewise", "constant"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0.0)
     milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])
-    gamma: float = Field(0.1, gt=0.0)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        # engine.lr_factor: the LR is multiplied by gamma once progress (the fraction of the
+        # post-warm-up steps done, in [0, 1)) reaches a milestone
+        for m in v:
+            if not 0.0 < m < 1.0:
+                raise ValueError(f"each milestone is a fraction of the schedule in (0, 1) (got {m!r})")
+        return v
 
 
 class EarlyStopConfig(_Strict):
     rule: Literal["none", "floor"] = "none"
-    floor: Optional[float] = Field(None, ge=0.0)
+    floor: Optional[float] = Field(None, ge=0.0, validate_default=True)
     patience: int = Field(2, ge=1)
+
+    @field_validator("floor")
+    @classmethod
+    def _floor_given(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is None and info.data.get("rule") == "floor":
+            raise ValueError("rule 'floor' needs early_stop.floor = (C^l1)^2/2 (see `scoretune bound`)")
+        return v
 
 
 class ScalingSettings(_Strict):
@@ -129,6 +203,14 @@ class ScalingSettings(_Strict):
     max_failures: int = Field(0, ge=-1)
     storage_path: Optional[str] = None
     num_to_keep: Optional[int] = Field(2, ge=1)
+
+
+def batch_split_problem(batch_size: int, workers: int) -> str | None:
+    """Why ``batch_size`` cannot be split evenly over ``workers`` (None when it can): the one rule."""
+    if batch_size % workers:
+        return (f"batch_size {batch_size} is not divisible by {workers} workers (scaling.workers): the global "
+                "batch is split evenly; pick a worker count that divides it (or change batch_size)")
+    return None
 
 
 class ExperimentConfig(_Strict):
@@ -143,7 +225,7 @@ class ExperimentConfig(_Strict):
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     device: str = "auto"
     amp: Literal["auto", "on", "off"] = "auto"
     # NHWC memory layout for a conv model on image data (model and batches); 'auto' = on for such
@@ -152,23 +234,39 @@ class ExperimentConfig(_Strict):
     ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
     output_dir: str = "runs"
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        problem = name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v == "auto" or v == "cpu" or v == "mps" or v == "cuda" or v.startswith("cuda:"):
+        if v in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:[0-9]+", v):
             return v
-        raise ValueError(f"unknown device '{v}'; choose one of: auto, cpu, cuda, cuda:N, mps")
+        raise ValueError(f"unknown device {v!r}; choose one of: auto, cpu, cuda, cuda:N, mps")
 
     @model_validator(mode="after")
-    def _eps_in_range(self) -> "ExperimentConfig":
-        if self.data.name != "toy" and self.attack.norm == "linf" and self.attack.eps > 1.0:
-            raise ValueError(
-                f"attack.eps={self.attack.eps} is out of range for [0,1] pixel data: use a value in [0, 1] "
-                "such as 8/255 = 0.0314 (eps is in pixel units, not /255)"
-            )
-        if self.early_stop.rule == "floor" and self.early_stop.floor is None:
-            raise ValueError("early_stop.rule 'floor' needs early_stop.floor = (C^l1)^2/2 (see `scoretune bound`)")
+    def _across_sections(self) -> "ExperimentConfig":
+        # eps in range for the data's input box (l2: the diameter check needs the input size, which
+        # only the loaded data knows: AttackSettings.build completes it)
+        problem = eps_problem(self.attack.eps, self.attack.norm, None if self.data.name == "toy" else PIXEL_RANGE)
+        if problem:
+            raise ValueError(f"attack.eps: {problem}")
+        problem = batch_split_problem(self.batch_size, self.scaling.workers)
+        if problem:
+            raise ValueError(problem)
         return self
+
+    def eval_attack(self, pixel_range: tuple[float, float] | None,
+                    input_dims: int | None = None) -> AttackConfig | None:
+        """PGD-``eval.pgd_steps`` in the training threat model (None when ``eval.pgd_steps`` is 0)."""
+        if self.eval.pgd_steps == 0:
+            return None
+        return self.attack.build(pixel_range, input_dims, steps=self.eval.pgd_steps)
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view (``objective.beta`` -> 6.0) for logging as params."""
@@ -189,34 +287,82 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): (.+)$", re.DOTALL)
+
+
+def _loc_part(p: Any) -> str:
+    t = str(p)
+    return t if re.fullmatch(r"[A-Za-z0-9_\-]+", t) else repr(p)
+
+
+def _one_line(text: str) -> str:
+    lines = text.splitlines()
+    return " ".join(lines) if len(lines) > 1 else text
+
+
+def _blamed_field(title: str, loc: tuple, msg: str) -> tuple[str, str] | None:
+    """(dotted field, rest) when a validator of a config model starts its message with one of that
+    model's fields (``"clip_mode: ..."`` from the objective section: ``objective.clip_mode``)."""
+    m = _FIELD_PREFIX.match(msg)
+    model: Any = {c.__name__: c for c in _Strict.__subclasses__()}.get(title)
+    for p in loc:
+        field = model.model_fields.get(p) if model is not None and isinstance(p, str) else None
+        ann = field.annotation if field is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if m is None or model is None or m.group(1).split(".")[0] not in model.model_fields:
+        return None
+    return ".".join([*(str(p) for p in loc), m.group(1)]), m.group(2)
+
+
 def format_validation_error(err: ValidationError) -> str:
-    """One line per problem, ``field.path: message (got value)``, joined by '; '."""
+    """One line per problem, ``field.path: message (got value)``, joined by '; '.
+
+    A validator of a config model may name the field it blames first (``"clip_mode: ..."`` from
+    the objective section becomes ``objective.clip_mode: ...``); a whole-config error names its fields."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        loc = ".".join(_loc_part(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "finite_number":
+            msg = "must be finite"
+        elif e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `scoretune train --help`)"
+        elif e["type"] == "value_error":
+            blamed = _blamed_field(err.title, e["loc"], msg)
+            if blamed:
+                loc, msg = blamed
         got = e.get("input")
-        got_s = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
-        parts.append(f"{loc}: {msg}{got_s}")
-    return "; ".join(parts)
+        skip = e["type"] in ("extra_forbidden", "missing") or got is None or isinstance(got, dict) or "(got " in msg
+        got_s = "" if skip else f" (got {_short_repr(got)})"
+        parts.append(f"{loc}: {msg}{got_s}" if loc else f"{msg}{got_s}")
+    return _one_line("; ".join(parts))
+
+
+def _short_repr(v: Any, limit: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     """``["objective.beta=3", "data.name=toy"]`` -> nested dict; values are parsed as YAML scalars."""
     nested: dict[str, Any] = {}
     for pair in pairs or []:
-        if "=" not in pair:
-            raise ConfigError(f"--set expects key=value, got '{pair}'")
+        if not isinstance(pair, str) or "=" not in pair:
+            raise ConfigError(_one_line(f"--set expects key=value, got {pair!r}"))
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
-        node = nested
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(_one_line(f"--set {key!r}: expects a dotted key such as objective.beta"))
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except Exception as e:  # YAMLError, or e.g. ValueError from a date such as 2020-13-45
+            problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+            raise ConfigError(_one_line(f"--set {key}: malformed value {raw!r}: {problem}")) from None
+        node = nested
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{p}' is not a section")
+                raise ConfigError(_one_line(f"--set {key}: {p!r} is not a section"))
         node[parts[-1]] = value
     return nested
 
@@ -238,6 +384,8 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {p} (pass the path to a YAML file)")
     try:
         data = yaml.safe_load(p.read_text())
+    except ValueError as e:  # e.g. a date such as 2020-13-45
+        raise ConfigError(_one_line(f"{p}: malformed YAML: {e}")) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -251,6 +399,10 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> ExperimentConfig:
+    """The validated config of the mapping ``raw`` with ``key=value`` overrides; a one-line
+    :class:`ConfigError` naming the field otherwise."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of config sections, got {type(raw).__name__}")
     merged = deep_merge(raw, parse_overrides(overrides))
     try:
         return ExperimentConfig.model_validate(merged)

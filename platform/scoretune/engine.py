@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .attacks import AttackConfig, eval_mode, pgd_ce, training_attack
-from .config import ExperimentConfig, OptimConfig
+from .config import ConfigError, ExperimentConfig, OptimConfig, batch_split_problem
 from .data import BatchLoader, Dataset, load_dataset
 from .errors import UserError
 from .losses import Objective, madry_kl
@@ -152,8 +152,6 @@ def selection_metric(row: dict[str, Any]) -> float:
         if key in row:
             return float(row[key])
     return float("-inf")
-
-
 
 
 class MetricSums:
@@ -407,21 +405,13 @@ class Trainer:
         self.memory_format = memory_format_for(cfg.channels_last, self.net, info.input_shape)
         self.net = self.net.to(memory_format=self.memory_format)
         self.model = self.wrap_model(self.net) if self.wrap_model else self.net
-        self.objective = Objective(**cfg.objective.model_dump())
-        self.train_attack = AttackConfig(
-            eps=cfg.attack.eps, norm=cfg.attack.norm, steps=cfg.attack.steps,
-            step_size=cfg.attack.step_size, pixel_range=info.pixel_range,
-        )
-        self.eval_attack = AttackConfig(
-            eps=cfg.attack.eps, norm=cfg.attack.norm, steps=cfg.eval.pgd_steps,
-            step_size=cfg.attack.step_size if cfg.eval.pgd_steps == cfg.attack.steps else None,
-            pixel_range=info.pixel_range,
-        ) if cfg.eval.pgd_steps > 0 else None
-        if cfg.batch_size % self.world_size:
-            raise ValueError(
-                f"batch_size {cfg.batch_size} is not divisible by {self.world_size} workers: "
-                "the global batch is split evenly across workers"
-            )
+        self.objective = cfg.objective.build()
+        input_dims = math.prod(info.input_shape)
+        self.train_attack = cfg.attack.build(info.pixel_range, input_dims)
+        self.eval_attack = cfg.eval_attack(info.pixel_range, input_dims)
+        problem = batch_split_problem(cfg.batch_size, self.world_size)  # the running world, not the config's
+        if problem:
+            raise ConfigError(problem)
         per_rank = cfg.batch_size // self.world_size
         ds = self.dataset
         self.train_loader = BatchLoader(

@@ -21,6 +21,7 @@ name          D(P, Q)                     note
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -180,29 +181,28 @@ class Objective:
     clip: float = 0.0
 
     def __post_init__(self) -> None:
+        # Each message starts with the field it blames: a config shows it as objective.<field>.
         if self.method not in METHODS:
-            raise ValueError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
-        get_divergence(self.loss)
+            raise ValueError(f"method: unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.loss not in DIVERGENCES:
+            raise ValueError(f"loss: unknown loss {self.loss!r}; choose one of: {', '.join(LOSS_NAMES)}")
         if self.clip_mode not in CLIP_MODES:
-            raise ValueError(f"unknown clip_mode '{self.clip_mode}'; choose one of: {', '.join(CLIP_MODES)}")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.clip < 0:
-            raise ValueError(f"clip must be >= 0, got {self.clip}")
+            raise ValueError(f"clip_mode: unknown clip_mode {self.clip_mode!r}; choose one of: {', '.join(CLIP_MODES)}")
+        for name in ("beta", "clip"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}: must be a finite number >= 0 (got {v!r})")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing: must be in [0, 1) (got {self.label_smoothing!r})")
         if self.clip_mode == "value" and self.method != "trades":
-            raise ValueError("clip_mode 'value' clips the TRADES robust term; use clip_mode 'smoothing' with pgdat")
+            raise ValueError("clip_mode: clip_mode 'value' clips the TRADES robust term; use clip_mode 'smoothing' "
+                             "with pgdat")
+        if self.clip_mode == "smoothing" and self.clip >= 1.0:
+            raise ValueError(f"clip: clip_mode 'smoothing' takes a clip value c in [0, 1) (got {self.clip!r})")
 
     @property
     def divergence(self) -> Divergence:
         return get_divergence(self.loss)
-
-    def attack_divergence(self, p_target: torch.Tensor, p_adv: torch.Tensor) -> torch.Tensor:
-        """What the inner maximisation maximises, per sample.
-
-        TRADES: D(p(x), p(x')) with ``p_target = p(x)`` (detached);
-        PGD-AT: D(target, p(x')) with ``p_target`` the smoothed one-hot.
-        """
-        return self.divergence(p_target, p_adv)
 
     def per_sample(
         self,

@@ -7,7 +7,6 @@
   after ``patience`` consecutive epochs below the floor.
 * :class:`PlateauRule` -- stop when a validation metric has not improved for ``patience`` epochs
   (the early stopping of Rice et al., 2020, on PGD accuracy).
-* :class:`AnyRule` -- stop when any of several rules says so.
 
 Every rule has ``should_stop(row: dict) -> bool`` and a ``reason`` string (empty until it stops);
 once a rule has stopped it keeps answering True. :func:`build_stopper` turns the ``early_stop``
@@ -18,9 +17,9 @@ section of an experiment config into a rule (or None). Ray Tune adapters live in
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
-__all__ = ["Rule", "FloorRule", "PlateauRule", "AnyRule", "build_stopper"]
+__all__ = ["Rule", "FloorRule", "PlateauRule", "build_stopper"]
 
 
 class Rule(Protocol):
@@ -83,13 +82,6 @@ class FloorRule:
         self.stopped_epoch: int | None = None
         self.reason = ""
         self._seen = 0
-
-    @classmethod
-    def from_C(cls, C_l1: float, patience: int = 2, metric: str = "train_madry_kl") -> "FloorRule":
-        """The rule for a data constant C^l1: floor = (C^l1)^2 / 2."""
-        from .bounds import madry_floor
-
-        return cls(madry_floor(C_l1), patience, metric)
 
     @property
     def stopped(self) -> bool:
@@ -189,41 +181,6 @@ class PlateauRule:
     def __repr__(self) -> str:
         return (f"PlateauRule(metric={self.metric!r}, mode={self.mode!r}, patience={self.patience}, "
                 f"min_delta={self.min_delta!r})")
-
-
-class AnyRule:
-    """Stop as soon as any of ``rules`` says stop; every rule sees every row.
-
-    ``reason`` is the reason of the first rule that stopped (ties: the first in the list).
-    """
-
-    def __init__(self, rules: Iterable[Rule]):
-        self.rules = list(rules)
-        if not self.rules:
-            raise ValueError("AnyRule needs at least one rule")
-        self.reason = ""
-        self.stopped_epoch: int | None = None
-
-    @property
-    def stopped(self) -> bool:
-        return bool(self.reason)
-
-    def should_stop(self, row: Mapping[str, Any]) -> bool:
-        if self.stopped:
-            return True
-        flags = [rule.should_stop(row) for rule in self.rules]
-        for rule, flag in zip(self.rules, flags):
-            if flag:
-                self.reason = rule.reason
-                self.stopped_epoch = getattr(rule, "stopped_epoch", None)
-                return True
-        return False
-
-    def update(self, row: Mapping[str, Any], epoch: int | None = None) -> bool:
-        return self.should_stop(row if epoch is None else {**row, "epoch": epoch})
-
-    def __repr__(self) -> str:
-        return f"AnyRule({self.rules!r})"
 
 
 def build_stopper(early_stop: Any) -> Rule | None:

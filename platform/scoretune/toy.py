@@ -48,8 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import AttackConfig, eval_mode, pgd
-from .bounds import BoundEstimate, PairModule, as_probability_module, estimate_C, madry_floor, madry_risk, \
-    score_risk, standard_risk
+from .bounds import BoundEstimate, InnerMax, PairModule, as_probability_module, estimate_C, madry_floor, \
+    madry_risk, score_risk, standard_risk
 from .data import TOY_MEANS, TOY_PRIOR, TOY_VARIANCES, toy_posterior
 from .losses import get_divergence
 from .models import build_model
@@ -109,13 +109,23 @@ class ToyConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.eps <= 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         for name in ("attack_steps", "n_samples", "iters", "eval_every", "n_eval", "n_pairs", "finite_iters", "chunk"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.risk_grid < 2:
             raise ValueError(f"risk_grid must be >= 2, got {self.risk_grid}")
+
+    def inner_max(self, grid: int) -> InnerMax:
+        """The threat ball |x' - x| <= eps with an exact grid of ``grid`` points (unbounded inputs)."""
+        return InnerMax(eps=self.eps, norm="linf", grid=grid)
+
+    def attack(self) -> AttackConfig:
+        """The training attack of the Madry-type variants: PGD-``attack_steps`` in the same ball."""
+        return AttackConfig(eps=self.eps, norm="linf", steps=self.attack_steps, pixel_range=None)
 
 
 @dataclass
@@ -261,19 +271,15 @@ def finite_loss(
 
 def evaluate_risks(model: nn.Module, xs: torch.Tensor, cfg: ToyConfig) -> dict[str, float]:
     """R_SCORE^l1, R_Standard^l1, R_Madry^l1, R_Madry^KL (exact grid inner max) and the two gaps."""
-    kw = dict(grid=cfg.risk_grid, keep_values=False)
+    inner = cfg.inner_max(cfg.risk_grid)
     return {
-        "R_score_l1": score_risk(model, toy_posterior, xs, cfg.eps, "linf", "l1", **kw).mean,
+        "R_score_l1": score_risk(model, toy_posterior, xs, inner, "l1", keep_values=False).mean,
         "R_standard_l1": standard_risk(model, toy_posterior, xs, "l1", keep_values=False).mean,
-        "R_madry_l1": madry_risk(model, toy_posterior, xs, cfg.eps, "linf", "l1", **kw).mean,
-        "R_madry_kl": madry_risk(model, toy_posterior, xs, cfg.eps, "linf", "kl", **kw).mean,
+        "R_madry_l1": madry_risk(model, toy_posterior, xs, inner, "l1", keep_values=False).mean,
+        "R_madry_kl": madry_risk(model, toy_posterior, xs, inner, "kl", keep_values=False).mean,
         "gap_grid": posterior_gap(model),
         "gap_data": posterior_gap(model, xs),
     }
-
-
-def _attack(cfg: ToyConfig) -> AttackConfig:
-    return AttackConfig(eps=cfg.eps, norm="linf", steps=cfg.attack_steps, pixel_range=None)
 
 
 def _train(
@@ -336,8 +342,9 @@ def toy_constants(cfg: ToyConfig, n: int = 20_000, grid: int = 401) -> tuple[Bou
     gen = torch.Generator(device=cfg.device)
     gen.manual_seed(cfg.seed + 2_000_003)
     xs = sample_toy(n, gen, device=cfg.device)[0].double()
-    c_l1 = estimate_C(toy_posterior, xs, cfg.eps, "linf", "l1", grid=grid, keep_values=False)
-    c_kl = estimate_C(toy_posterior, xs, cfg.eps, "linf", "kl", grid=grid, keep_values=False)
+    inner = cfg.inner_max(grid)
+    c_l1 = estimate_C(toy_posterior, xs, inner, "l1", keep_values=False)
+    c_kl = estimate_C(toy_posterior, xs, inner, "kl", keep_values=False)
     return c_l1, c_kl, madry_floor(c_l1)
 
 
@@ -346,7 +353,7 @@ def train_expectation_variant(variant: str, cfg: ToyConfig, *, eval_xs: torch.Te
     """Train one expectation-form variant (full batch of ``cfg.n_samples`` points a step)."""
     if variant not in EXPECTATION_VARIANTS:
         raise ValueError(f"unknown toy variant {variant!r}; choose one of: {', '.join(EXPECTATION_VARIANTS)}")
-    attack = _attack(cfg)
+    attack = cfg.attack()
     gen = torch.Generator(device=cfg.device)
     gen.manual_seed(cfg.seed)
     fixed = None if cfg.resample else sample_toy(cfg.n_samples, gen, device=cfg.device)
@@ -377,7 +384,7 @@ def train_finite_variant(variant: str, cfg: ToyConfig, x: torch.Tensor, y: torch
     """Train one finite-sample variant on the pairs (x, y) for ``cfg.finite_iters`` full-batch steps."""
     if variant not in FINITE_VARIANTS:
         raise ValueError(f"unknown finite-sample variant {variant!r}; choose one of: {', '.join(FINITE_VARIANTS)}")
-    attack = _attack(cfg)
+    attack = cfg.attack()
 
     def step(model, xb, yb, g):
         return finite_loss(variant, model, xb, yb, attack, g)

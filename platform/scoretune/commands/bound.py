@@ -16,10 +16,6 @@ HELP = "estimate SCORE's data constant C^D (eight divergences) and the floor (C^
 EXPERIMENT = "scoretune-bounds"
 
 
-
-
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="NAME", help="dataset (toy: exact posterior; others need --proxy)")
     p.add_argument("--eps", required=True, type=eps_value, help="radius of the threat ball B(x), e.g. 1 (toy) or 8/255")
@@ -96,7 +92,8 @@ def _run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..bounds import estimate_C, madry_floor
+    from ..attacks import eps_problem
+    from ..bounds import InnerMax, estimate_C, madry_floor
     from ..errors import UserError
     from ..losses import LOSS_NAMES
 
@@ -106,15 +103,18 @@ def _run(args: argparse.Namespace) -> int:
     if method == "grid" and not one_d:
         raise UserError(f"--method grid needs 1-D inputs; {args.data} has shape {tuple(xs.shape[1:])}: "
                         "use --method pgd")
+    problem = eps_problem(args.eps, args.norm, pixel_range, xs[0].numel())
+    if problem:
+        raise UserError(f"--eps: {problem}")
     kw = dict(grid=args.grid) if method == "grid" else dict(restarts=args.restarts, steps=args.steps)
-    gen = torch.Generator(device=xs.device).manual_seed(args.seed)
-    print(f"C^D on {xs.shape[0]} points of {args.data} ({args.split}), eps={args.eps:g} ({args.norm}), "
-          f"posterior: {source}, inner max: {method}")
+    inner = InnerMax(eps=args.eps, norm=args.norm, pixel_range=pixel_range,
+                     generator=torch.Generator(device=xs.device).manual_seed(args.seed), **kw)
+    print(f"C^D on {xs.shape[0]} points of {args.data} ({args.split}), eps={inner.eps:g} ({inner.norm}), "
+          f"posterior: {source}, inner max: {inner.method}")
     print(f"{'divergence':>10} {'C^D':>10} {'stderr':>9}")
     estimates = {}
     for name in LOSS_NAMES:
-        est = estimate_C(posterior, xs, args.eps, args.norm, name, pixel_range=pixel_range, generator=gen,
-                         keep_values=False, **kw)
+        est = estimate_C(posterior, xs, inner, name, keep_values=False)
         estimates[name] = est
         print(f"{name:>10} {est.mean:>10.5f} {est.stderr:>9.2g}")
     floor = madry_floor(estimates["l1"])
@@ -122,10 +122,10 @@ def _run(args: argparse.Namespace) -> int:
     if not args.no_mlflow:
         from ..tracking import RunLogger
 
-        logger = RunLogger(args.tracking_uri, args.experiment, run_name=f"C-{args.data}-eps{args.eps:g}-{args.norm}",
+        logger = RunLogger(args.tracking_uri, args.experiment, run_name=f"C-{args.data}-eps{inner.eps:g}-{inner.norm}",
                            tags={"scoretune.kind": "bound", "scoretune.dataset": args.data})
-        logger.log_params({"data": args.data, "eps": args.eps, "norm": args.norm, "n": xs.shape[0],
-                           "split": args.split, "method": method, "posterior": source, "seed": args.seed, **kw})
+        logger.log_params({"data": args.data, "eps": inner.eps, "norm": inner.norm, "n": xs.shape[0],
+                           "split": args.split, "method": inner.method, "posterior": source, "seed": args.seed, **kw})
         metrics = {"madry_floor": floor}
         for name, est in estimates.items():
             metrics[f"C_{name}"] = est.mean

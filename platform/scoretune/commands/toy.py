@@ -16,8 +16,6 @@ HELP = "reproduce SCORE's toy demos (exact 1-D posterior): who converges to p_d(
 EXPERIMENT = "scoretune-toy"
 
 
-
-
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
