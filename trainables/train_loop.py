@@ -245,11 +245,6 @@ def build_torch_trainer(
     from scoretune.errors import UserError
 
     storage = resolve_storage_path(storage_path or cfg.scaling.storage_path)
-    if cfg.batch_size % cfg.scaling.workers:
-        raise UserError(
-            f"batch_size {cfg.batch_size} is not divisible by {cfg.scaling.workers} workers: the global batch is "
-            "split evenly; pick a worker count that divides it (or change batch_size)"
-        )
     if not resume and run_exists(storage, name):
         raise UserError(
             f"run '{name}' already has checkpoints in {storage}/{name}: resume it, pick another name, "

@@ -20,7 +20,7 @@ def resolve_floor(space: SearchSpace, out: Callable[[str], None] = print) -> flo
         return float(f.value)
     import torch
 
-    from ..bounds import estimate_C, madry_floor
+    from ..bounds import InnerMax, estimate_C, madry_floor
     from ..data import load_dataset, to_float, toy_posterior
 
     base = space.base_config()
@@ -29,7 +29,8 @@ def resolve_floor(space: SearchSpace, out: Callable[[str], None] = print) -> flo
             raise UserError("stoppers.floor.estimate needs toy data or stoppers.floor.proxy_checkpoint")
         ds = load_dataset("toy", val_size=base.data.val_size, seed=base.seed, **base.data.options)
         xs = to_float(ds.train.x[: f.samples]).double()
-        c = estimate_C(toy_posterior, xs, base.attack.eps, base.attack.norm, "l1", grid=401, keep_values=False)
+        c = estimate_C(toy_posterior, xs, InnerMax(eps=base.attack.eps, norm=base.attack.norm, grid=401),
+                       "l1", keep_values=False)
         source = f"toy: exact posterior, exact (grid) inner max, mean over {xs.shape[0]} samples"
     else:
         from ..engine import model_from_checkpoint
@@ -40,8 +41,9 @@ def resolve_floor(space: SearchSpace, out: Callable[[str], None] = print) -> flo
         split = ds.val if len(ds.val) else ds.train
         xs = to_float(split.x[: f.samples])
         gen = torch.Generator().manual_seed(space.seed)
-        c = estimate_C(net, xs, base.attack.eps, base.attack.norm, "l1", restarts=2, steps=20,
-                       pixel_range=ds.info.pixel_range, logits=True, generator=gen, keep_values=False)
+        inner = InnerMax(eps=base.attack.eps, norm=base.attack.norm, restarts=2, steps=20,
+                         pixel_range=ds.info.pixel_range, generator=gen)
+        c = estimate_C(net, xs, inner, "l1", logits=True, keep_values=False)
         source = f"proxy {f.proxy_checkpoint}"
     floor = madry_floor(c)
     out(f"floor (C^l1)^2/2 = {floor:.4g} (C^l1 = {c}, {source})")

@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ValidationError
 
-from ..config import ALIASES, ConfigError, ExperimentConfig, apply_params, format_validation_error
+from ..config import ALIASES, ConfigError, ExperimentConfig, apply_params, batch_split_problem, format_validation_error
 from ..engine import ENGINE_METRICS
 
 _MAX_JOINT_CHECKS = 512  # joint validation of every combination of probe values up to this many
@@ -159,9 +159,9 @@ def validate_space(space: Any, source: str = "") -> Any:
         if missing:
             raise ConfigError(f"{_where(source)}points_to_evaluate.{i}: give a value for every searched param "
                               f"(missing: {', '.join(missing)})")
-    if space.resources.workers > 1 and base.batch_size % space.resources.workers:
-        raise ConfigError(f"{_where(source)}resources.workers: {space.resources.workers} workers do not divide "
-                          f"batch_size {base.batch_size}; pick a worker count that divides it")
+    split = batch_split_problem(base.batch_size, space.resources.workers)
+    if split:
+        raise ConfigError(f"{_where(source)}resources.workers: {split}")
     floor = space.stoppers.floor
     if floor is not None and floor.estimate and floor.proxy_checkpoint is None and base.data.name != "toy":
         raise ConfigError(
