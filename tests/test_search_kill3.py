@@ -92,4 +92,6 @@ def test_three_driver_kills_then_resume_log_every_epoch_once(tmp_path):
     assert len(trial_ids) == len(set(trial_ids)) == TRIALS
     for r in children:
         assert [m.step for m in cl.get_metric_history(r.info.run_id, "val_pgd_acc")] == list(range(1, EPOCHS + 1))
+    print(f"uninterrupted {uninterrupted:.1f} s, three kills + resumes {interrupted:.1f} s "
+          f"({interrupted / uninterrupted:.2f}x)")
     assert interrupted <= 2.5 * uninterrupted, (interrupted, uninterrupted)
