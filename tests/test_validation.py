@@ -71,7 +71,7 @@ def test_a_boolean_is_not_a_float():
 
 def test_the_name_follows_the_one_naming_rule():
     msg = _error(["name=../escape"])
-    assert msg.startswith("config: name: use ASCII letters") and "'../escape'" in msg
+    assert msg.startswith("config: name: '../escape' is not allowed: use ASCII letters")
     assert build_config({"name": "cifar10-trades_se.v2"}).name == "cifar10-trades_se.v2"
 
 
@@ -215,7 +215,7 @@ def _check(call, touched: list[str], must_fail: bool = False) -> None:
         for v in value if isinstance(value, list) else [value]:
             assert not (isinstance(v, float) and not math.isfinite(v)), (key, value)
         default = DEFAULTS.get(key)
-        if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(default, int) and not isinstance(default, bool) and value is not None:  # None: an Optional
             assert isinstance(value, int) and not isinstance(value, bool), (key, value)
 
 

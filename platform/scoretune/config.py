@@ -31,7 +31,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from .attacks import AttackConfig, eps_problem
 from .errors import UserError
 from .losses import CLIP_MODES, LOSS_NAMES, METHODS, Objective
-from .names import name_problem
+from .names import Name
 
 LossName = Literal[LOSS_NAMES]  # type: ignore[valid-type]
 MethodName = Literal[METHODS]  # type: ignore[valid-type]
@@ -214,7 +214,7 @@ def batch_split_problem(batch_size: int, workers: int) -> str | None:
 
 
 class ExperimentConfig(_Strict):
-    name: str = "scoretune"
+    name: Name = "scoretune"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
@@ -233,14 +233,6 @@ class ExperimentConfig(_Strict):
     channels_last: Literal["auto", "on", "off"] = "auto"
     ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
     output_dir: str = "runs"
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        problem = name_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
 
     @field_validator("device")
     @classmethod

@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from .errors import UserError
 
@@ -27,6 +30,17 @@ def name_problem(name: object) -> str | None:
     if is_valid_name(name):
         return None
     return f"{name!r} is not allowed: use {NAME_RULE}"
+
+
+def _pydantic_name(v: str) -> str:
+    problem = name_problem(v)
+    if problem:
+        raise ValueError(problem)
+    return v
+
+
+Name = Annotated[str, AfterValidator(_pydantic_name)]
+"""A pydantic field type that follows the one rule (experiment and search-space names)."""
 
 
 def validate_name(name: object, what: str = "name", flag: str | None = None) -> str:

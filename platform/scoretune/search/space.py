@@ -39,7 +39,7 @@ from ..config import (
     parse_overrides,
     read_yaml,
 )
-from ..names import name_problem
+from ..names import Name
 from .validate import validate_space
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
@@ -220,7 +220,7 @@ class StoppersSpec(_Strict):
 class SearchSpace(_Strict):
     """A whole search: ``base`` experiment + searched ``params`` + how to search and stop."""
 
-    name: str = Field(..., min_length=1)
+    name: Name
     base: dict[str, Any] = Field(default_factory=dict)
     params: dict[str, ParamSpec]
     objective: list[ObjectiveSpec] = Field(default_factory=lambda: [ObjectiveSpec()])
@@ -238,14 +238,6 @@ class SearchSpace(_Strict):
     autoattack: AutoAttackSpec = Field(default_factory=AutoAttackSpec)
     tracking_uri: Optional[str] = None
     experiment: Optional[str] = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        problem = name_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
 
     @field_validator("params")
     @classmethod
