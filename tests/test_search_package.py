@@ -196,3 +196,18 @@ def test_the_space_imports_neither_ray_nor_mlflow():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_resume_refuses_a_local_storage_that_others_can_write(tmp_path):
+    from scoretune.errors import UserError
+    from scoretune.search.driver import check_trusted_storage
+
+    exp = tmp_path / "ray" / "s"
+    exp.mkdir(parents=True)
+    check_trusted_storage(str(exp))  # ours, not world-writable: fine
+    (tmp_path / "ray").chmod(0o777)
+    with pytest.raises(UserError, match="can be written by another user"):
+        check_trusted_storage(str(exp))
+    (tmp_path / "ray").chmod(0o1777)  # sticky, like /tmp: others cannot replace our folder
+    check_trusted_storage(str(exp))
+    check_trusted_storage("s3://bucket/ray/s")  # remote storage: trusted by its access policy

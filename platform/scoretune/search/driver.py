@@ -66,6 +66,24 @@ def check_dataset(base: dict[str, Any]) -> None:
         raise UserError(f"base.data: {text} (no trial was started)") from None
 
 
+def check_trusted_storage(ray_path: str) -> None:
+    """``Tuner.restore`` unpickles the experiment state, searcher and callbacks it finds in ``ray_path``:
+    whoever can write there can run code in this process. Remote storage (s3://, gs://) must be trusted
+    (say so in its access policy); a local folder that another user can write, or that is not ours, is
+    refused."""
+    import stat
+
+    if "://" in ray_path:
+        return
+    for d in (Path(ray_path), Path(ray_path).parent):  # the experiment folder and its storage root
+        st = d.stat()
+        open_to_others = st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX
+        if open_to_others or st.st_uid not in (0, os.getuid()):
+            raise UserError(f"refusing to resume from {ray_path}: {d} can be written by another user (mode "
+                            f"{stat.filemode(st.st_mode)}, owner uid {st.st_uid}), and resuming unpickles what "
+                            "is there; keep the search in a folder only you can write (chmod o-w)")
+
+
 def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = False, tracking_uri: str | None = None,
                address: str | None = None, space_text: str | None = None,
                out: Callable[[str], None] = print) -> SearchSummary | None:
@@ -81,6 +99,7 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
     if resume:
         if not tune.Tuner.can_restore(ray_path):
             raise UserError(f"nothing to resume: no search '{name}' in {storage} (run it without --resume first)")
+        check_trusted_storage(ray_path)
         state = read_state(ray_path)
         space = SearchSpace.model_validate(state["space"])
         uri = state["tracking_uri"]
