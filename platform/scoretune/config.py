@@ -324,7 +324,7 @@ def format_validation_error(err: ValidationError) -> str:
             if blamed:
                 loc, msg = blamed
         got = e.get("input")
-        skip = e["type"] in ("extra_forbidden", "missing") or got is None or isinstance(got, dict) or "(got " in msg
+        skip = e["type"] in ("extra_forbidden", "missing") or got is None or isinstance(got, dict) or "(got " in msg or repr(got) in msg
         got_s = "" if skip else f" (got {_short_repr(got)})"
         parts.append(f"{loc}: {msg}{got_s}" if loc else f"{msg}{got_s}")
     return _one_line("; ".join(parts))
