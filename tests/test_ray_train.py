@@ -45,8 +45,8 @@ def read_json(path) -> object:
 def test_scaling_section_maps_onto_ray_scaling_config():
     from trainables.train_loop import scaling_config
 
-    sc = scaling_config(small_cfg("s", workers=3, cpus_per_worker=2, gpus_per_worker=0.5))
-    assert sc.num_workers == 3
+    sc = scaling_config(small_cfg("s", workers=4, cpus_per_worker=2, gpus_per_worker=0.5))
+    assert sc.num_workers == 4
     assert sc.use_gpu is True
     assert sc.resources_per_worker == {"CPU": 2.0, "GPU": 0.5}
     cpu_only = scaling_config(small_cfg("s", workers=2))
