@@ -211,3 +211,16 @@ def test_resume_refuses_a_local_storage_that_others_can_write(tmp_path):
     (tmp_path / "ray").chmod(0o1777)  # sticky, like /tmp: others cannot replace our folder
     check_trusted_storage(str(exp))
     check_trusted_storage("s3://bucket/ray/s")  # remote storage: trusted by its access policy
+
+
+def test_progress_callback_pickles_after_a_library_patched_print(monkeypatch):
+    """Ray Train V2 replaces builtins.print in the driver; Tune then pickles the search's callbacks."""
+    import builtins
+    import pickle
+
+    from scoretune.search.callback import ProgressCallback
+
+    cb = ProgressCallback(space=None, stoppers=[], out=print)
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: None)
+    back = pickle.loads(pickle.dumps(cb))
+    assert back.out is builtins.print

@@ -210,6 +210,19 @@ class ProgressCallback(Callback):
         self.last_epoch: dict[str, float] = {}
         self.best: tuple[float, str, int] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its callbacks (``tuner.pkl``): a builtin ``print`` goes as None (and comes back as
+        print), since pickling it by name fails once a library has patched ``builtins.print``."""
+        state = dict(self.__dict__)
+        if getattr(state.get("out"), "__module__", None) == "builtins":
+            state["out"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.out is None:
+            self.out = print
+
     def get_state(self) -> dict[str, Any]:
         return {"status": self.status, "last_epoch": self.last_epoch, "best": self.best}
 
