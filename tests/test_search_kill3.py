@@ -15,7 +15,7 @@ import pytest
 import yaml
 from procs import descendants
 
-TRIALS, EPOCHS = 8, 4
+TRIALS, EPOCHS = 8, 6
 
 
 def _space(tmp_path: Path, name: str) -> Path:

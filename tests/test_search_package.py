@@ -213,14 +213,23 @@ def test_resume_refuses_a_local_storage_that_others_can_write(tmp_path):
     check_trusted_storage("s3://bucket/ray/s")  # remote storage: trusted by its access policy
 
 
-def test_progress_callback_pickles_after_a_library_patched_print(monkeypatch):
-    """Ray Train V2 replaces builtins.print in the driver; Tune then pickles the search's callbacks."""
-    import builtins
-    import pickle
+def test_progress_callback_pickles_after_a_library_patched_print():
+    """Ray Train V2 replaces builtins.print in the driver; Tune then pickles the search's callbacks.
+    In a fresh process, so that ``print`` is the real builtin whatever this test session ran before."""
+    import subprocess
+    import sys
 
-    from scoretune.search.callback import ProgressCallback
-
-    cb = ProgressCallback(space=None, stoppers=[], out=print)
-    monkeypatch.setattr(builtins, "print", lambda *a, **k: None)
-    back = pickle.loads(pickle.dumps(cb))
-    assert back.out is builtins.print
+    code = (
+        "import builtins, pickle\n"
+        "from scoretune.search.callback import ProgressCallback\n"
+        "cb = ProgressCallback(space=None, stoppers=[], out=print)\n"
+        "real = builtins.print\n"
+        "builtins.print = lambda *a, **k: None\n"
+        "blob = pickle.dumps(cb)\n"
+        "builtins.print = real\n"
+        "back = pickle.loads(blob)\n"
+        "assert back.out is real, back.out\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
