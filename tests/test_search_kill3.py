@@ -15,13 +15,13 @@ import pytest
 import yaml
 from procs import descendants
 
-TRIALS, EPOCHS = 8, 6
+TRIALS, EPOCHS = 8, 4
 
 
 def _space(tmp_path: Path, name: str) -> Path:
     raw = {"name": name,
-           "base": {"data": {"name": "digits", "val_size": 0.1}, "model": {"name": "mlp"},
-                    "attack": {"eps": 0.1, "steps": 1}, "eval": {"pgd_steps": 1, "max_samples": 64, "test": False},
+           "base": {"data": {"name": "digits", "val_size": 0.1}, "model": {"name": "small_cnn"},
+                    "attack": {"eps": 0.1, "steps": 2}, "eval": {"pgd_steps": 1, "max_samples": 64, "test": False},
                     "epochs": EPOCHS, "batch_size": 128, "device": "cpu"},
            "params": {"lr": {"loguniform": [0.05, 0.3]}, "beta": {"uniform": [1.0, 6.0]}},
            "num_samples": TRIALS, "max_concurrent": 2, "top_k": 1, "scheduler": {"type": "none"},
