@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UserError
+from ..tracking import tags
 from .ray_session import ray_session
 from .training_run import Out, TrainingRun
 
@@ -126,8 +127,8 @@ def train_on_ray(cfg: Any, *, address: str | None = None, tracking_uri: str | No
         trainer = build_torch_trainer(cfg, name=cfg.name, storage_path=storage, resume=True)
         out(f"Ray Train: {s.workers} worker(s), global batch {cfg.batch_size}, checkpoints in {run_path}")
         with TrainingRun(cfg, run_path, tracking_uri=tracking_uri, experiment=experiment, use_mlflow=use_mlflow,
-                         continuing=bool(previous), extra_tags={"scoretune.workers": str(s.workers),
-                                                                 "scoretune.ray_run": run_path},
+                         continuing=bool(previous),
+                         extra_tags={tags.WORKERS: str(s.workers), tags.RAY_RUN: run_path},
                          resume_hint="rerun the same command to continue", out=out) as run:
             run.table.add(previous)
             follower = Follower(storage, cfg.name, run.table.add)
