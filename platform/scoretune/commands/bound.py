@@ -120,10 +120,10 @@ def _run(args: argparse.Namespace) -> int:
     floor = madry_floor(estimates["l1"])
     print(f"floor (C^l1)^2/2 = {floor:.5g}   (use: scoretune train ... --early-stop floor --floor {floor:.4g})")
     if not args.no_mlflow:
-        from ..tracking import RunLogger
+        from ..tracking import RunLogger, tags
 
         logger = RunLogger(args.tracking_uri, args.experiment, run_name=f"C-{args.data}-eps{inner.eps:g}-{inner.norm}",
-                           tags={"scoretune.kind": "bound", "scoretune.dataset": args.data})
+                           tags={tags.KIND: "bound", tags.DATASET: args.data})
         logger.log_params({"data": args.data, "eps": inner.eps, "norm": inner.norm, "n": xs.shape[0],
                            "split": args.split, "method": inner.method, "posterior": source, "seed": args.seed, **kw})
         metrics = {"madry_floor": floor}

@@ -90,10 +90,10 @@ def _run(args: argparse.Namespace) -> int:
               + ", ".join(f"{r.label} {r.final['gap_data']:.4f}" for r in ranked))
     print(f"plots: {', '.join(str(p) for p in pngs)}  ({seconds:.0f}s)")
     if not args.no_mlflow:
-        from ..tracking import RunLogger
+        from ..tracking import RunLogger, tags
 
         logger = RunLogger(args.tracking_uri, args.experiment, run_name=f"toy-eps{cfg.eps:g}-seed{cfg.seed}",
-                           tags={"scoretune.kind": "toy", "scoretune.dataset": "toy"})
+                           tags={tags.KIND: "toy", tags.DATASET: "toy"})
         logger.log_params({**toy.config_dict(cfg), "forms": ",".join(forms)})
         logger.log_metrics({"seconds": seconds, "C_l1": c.C_l1.mean, "C_l1_stderr": c.C_l1.stderr,
                             "C_kl": c.C_kl.mean, "C_kl_stderr": c.C_kl.stderr, "madry_floor": c.floor})

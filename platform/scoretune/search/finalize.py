@@ -140,7 +140,7 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
         try:
             autoattack_trial(cl, tracking_uri, t.run_id, net, _cfg, space, epoch)
         except Exception as e:  # an evaluation problem must not cost the logged model
-            cl.set_tag(t.run_id, "scoretune.autoattack_error", f"{type(e).__name__}: {str(e)[:300]}")
+            cl.set_tag(t.run_id, tags.AUTOATTACK_ERROR, f"{type(e).__name__}: {str(e)[:300]}")
     cl.set_terminated(t.run_id, status="FINISHED")
     return uri
 
@@ -182,10 +182,10 @@ def log_parent_summary(cl: Any, summary: SearchSummary, space: SearchSpace) -> N
             v = best.value(o.metric)
             if v is not None:
                 metrics[f"best_{o.metric}"] = v
-        cl.set_tag(pid, "scoretune.best_trial_id", best.trial_id)
-        cl.set_tag(pid, "scoretune.best_run_id", best.run_id or "")
+        cl.set_tag(pid, tags.BEST_TRIAL, best.trial_id)
+        cl.set_tag(pid, tags.BEST_RUN, best.run_id or "")
     if summary.pareto:
-        cl.set_tag(pid, "scoretune.pareto_trials", ",".join(t.trial_id for t in summary.pareto))
+        cl.set_tag(pid, tags.PARETO, ",".join(t.trial_id for t in summary.pareto))
     log_metrics(cl, pid, metrics, step=0)
     cl.log_text(pid, format_table(summary, list(space.params)), "trials.txt")
     cl.set_terminated(pid, status="FINISHED")
