@@ -128,16 +128,6 @@ def _worker_info(rank: int, device: Any) -> dict[str, Any]:
             "pid": os.getpid(), "device": str(device)}
 
 
-def _replay(stopper: Any, history: list[dict[str, float]]) -> str:
-    """Feed the resumed epochs to the early-stopping rule; its reason if it already stopped."""
-    if stopper is None:
-        return ""
-    for row in history:
-        if stopper.should_stop(row):
-            return stopper.reason or "early_stopped"
-    return ""
-
-
 def train_loop_per_worker(config: dict) -> dict[str, Any]:
     """One Ray Train worker. ``config = {"experiment": cfg.model_dump(), ...}`` (plus optional
     test hooks, see :mod:`trainables.probes`). Returns (rank 0's value is ``result.return_value``)
@@ -148,7 +138,7 @@ def train_loop_per_worker(config: dict) -> dict[str, Any]:
 
     from scoretune.config import ExperimentConfig
     from scoretune.engine import Trainer
-    from scoretune.stopping import build_stopper
+    from scoretune.stopping import build_stopper, replay_history
 
     from .probes import Probe
     from .ray_checkpoint import checkpoint_dir_name, write_checkpoint_dir
@@ -170,7 +160,7 @@ def train_loop_per_worker(config: dict) -> dict[str, Any]:
     workers = gather_objects(_worker_info(rank, device))
     probe.started(trainer.epoch, workers[rank]["node_id"])
     stopper = build_stopper(cfg.early_stop)
-    stop_reason = _replay(stopper, trainer.history)
+    stop_reason = replay_history(stopper, trainer.history)
 
     while trainer.epoch < cfg.epochs and not stop_reason:
         probe.epoch_start(trainer.epoch + 1)

@@ -17,7 +17,7 @@ section of an experiment config into a rule (or None). Ray Tune adapters live in
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 __all__ = ["Rule", "FloorRule", "PlateauRule", "build_stopper"]
 
@@ -181,6 +181,17 @@ class PlateauRule:
     def __repr__(self) -> str:
         return (f"PlateauRule(metric={self.metric!r}, mode={self.mode!r}, patience={self.patience}, "
                 f"min_delta={self.min_delta!r})")
+
+
+def replay_history(stopper: Any, history: Iterable[Mapping[str, Any]]) -> str:
+    """Feed a resumed run's finished epochs to the early-stopping rule (None: no rule); its reason if it
+    already stopped in one of them ("" otherwise). Every driver calls this before training on."""
+    if stopper is None:
+        return ""
+    for row in history:
+        if stopper.should_stop(row):
+            return stopper.reason or "early_stopped"
+    return ""
 
 
 def build_stopper(early_stop: Any) -> Rule | None:

@@ -52,7 +52,7 @@ def train_in_process(cfg: Any, *, tracking_uri: str | None = None, experiment: s
     robust accuracy improves) under ``cfg.output_dir/cfg.name``; ``stopper`` (default: from
     ``cfg.early_stop``) has ``should_stop(row) -> bool`` and ``reason``."""
     from ..engine import Trainer
-    from ..stopping import build_stopper
+    from ..stopping import build_stopper, replay_history
 
     run_dir = inside(cfg.output_dir, cfg.name)
     last, best = run_dir / "last.pt", run_dir / "best.pt"
@@ -65,17 +65,11 @@ def train_in_process(cfg: Any, *, tracking_uri: str | None = None, experiment: s
     with TrainingRun(cfg, str(run_dir), tracking_uri=tracking_uri, experiment=experiment, use_mlflow=use_mlflow,
                      continuing=continuing, out=out) as run:
         run.table.add(trainer.history)
-        best_score = max((selection_metric(r) for r in trainer.history), default=float("-inf"))
-        status = "completed"
-        for row in trainer.history:
-            if stopper is not None and stopper.should_stop(row):
-                status = stopper.reason or "early_stopped"
+        status = replay_history(stopper, trainer.history) or "completed"
         while trainer.epoch < cfg.epochs and status == "completed":
             row = trainer.train_one_epoch()
             trainer.save(last)
-            score = selection_metric(row)
-            if score > best_score:
-                best_score = score
+            if selection_metric(row) > run.table.best_score:  # the best epoch so far: keep its checkpoint
                 trainer.save(best)
             run.table.add([row])
             if stopper is not None and stopper.should_stop(row):
