@@ -271,7 +271,7 @@ def test_resuming_a_default_pgdat_run_reproduces_it_exactly(tmp_path):
 @pytest.mark.slow
 def test_pgdat_se_with_the_official_attack_on_digits_beats_85_clean_and_35_pgd20():
     """The engine tests' accuracy bar (tests/test_engine.py, TRADES-SE), for PGD-AT-SE with the default attack
-    (bn train, one-hot target). About 60-90 s on an idle 2-core machine."""
+    (bn train, one-hot target). Slow: ten training epochs (about 6 s each on one free core)."""
     from scoretune.engine import Trainer, evaluate
 
     cfg = build_config(DIGITS_PGDAT_SE)
