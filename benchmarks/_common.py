@@ -74,9 +74,12 @@ def reference_step(
 ) -> dict[str, float]:
     """One TRADES-SE / PGD-AT-SE training step written the textbook way, fp32, no tricks.
 
-    Attack in eval mode (BatchNorm uses its running statistics, as the TRADES/SCORE code does):
-    TRADES takes a clean forward for the target p(x), starts at x + 0.001 N(0, I) and maximises
-    SE(p(x), p(x')); PGD-AT starts uniformly in the eps-ball and maximises SE(onehot(y), p(x')).
+    The attack as the official SCORE code runs it (P2333/SCORE, ``without_DDPM/train_cifar.py``):
+    TRADES in eval mode (BatchNorm uses its running statistics, ``attack_trades_divergence``)
+    takes a clean forward for the target p(x), starts at x + 0.001 N(0, I) and maximises
+    SE(p(x), p(x')); PGD-AT in train mode (``attack_pgd_divergence``, called while the model
+    trains: BatchNorm normalises with batch statistics and every attack forward updates the
+    running statistics) starts uniformly in the eps-ball and maximises SE(onehot(y), p(x')).
     Each of the ``attack.steps`` steps is one forward and ``torch.autograd.grad``, a signed
     ascent step of ``attack.alpha`` and the projection ``x + clip(x' - x, -eps, eps)`` onto the
     eps-ball, then onto the pixel box (the start point is projected the same way).
@@ -84,6 +87,7 @@ def reference_step(
     (TRADES: SE(onehot, p(x)) + beta SE(p(x), p(x')); PGD-AT: SE(onehot, p(x'))), backward and
     one optimiser step.  The start noise is drawn from ``generator`` exactly as the engine draws
     it (TRADES: one ``randn``; PGD-AT: one ``rand``), so both start from the same point.
+    ``attack.bn``/``attack.target`` must be ``auto`` (the engine's default: these semantics).
 
     Returns the batch means ``loss``, ``natural`` and ``robust`` as floats.
     """
@@ -91,6 +95,8 @@ def reference_step(
         raise ValueError("the reference step implements SE without clipping or label smoothing only")
     if attack.norm != "linf":
         raise ValueError("the reference step implements the linf attack only")
+    if (attack.bn, attack.target) != ("auto", "auto"):
+        raise ValueError("the reference step implements the official attack modes (attack bn/target 'auto') only")
     eps, alpha = attack.eps, attack.alpha
     lo, hi = attack.pixel_range
     onehot = None
@@ -101,12 +107,13 @@ def reference_step(
         # min/max form moves the loss by up to 2e-4).
         return (x + (x_new - x).clamp(-eps, eps)).clamp(lo, hi)
 
-    model.eval()
     if objective.method == "trades":
+        model.eval()
         with torch.no_grad():
             p_nat = F.softmax(model(x), dim=1)
         x_adv = project(x + 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
     else:
+        model.train()
         x_adv = project(x + (2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1) * eps)
     for _ in range(attack.steps):
         x_adv.requires_grad_(True)

@@ -4,6 +4,8 @@
 For each model and objective (TRADES-SE, PGD-AT-SE; 10-step linf PGD, eps 8/255, step 2/255) it
 
 1. checks that ``scoretune.engine.train_step`` and the reference step (``benchmarks/_common.py``:
+   the official SCORE code's attack semantics, i.e. TRADES attacks in eval mode, PGD-AT in train
+   mode with BatchNorm batch statistics and running-statistics updates toward the plain one-hot;
    clean target forward, 10 ``torch.autograd.grad`` attack steps, separate clean and adversarial
    train-mode forwards, fp32) give the same loss to ``--tol`` (1e-5) in fp32 from the same
    initial weights, batch and random start (the start noise comes from one seeded generator),

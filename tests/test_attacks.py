@@ -1,5 +1,6 @@
-"""PGD for training and evaluation: stays in the threat model, increases the attacked loss,
-never touches BatchNorm running statistics."""
+"""PGD for training and evaluation: stays in the threat model, increases the attacked loss; the
+evaluation attack and the TRADES training attack never touch BatchNorm running statistics (the
+PGD-AT attack's BatchNorm modes: tests/test_attack_official.py)."""
 
 import pytest
 import torch
@@ -85,6 +86,16 @@ def test_attack_does_not_change_batchnorm_running_stats():
     for k, v in before.items():
         assert torch.equal(v, after[k]), k
     assert net.training, "the attack must restore the model's training mode"
+
+
+def test_the_evaluation_attack_runs_in_eval_mode_whatever_the_training_attack_bn_mode():
+    torch.manual_seed(0)
+    net = build_model("small_cnn", input_shape=(1, 8, 8), num_classes=10).train()
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+    pgd_ce(net, x, y, AttackConfig(eps=0.1, steps=3, bn="train"))
+    after = net.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
 
 
 def test_eval_mode_restores_each_submodule_mode():

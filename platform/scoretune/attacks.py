@@ -4,8 +4,22 @@ The training attack maximises the same divergence the objective minimises
 (SCORE Sec. 5: TRADES maximises D(p(x), p(x')), PGD-AT maximises D(target, p(x'))).
 The evaluation attack is PGD-k on cross-entropy with restarts.
 
-BatchNorm running statistics never change during an attack: the model is put in eval
-mode for the attack (as the official SCORE/TRADES code does) and its mode is restored.
+How the training attack runs BatchNorm is a setting (:data:`BN_MODES`, ``attack.bn``):
+
+- ``eval``: running statistics, left untouched (the official TRADES attack, ``model.eval()``,
+  in the SCORE code's ``attack_trades_divergence`` and TRADES' ``trades_loss``);
+- ``train``: batch statistics, and every attack forward updates the running statistics (the
+  official SCORE PGD-AT attack, ``attack_pgd_divergence`` in ``without_DDPM/train_cifar.py``,
+  called while the model is in train mode);
+- ``train_frozen``: batch statistics, running statistics untouched (the official SCORE
+  ``trades_loss_LSE``, which switches ``track_bn_stats`` off for its attack).
+
+The PGD-AT attack's target is a setting too (:data:`TARGETS`, ``attack.target``): ``onehot``
+(the official code: label smoothing enters the loss only) or ``smoothed`` (the label-smoothed
+one-hot of the loss). ``auto`` (the default of both) is the official code's choice for the
+objective (:func:`resolve_attack_mode`): PGD-AT ``bn=train, target=onehot``, TRADES ``bn=eval``.
+``bn=eval, target=smoothed`` is how scoretune ran PGD-AT before these settings existed.
+The evaluation attack (:func:`pgd_ce`) always runs in eval mode.
 """
 
 from __future__ import annotations
@@ -23,6 +37,20 @@ import torch.nn.functional as F
 from .losses import Objective, smooth_onehot
 
 NORMS = ("linf", "l2")
+BN_MODES = ("eval", "train", "train_frozen")
+"""How BatchNorm runs during the training attack (module docstring); ``auto`` picks per objective."""
+TARGETS = ("onehot", "smoothed")
+"""The PGD-AT attack's target: the plain one-hot or the label-smoothed one (``auto``: per objective)."""
+OFFICIAL_ATTACK_MODES = {"pgdat": ("train", "onehot"), "trades": ("eval", "onehot")}
+"""``(bn, target)`` of the official SCORE code (P2333/SCORE, ``without_DDPM/train_cifar.py``) per
+method. TRADES attacks toward p(x), so its target setting has no effect."""
+
+
+def resolve_attack_mode(method: str, bn: str = "auto", target: str = "auto") -> tuple[str, str]:
+    """The ``(bn, target)`` the training attack of ``method`` runs with: each ``auto`` replaced by
+    the official SCORE code's choice (:data:`OFFICIAL_ATTACK_MODES`)."""
+    official_bn, official_target = OFFICIAL_ATTACK_MODES[method]
+    return (official_bn if bn == "auto" else bn), (official_target if target == "auto" else target)
 
 
 def eps_problem(eps: float, norm: str, pixel_range: tuple[float, float] | None,
@@ -56,7 +84,9 @@ class AttackConfig:
 
     ``eps`` is the radius of B(x) in ``norm``; ``step_size`` defaults to 2.5 eps / steps
     (Madry et al.); ``pixel_range`` is the valid input box (``None`` for unbounded inputs
-    such as the 1-D toy).
+    such as the 1-D toy). ``bn`` and ``target`` say how the *training* attack runs BatchNorm
+    and what PGD-AT attacks toward (module docstring; ``auto``: as the official code for the
+    objective); :func:`pgd` and the evaluation attack ignore them.
     """
 
     eps: float
@@ -65,10 +95,16 @@ class AttackConfig:
     step_size: float | None = None
     random_start: bool = True
     pixel_range: tuple[float, float] | None = (0.0, 1.0)
+    bn: str = "auto"
+    target: str = "auto"
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm '{self.norm}'; choose one of: {', '.join(NORMS)}")
+        if self.bn not in ("auto",) + BN_MODES:
+            raise ValueError(f"unknown attack bn mode {self.bn!r}; choose one of: auto, {', '.join(BN_MODES)}")
+        if self.target not in ("auto",) + TARGETS:
+            raise ValueError(f"unknown attack target {self.target!r}; choose one of: auto, {', '.join(TARGETS)}")
         problem = eps_problem(self.eps, self.norm, None)
         if problem:
             raise ValueError(f"eps {problem}")
@@ -94,6 +130,44 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+@contextlib.contextmanager
+def bn_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
+    """Run ``model`` with BatchNorm as ``mode`` says (:data:`BN_MODES`) and restore every module's
+    mode (and ``track_running_stats``) afterwards.
+
+    ``eval``: :func:`eval_mode`. ``train``: every module in train mode (batch statistics; each
+    forward updates the running statistics and ``num_batches_tracked``, as the official PGD-AT
+    attack does). ``train_frozen``: train mode with ``track_running_stats`` off on each BatchNorm
+    layer, so it normalises with batch statistics and leaves its buffers untouched.
+    """
+    if mode == "eval":
+        with eval_mode(model):
+            yield model
+        return
+    if mode not in BN_MODES:
+        raise ValueError(f"unknown attack bn mode {mode!r}; choose one of: {', '.join(BN_MODES)}")
+    modes = [(m, m.training) for m in model.modules()]
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracking = [m.track_running_stats for m in bns]
+    model.train()
+    if mode == "train_frozen":
+        for m in bns:
+            m.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        for m, track in zip(bns, tracking):
+            m.track_running_stats = track
+
+
+def _loss_dtype(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 at least: low-precision (bf16/fp16 autocast) values go up to float32,
+    float64 stays float64 (so a float64 model attacks in float64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 @contextlib.contextmanager
@@ -158,11 +232,13 @@ def pgd(
     *,
     x_init: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    bn: str = "eval",
 ) -> torch.Tensor:
     """Maximise ``per_sample_loss(model(x'))`` over x' in B(x) by projected gradient ascent.
 
     ``per_sample_loss`` maps logits to a per-sample tensor; the gradient of its sum is
-    followed. Returns the detached adversarial input. The model runs in eval mode, with its
+    followed. Returns the detached adversarial input. The model runs with BatchNorm as ``bn``
+    says (:func:`bn_mode`; default eval mode, running statistics untouched), with its
     parameters' ``requires_grad`` off (:func:`frozen_parameters`).
     """
     x = x.detach()
@@ -172,10 +248,10 @@ def pgd(
         x_adv = random_init(x, cfg, generator)
     else:
         x_adv = x.clone()
-    with eval_mode(model), frozen_parameters(model), torch.enable_grad():
+    with bn_mode(model, bn), frozen_parameters(model), torch.enable_grad():
         for _ in range(cfg.steps):
             x_adv.requires_grad_(True)
-            loss = per_sample_loss(model(x_adv)).float().sum()
+            loss = _loss_dtype(per_sample_loss(model(x_adv))).sum()
             (grad,) = torch.autograd.grad(loss, [x_adv])
             x_adv = project(_ascent_step(x_adv.detach(), grad, cfg), x, cfg)
     return x_adv.detach()
@@ -192,32 +268,39 @@ def training_attack(
 ) -> torch.Tensor:
     """The inner maximisation of adversarial training for ``objective``.
 
+    BatchNorm runs as ``cfg.bn`` says and PGD-AT attacks toward ``cfg.target``
+    (:func:`resolve_attack_mode`; by default as the official SCORE code).
     TRADES: start at x + 0.001 N(0, I) (Zhang et al.), maximise D(p(x), p(x')) with p(x)
-    computed once in eval mode and held fixed.  PGD-AT: uniform random start, maximise
-    D(target, p(x')) (cross-entropy for KL).
+    computed once (in the same BatchNorm mode, no gradient) and held fixed.  PGD-AT: uniform
+    random start, maximise D(target, p(x')) (cross-entropy for KL), target = one-hot(y)
+    (``onehot``) or the objective's label-smoothed one-hot (``smoothed``).
     """
     div = objective.divergence
+    bn, target_kind = resolve_attack_mode(objective.method, cfg.bn, cfg.target)
     if objective.method == "trades":
-        with eval_mode(model), torch.no_grad():
-            p_nat = F.softmax(model(x).float(), dim=-1)
+        with bn_mode(model, bn), torch.no_grad():
+            p_nat = F.softmax(_loss_dtype(model(x)), dim=-1)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_init = x + 0.001 * noise
 
         def attack_loss(logits: torch.Tensor) -> torch.Tensor:
+            logits = _loss_dtype(logits)
             if objective.loss == "kl":  # KL(p(x) || p(x')) as in TRADES
-                return (p_nat * (torch.log(p_nat.clamp_min(1e-12)) - F.log_softmax(logits.float(), dim=-1))).sum(-1)
-            return div(p_nat, F.softmax(logits.float(), dim=-1))
+                return (p_nat * (torch.log(p_nat.clamp_min(1e-12)) - F.log_softmax(logits, dim=-1))).sum(-1)
+            return div(p_nat, F.softmax(logits, dim=-1))
 
-        return pgd(model, x, attack_loss, cfg, x_init=x_init, generator=generator)
+        return pgd(model, x, attack_loss, cfg, x_init=x_init, generator=generator, bn=bn)
+
+    smoothing = objective.label_smoothing if target_kind == "smoothed" else 0.0
 
     def pgdat_loss(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        target = smooth_onehot(y, logits.shape[-1], objective.label_smoothing)
+        logits = _loss_dtype(logits)
+        target = smooth_onehot(y, logits.shape[-1], smoothing).to(logits.dtype)
         if objective.loss == "kl":
             return -(target * F.log_softmax(logits, dim=-1)).sum(-1)
         return div(target, F.softmax(logits, dim=-1))
 
-    return pgd(model, x, pgdat_loss, cfg, generator=generator)
+    return pgd(model, x, pgdat_loss, cfg, generator=generator, bn=bn)
 
 
 def pgd_ce(
@@ -229,7 +312,8 @@ def pgd_ce(
     restarts: int = 1,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Evaluation PGD-k on cross-entropy with ``restarts`` random restarts.
+    """Evaluation PGD-k on cross-entropy with ``restarts`` random restarts, in eval mode
+    (``cfg.bn``/``cfg.target`` are training-attack settings and play no part).
 
     Per sample it keeps the first restart that fools the model (else the last one).
     """
@@ -237,7 +321,7 @@ def pgd_ce(
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
 
     def ce(logits: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), y, reduction="none")
+        return F.cross_entropy(_loss_dtype(logits), y, reduction="none")
 
     for _ in range(max(restarts, 1)):
         x_adv = pgd(model, x, ce, cfg, generator=generator)

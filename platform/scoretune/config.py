@@ -28,7 +28,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-from .attacks import AttackConfig, eps_problem
+from .attacks import AttackConfig, eps_problem, resolve_attack_mode
 from .errors import UserError
 from .losses import CLIP_MODES, LOSS_NAMES, METHODS, Objective
 from .names import Name
@@ -132,12 +132,28 @@ class ObjectiveConfig(_Strict):
 
 
 class AttackSettings(_Strict):
-    """The threat model B(x) and the training attack's budget; :meth:`build` makes the attacks."""
+    """The threat model B(x) and the training attack's budget; :meth:`build` makes the attacks.
+
+    ``bn`` is how BatchNorm runs during the training attack (``eval``: running statistics,
+    untouched; ``train``: batch statistics, running statistics updated at every attack step;
+    ``train_frozen``: batch statistics, running statistics untouched) and ``target`` what the
+    PGD-AT attack maximises the divergence from (``onehot``, or ``smoothed``: the label-smoothed
+    one-hot of the loss; TRADES attacks toward p(x) and ignores it). ``auto`` is the official
+    SCORE code's choice for the objective: PGD-AT ``train``/``onehot``, TRADES ``eval``
+    (:func:`scoretune.attacks.resolve_attack_mode`); ``bn: eval, target: smoothed`` is how
+    scoretune ran PGD-AT before these settings. The evaluation attack always runs in eval mode.
+    """
 
     eps: float = Field(8 / 255, ge=0.0)
     norm: Literal["linf", "l2"] = "linf"
     steps: int = Field(10, ge=0)
     step_size: Optional[float] = Field(None, gt=0.0)
+    bn: Literal["auto", "eval", "train", "train_frozen"] = "auto"
+    target: Literal["auto", "onehot", "smoothed"] = "auto"
+
+    def resolved(self, method: str) -> tuple[str, str]:
+        """``(bn, target)`` the training attack of ``method`` runs with (``auto`` resolved)."""
+        return resolve_attack_mode(method, self.bn, self.target)
 
     def build(self, pixel_range: tuple[float, float] | None, input_dims: int | None = None,
               steps: int | None = None) -> AttackConfig:
@@ -150,7 +166,8 @@ class AttackSettings(_Strict):
             raise ConfigError(f"attack.eps: {problem}")
         n = self.steps if steps is None else steps
         return AttackConfig(eps=self.eps, norm=self.norm, steps=n,
-                            step_size=self.step_size if n == self.steps else None, pixel_range=pixel_range)
+                            step_size=self.step_size if n == self.steps else None, pixel_range=pixel_range,
+                            bn=self.bn, target=self.target)
 
 
 class EvalSettings(_Strict):

@@ -196,8 +196,10 @@ def train_step(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor]:
     """One optimiser step of adversarial training on the batch ``(x, y)``.
 
-    The inner maximisation (:func:`~scoretune.attacks.training_attack`, eval mode, on the
-    unwrapped network), then in train mode the clean (TRADES only) and adversarial forwards,
+    The inner maximisation (:func:`~scoretune.attacks.training_attack` on the unwrapped
+    network; BatchNorm as ``attack.bn`` says: by default, as the official SCORE code, batch
+    statistics with running-statistics updates for PGD-AT and eval mode for TRADES), then in
+    train mode the clean (TRADES only) and adversarial forwards,
     the objective's batch mean, backward and ``optimizer.step()``.  Clean and adversarial
     halves share one forward only when no BatchNorm couples the samples (exact).
 
