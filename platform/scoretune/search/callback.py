@@ -22,9 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 from ray.tune import Callback
 
 from ..engine import ENGINE_METRICS
-from ..tracking import RunLogger, finite_metrics, tags
+from ..tracking import PARAM_MAX, finite_metrics, tags
 from ..tracking import client as mlflow_client
-from .mlflow_io import log_metrics
 from .ranking import EARLY, best_values, better, classify_trial
 from .space import SearchSpace
 from .summary import point_label
@@ -81,11 +80,20 @@ class MlflowSearchCallback(Callback):
         self.floor = floor
         self.trials: dict[str, dict[str, Any]] = {}
         self._client = None
+        self._children: dict[str, Any] | None = None
+        self._dirty: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_client"] = None
+        state["_children"] = None
+        state["_dirty"] = set()
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_children", None)
+        self.__dict__.setdefault("_dirty", set())
 
     @property
     def client(self):
@@ -100,12 +108,21 @@ class MlflowSearchCallback(Callback):
         self.trials = dict(state.get("trials") or {})
         for rec in self.trials.values():  # MLflow may be ahead of the snapshot: re-read it on first use
             rec["synced"] = False
+            rec.pop("flushed_at", None)
+            if rec.get("run_id") and (rec.get("pending_metrics") or rec.get("pending_tags")):
+                self._dirty.add(rec["run_id"])  # writes the stopped driver had not made yet
 
     # -- records
-    def _find_child(self, trial_id: str) -> Any | None:
-        flt = f"tags.`{tags.PARENT}` = '{self.parent_run_id}' and tags.`{tags.TRIAL}` = '{trial_id}'"
-        runs = self.client.search_runs([self.experiment_id], filter_string=flt, max_results=5)
-        return runs[0] if runs else None
+    def _existing_child(self, trial_id: str) -> Any | None:
+        """The child run already logged for ``trial_id`` (a resumed search), else None. The parent's
+        child runs are listed once per callback object and kept by trial id: this callback is the only
+        writer, so one listing stays true, and a search of 1,000 trials makes one query, not one each."""
+        if self._children is None:
+            from ..tracking.runs import child_runs
+
+            parent = self.client.get_run(self.parent_run_id)
+            self._children = {r.data.tags.get(tags.TRIAL): r for r in child_runs(self.client, parent)}
+        return self._children.get(trial_id)
 
     def record(self, trial: Any) -> dict[str, Any]:
         """The trial's record (its MLflow child run is found by tag, else created)."""
@@ -118,17 +135,20 @@ class MlflowSearchCallback(Callback):
         from trainables.tune_trainable import sampled_point, trial_experiment
 
         point = sampled_point(trial.config)
-        found = self._find_child(tid)
+        found = self._existing_child(tid)
         if found is not None:
             rec["run_id"] = found.info.run_id
             rec["logged_epoch"] = max(int(rec.get("logged_epoch", 0)), int(found.data.metrics.get("epoch", 0)))
             self.client.update_run(found.info.run_id, status="RUNNING")
+            rec["status_tag"] = found.data.tags.get(tags.STATUS)
         else:
+            from mlflow.entities import Param
+
             search = trial.config.get("scoretune", {}).get("search", "")
-            logger = RunLogger(self.tracking_uri, self.space.experiment_name, parent_run_id=self.parent_run_id,
-                               run_name=f"{tid} {point_label(point)}"[:240],
-                               tags={tags.KIND: "trial", tags.TRIAL: tid, tags.SEARCH: search,
-                                     tags.STATUS: "running"})
+            run = self.client.create_run(
+                self.experiment_id, run_name=f"{tid} {point_label(point)}"[:240],
+                tags={tags.PARENT: self.parent_run_id, tags.KIND: "trial", tags.TRIAL: tid, tags.SEARCH: search,
+                      tags.STATUS: "running"})
             try:
                 params = trial_experiment(trial.config, tid).flat()
             except Exception:  # an invalid point: the trial will fail and say why
@@ -136,22 +156,70 @@ class MlflowSearchCallback(Callback):
             params.update(point)
             if self.floor is not None:
                 params["search.floor"] = self.floor
-            logger.log_params(params)
-            rec["run_id"] = logger.run_id
+            items = [Param(k, str(v) if len(str(v)) <= PARAM_MAX else str(v)[: PARAM_MAX - 3] + "...")
+                     for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(run.info.run_id, params=items[i: i + 100])
+            rec["run_id"] = run.info.run_id
+            rec["status_tag"] = "running"
+            if self._children is not None:
+                self._children[tid] = run
         rec["point"] = point
         rec["budget"] = self.space.epoch_budget(point)
         self.trials[tid] = rec
         return rec
 
-    def _tags(self, run_id: str, values: Mapping[str, Any]) -> None:
-        for k, v in values.items():
-            self.client.set_tag(run_id, k, str(v)[:5000])
+    # -- writes: a trial's metrics and tags wait in its record and go to MLflow in one log_batch at most
+    # every FLUSH_S seconds (the first result at once, the rest by on_step_end), and with how it ended
+    FLUSH_S = 1.0
+
+    def _queue(self, rec: dict[str, Any], metrics: Mapping[str, Any] | None = None, step: int = 0,
+               run_tags: Mapping[str, Any] | None = None) -> None:
+        if metrics:
+            rec.setdefault("pending_metrics", []).append([int(step), int(time.time() * 1000), finite_metrics(metrics)])
+        if run_tags:
+            rec.setdefault("pending_tags", {}).update({k: str(v)[:5000] for k, v in run_tags.items()})
+        self._dirty.add(rec["run_id"])
+        if time.monotonic() - rec.get("flushed_at", float("-inf")) >= self.FLUSH_S:
+            self._flush(rec)
+
+    def _flush(self, rec: dict[str, Any]) -> None:
+        """Write the record's waiting metrics (each at its own step and time) and tags in one call (MLflow
+        takes 1,000 metrics and 100 tags a call; more go in further calls)."""
+        from mlflow.entities import Metric, RunTag
+
+        rows, run_tags = rec.pop("pending_metrics", []), rec.pop("pending_tags", {})
+        self._dirty.discard(rec["run_id"])
+        rec["flushed_at"] = time.monotonic()
+        metrics = [Metric(k, v, ts, step) for step, ts, values in rows for k, v in values.items()]
+        tag_list = [RunTag(k, v) for k, v in run_tags.items()]
+        for i in range(0, max(len(metrics), 10 * len(tag_list)), 1000):
+            self.client.log_batch(rec["run_id"], metrics=metrics[i: i + 1000], tags=tag_list[i // 10: i // 10 + 100])
+
+    def _flush_due(self, every: float) -> None:
+        now = time.monotonic()
+        by_run = {rec.get("run_id"): rec for rec in self.trials.values()}
+        for run_id in list(self._dirty):
+            rec = by_run.get(run_id)
+            if rec is None:
+                self._dirty.discard(run_id)
+            elif now - rec.get("flushed_at", float("-inf")) >= every:
+                self._flush(rec)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self._dirty:
+            self._flush_due(self.FLUSH_S)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._flush_due(0.0)
 
     # -- Tune hooks
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         rec = self.record(trial)
         rec["status"] = "running"
-        self._tags(rec["run_id"], {tags.STATUS: "running"})
+        if rec.get("status_tag") != "running":  # a new run was created with it
+            self._queue(rec, run_tags={tags.STATUS: "running"})
+            rec["status_tag"] = "running"
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         rec = self.record(trial)
@@ -162,17 +230,17 @@ class MlflowSearchCallback(Callback):
             rec["rows"].append({k: metrics[k] for k in metrics if k in ENGINE_METRICS or k == "epoch"})
             rec["rows"].sort(key=lambda r: r["epoch"])
         best = best_values(rec["rows"], self.space.objective)
+        path = result.get("checkpoint_path")  # Ray Train trials (TuneReportCallback)
+        if isinstance(path, str):
+            self._checkpoint(rec, epoch, path, best)
         if epoch > int(rec["logged_epoch"]):
             extra = dict(best)
             if "train_madry_kl" in metrics:
                 extra["R_Madry"] = metrics["train_madry_kl"]
             if self.floor is not None:
                 extra["floor"] = self.floor
-            log_metrics(self.client, rec["run_id"], {**metrics, **extra}, step=epoch)
+            self._queue(rec, {**metrics, **extra}, step=epoch)
             rec["logged_epoch"] = epoch
-        path = result.get("checkpoint_path")  # Ray Train trials (TuneReportCallback)
-        if isinstance(path, str):
-            self._checkpoint(rec, epoch, path, best)
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         rec = self.record(trial)
@@ -180,8 +248,10 @@ class MlflowSearchCallback(Callback):
         self._checkpoint(rec, epoch, checkpoint.path, best_values(rec["rows"], self.space.objective))
 
     def _checkpoint(self, rec: dict[str, Any], epoch: int, path: str, best: Mapping[str, float]) -> None:
+        """A checkpoint of the trial's best epoch so far: its path goes into the ``scoretune.best_checkpoint``
+        tag with the run's next write (the next metrics, or how the trial ended)."""
         if int(best.get("best_epoch", -1)) == epoch:
-            self._tags(rec["run_id"], {tags.BEST_CKPT: path})
+            self._queue(rec, run_tags={tags.BEST_CKPT: path})
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         rec = self.record(trial)
@@ -189,13 +259,15 @@ class MlflowSearchCallback(Callback):
                     float((trial.last_result or {}).get("epoch", 0) or 0)])
         status, reason = classify_trial(trial.trial_id, last, rec["budget"], self.stoppers, self.space.scheduler.type)
         rec["status"] = status
-        self._tags(rec["run_id"], {tags.STATUS: status, tags.REASON: reason})
+        rec.setdefault("pending_tags", {}).update({tags.STATUS: status, tags.REASON: reason})
+        self._flush(rec)
         self.client.set_terminated(rec["run_id"], status="FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         rec = self.record(trial)
         rec["status"] = "failed"
-        self._tags(rec["run_id"], {tags.STATUS: "failed", tags.ERROR: trial_error_message(trial)})
+        rec.setdefault("pending_tags", {}).update({tags.STATUS: "failed", tags.ERROR: trial_error_message(trial)[:5000]})
+        self._flush(rec)
         self.client.set_terminated(rec["run_id"], status="FAILED")
 
 

@@ -184,12 +184,17 @@ def build_tuner(space: SearchSpace, *, name: str, storage: str, ray_path: str, t
 @contextlib.contextmanager
 def _quiet_tune():
     """Our progress lines replace Tune's: its status tables, per-failure tracebacks (the failed line
-    names the error; the traceback stays in the trial's error.txt) and snapshot warnings are muted."""
+    names the error; the traceback stays in the trial's error.txt) and snapshot warnings are muted, and
+    its per-trial result loggers are off (MLflow has every result)."""
     import logging
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    names = ("ray.tune.execution.tune_controller", "ray.tune.tune", "ray.tune.execution.experiment_state")
+    # MLflow is the search's record: Tune's per-trial JSON/CSV/TensorBoard loggers cost the driver ~7% of
+    # its time per result (benchmarks/driver_scale.py); TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 brings them back
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    names = ("ray.tune.execution.tune_controller", "ray.tune.tune", "ray.tune.execution.experiment_state",
+             "ray.tune.analysis.experiment_analysis")  # "no result.json": the loggers are off
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

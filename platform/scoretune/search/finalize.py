@@ -3,7 +3,8 @@
 :func:`finalize_search` gives every trial's child run its terminal status, deals with the runs of
 trials the search did not continue (see :mod:`.resume`), logs the best checkpoints of the top-k
 (single objective) or Pareto-front (multi-objective) trials as MLflow PyTorch models
-(:func:`log_trial_model`) and runs AutoAttack on them (:func:`autoattack_trial`), logs the plots
+(:func:`log_trial_model`) and runs AutoAttack on them, all at once as Ray tasks
+(:func:`.aa_tasks.run_autoattack_jobs`; :func:`autoattack_trial` is the same in-process), logs the plots
 (:mod:`.plots`), and puts the counts, the best trial and the results table on the parent run.
 Idempotent: a rerun logs nothing twice.
 """
@@ -18,6 +19,7 @@ from ..engine import ENGINE_METRICS
 from ..tracking import client as mlflow_client
 from ..tracking import tags
 from ..tracking.runs import child_runs
+from .aa_tasks import AutoAttackJob, run_autoattack_jobs
 from .mlflow_io import log_metrics
 from .plots import log_plots
 from .ranking import STATUSES, finite
@@ -81,18 +83,20 @@ def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri
                             experiment_id=parent.info.experiment_id, tracking_uri=tracking_uri,
                             ray_path=ray_path, objectives=list(space.objective), space=space)
     chosen = (pareto if space.multi_objective else [t for t in trials if t.value(space.primary.metric) is not None])
+    aa_jobs: list[AutoAttackJob] = []
     for t in chosen[: space.top_k]:
         if t.model_uri or t.run_id is None:
             continue
         try:
-            t.model_uri = log_trial_model(cl, tracking_uri, t, result_of[t.trial_id], space)
+            t.model_uri = log_trial_model(cl, tracking_uri, t, result_of[t.trial_id], space, aa_jobs=aa_jobs)
             out(f"logged model of trial {t.trial_id}: {t.model_uri}")
-            if space.autoattack.version != "none":
-                aa = cl.get_run(t.run_id).data.metrics.get("aa_acc")
-                out(f"  AutoAttack ({space.autoattack.version}, {space.autoattack.split}): "
-                    + (f"aa_acc={aa:.4f}" if aa is not None else "failed (see the run's scoretune.autoattack_error tag)"))
         except Exception as e:  # a missing checkpoint must not lose the rest of the summary
             out(f"could not log the model of trial {t.trial_id}: {type(e).__name__}: {e}")
+    if aa_jobs:  # the top-k AutoAttacks side by side, as Ray tasks (see .aa_tasks)
+        out(f"AutoAttack ({space.autoattack.version}, {space.autoattack.split}) of {len(aa_jobs)} models in parallel")
+        for tid, aa in run_autoattack_jobs(cl, tracking_uri, aa_jobs, space, out).items():
+            out(f"  trial {tid}: " + (f"aa_acc={aa:.4f}" if aa is not None
+                                     else "failed (see the run's scoretune.autoattack_error tag)"))
     log_plots(cl, summary, space)
     log_parent_summary(cl, summary, space)
     return summary
@@ -115,10 +119,12 @@ def _checkpoint_for(run_tags: Mapping[str, str], result: Any, metric: str, mode:
     raise FileNotFoundError("no checkpoint of this trial is left on storage")
 
 
-def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, space: SearchSpace) -> str:
+def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, space: SearchSpace,
+                    aa_jobs: list[AutoAttackJob] | None = None) -> str:
     """Load the trial's best checkpoint (state.pt), log its network as an MLflow PyTorch model into the
     trial's child run, tag the run with the model URI/epoch and log the checkpoint epoch's metrics as
-    ``model_<metric>``."""
+    ``model_<metric>``. AutoAttack (unless ``version: none``): appended to ``aa_jobs`` when given (for
+    :func:`.aa_tasks.run_autoattack_jobs`), else run here."""
     from trainables.ray_checkpoint import load_state
 
     from ..drivers.training_run import example_input
@@ -136,7 +142,9 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
     cl.set_tag(t.run_id, tags.MODEL_URI, uri)
     cl.set_tag(t.run_id, tags.MODEL_EPOCH, str(epoch))
     log_metrics(cl, t.run_id, {f"model_{k}": v for k, v in row.items() if k in ENGINE_METRICS}, step=epoch)
-    if space.autoattack.version != "none":
+    if space.autoattack.version != "none" and aa_jobs is not None:
+        aa_jobs.append(AutoAttackJob(trial_id=t.trial_id, run_id=t.run_id, checkpoint=ckpt, epoch=epoch))
+    elif space.autoattack.version != "none":
         try:
             autoattack_trial(cl, tracking_uri, t.run_id, net, _cfg, space, epoch)
         except Exception as e:  # an evaluation problem must not cost the logged model

@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""How much of the search driver one reported result costs, and how that grows with the trial count.
+
+A search built exactly as ``scoretune search`` builds it (:func:`scoretune.search.driver.build_tuner`:
+TPE multivariate + constant liar behind the concurrency limit, ASHA on ``epoch``, SCORE's floor
+stopper, the driver-side MLflow callback, the progress callback, Tune's checkpoint bookkeeping) whose
+trial is a stand-in: it reports ``--epochs`` rows of synthetic engine metrics at once (a tiny
+checkpoint each epoch, as the real trial does) and trains nothing. Ray runs locally with many logical
+CPUs (``--num-cpus``, default 64), so ``--concurrent`` trials really run at once; the MLflow store is a
+fresh SQLite file per size (or ``--tracking-uri`` for a server).
+
+For each size (every ``--trials`` x ``--concurrent`` pair) it prints: driver CPU per reported result
+(process CPU time of the driver, all its threads, during ``Tuner.fit``), Optuna CPU per suggestion (the
+searcher's ``suggest``; and per ``tell``), the MLflow writes per second and their CPU per result, and
+wall time; then, over the sizes, a fitted exponent of how each total grows with the trial count
+(1.0 = linear). The last line is ``driver_ms_per_result <ms>`` for the largest size run.
+
+    nice -n 10 python benchmarks/driver_scale.py --trials 100,300 --concurrent 32 --json out.json
+
+The synthetic metrics are seeded (the searcher's points are too), but the order in which concurrent
+trials report is not, so trial outcomes and counts vary a little from run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (ROOT / "platform", ROOT):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+_WRITES = ("create_run", "log_batch", "log_metric", "log_param", "set_tag", "set_terminated", "update_run",
+           "log_text", "log_artifact", "log_figure", "delete_run", "log_inputs")
+_READS = ("get_run", "search_runs", "get_experiment_by_name", "get_metric_history")
+
+
+# ----------------------------------------------------------------------------- the stand-in trial
+
+
+def standin_trial(config: dict[str, Any]) -> None:
+    """Report ``epochs`` rows of synthetic engine metrics at once, with a tiny checkpoint each.
+
+    ``val_pgd_acc`` is a smooth function of the sampled point (best near beta 4, lr 0.1, loss se) plus
+    seeded noise, so TPE has something to find and ASHA something to stop; ``train_madry_kl`` falls
+    with the epoch, faster for small beta, so the floor stopper stops some trials."""
+    import random
+
+    from ray import tune
+
+    beta = float(config.get("beta", 4.0))
+    lr = float(config.get("lr", 0.1))
+    loss = str(config.get("loss", "se"))
+    clip = float(config.get("clip", 0.0))
+    epochs = int(config["scoretune"]["base"]["epochs"])
+    rng = random.Random(hash((round(beta, 6), round(lr, 6), loss, round(clip, 6))) & 0xFFFFFFFF)
+    quality = 0.7 - 0.08 * math.log(beta / 4.0) ** 2 - 0.05 * math.log(lr / 0.1) ** 2 - 0.1 * clip
+    quality -= {"se": 0.0, "kl": 0.01, "l1_sq": 0.03, "js": 0.04}.get(loss, 0.05)
+    with tempfile.TemporaryDirectory(prefix="driver-scale-") as tmp:
+        for epoch in range(1, epochs + 1):
+            frac = 1.0 - math.exp(-epoch / 3.0)
+            pgd = max(0.0, quality * frac + rng.gauss(0.0, 0.01))
+            row = {
+                "epoch": epoch, "train_loss": 1.5 * (1 - frac) + 0.3, "train_natural": 0.8 * (1 - frac) + 0.1,
+                "train_robust": 0.5 * (1 - frac) + 0.1, "train_madry_kl": 0.6 * math.exp(-epoch * 2.0 / beta),
+                "train_clean_acc": 0.5 + 0.4 * frac, "train_adv_acc": 0.3 + 0.4 * frac,
+                "val_clean_acc": min(1.0, pgd + 0.2), "val_pgd_acc": pgd, "train_time": 0.01,
+                "epoch_time": 0.01, "lr": lr,
+            }
+            Path(tmp, "state.pt").write_bytes(b"0" * 1024)
+            tune.report(row, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+# ----------------------------------------------------------------------------- instrumentation
+
+
+class Meter:
+    """Counts and thread-CPU seconds of the MLflow client calls and the searcher's suggest/tell in this
+    process (the driver; Tune calls the callbacks and the searcher from its one event-loop thread)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.cpu: dict[str, float] = {}
+        self.results = 0
+
+    def add(self, name: str, cpu: float) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.cpu[name] = self.cpu.get(name, 0.0) + cpu
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.cpu.clear()
+        self.results = 0
+
+    def total(self, names) -> tuple[int, float]:
+        return sum(self.calls.get(n, 0) for n in names), sum(self.cpu.get(n, 0.0) for n in names)
+
+
+METER = Meter()
+
+
+def _timed(name: str, fn):
+    def wrapper(*a, **k):
+        t = time.thread_time()
+        try:
+            return fn(*a, **k)
+        finally:
+            METER.add(name, time.thread_time() - t)
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def instrument_mlflow() -> None:
+    """Wrap the ``MlflowClient`` methods the driver uses (class-level, so every client counts)."""
+    from mlflow.tracking import MlflowClient
+
+    for n in _WRITES + _READS:
+        fn = getattr(MlflowClient, n, None)
+        if fn is not None and not hasattr(fn, "__wrapped__"):
+            setattr(MlflowClient, n, _timed(f"mlflow.{n}", fn))
+
+
+def timed_searcher_class():
+    """A subclass of the search's Optuna searcher whose suggest/tell are timed and results counted
+    (swapped in with ``__class__`` on the searcher ``build_searcher`` made, so nothing else changes)."""
+    from scoretune.search.searcher import BestEpochOptunaSearch
+
+    class TimedOptunaSearch(BestEpochOptunaSearch):
+        def suggest(self, trial_id):
+            t = time.thread_time()
+            try:
+                return super().suggest(trial_id)
+            finally:
+                METER.add("optuna.suggest", time.thread_time() - t)
+
+        def on_trial_result(self, trial_id, result):
+            METER.results += 1
+            super().on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            t = time.thread_time()
+            try:
+                super().on_trial_complete(trial_id, result, error)
+            finally:
+                METER.add("optuna.tell", time.thread_time() - t)
+
+    return TimedOptunaSearch
+
+
+# ----------------------------------------------------------------------------- one size
+
+
+def space_for(trials: int, concurrent: int, epochs: int, storage: str, tracking_uri: str):
+    from scoretune.search.space import SearchSpace
+
+    return SearchSpace.model_validate({
+        "name": f"scale-{trials}x{concurrent}",
+        "base": {"data": {"name": "digits", "val_size": 0.1}, "model": {"name": "small_cnn"},
+                 "objective": {"method": "trades", "loss": "se", "beta": 6.0}, "epochs": epochs,
+                 "device": "cpu", "seed": 0},
+        "params": {"beta": {"loguniform": [1.0, 10.0]}, "lr": {"loguniform": [0.05, 0.5]},
+                   "loss": {"choice": ["se", "kl", "l1_sq", "js"]}, "clip": {"uniform": [0.0, 0.3]}},
+        "objective": {"metric": "val_pgd_acc", "mode": "max"},
+        "num_samples": trials, "max_concurrent": concurrent,
+        "resources": {"workers": 1, "cpus": 1, "gpus": 0},
+        "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
+        "stoppers": {"floor": {"value": 0.05, "patience": 2}},
+        "storage_path": storage, "tracking_uri": tracking_uri, "top_k": 0,
+        "autoattack": {"version": "none"}, "seed": 0,
+    })
+
+
+def _silent(text: str) -> None:
+    """The progress callback's sink (module-level, so Tune can pickle the callback)."""
+
+
+def run_size(trials: int, concurrent: int, epochs: int, work: Path, tracking_uri: str | None) -> dict[str, Any]:
+    from ray import tune
+
+    import scoretune.search.driver as driver
+    from scoretune.search.floor import resolve_floor
+    from scoretune.search.mlflow_io import start_parent_run
+
+    d = work / f"{trials}x{concurrent}"
+    d.mkdir(parents=True)
+    uri = tracking_uri or f"sqlite:///{d / 'mlflow.db'}"
+    space = space_for(trials, concurrent, epochs, str(d / "ray"), uri)
+    name = space.name
+    storage, ray_path = driver.experiment_path(space.storage_path, name)
+    floor = resolve_floor(space, _silent)
+    parent = start_parent_run(space, name=name, ray_path=ray_path, tracking_uri=uri)
+    original = driver.trainable_for
+    driver.trainable_for = lambda _space: tune.with_resources(standin_trial, {"cpu": 1})
+    try:
+        tuner = driver.build_tuner(space, name=name, storage=storage, ray_path=ray_path, tracking_uri=uri,
+                                   parent_run_id=parent.run_id, floor=floor, out=_silent)
+    finally:
+        driver.trainable_for = original
+    limiter = tuner._local_tuner._tune_config.search_alg
+    limiter.searcher.__class__ = timed_searcher_class()
+    METER.reset()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    with driver._quiet_tune():
+        results = tuner.fit()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    n_results = METER.results
+    writes, mlflow_write_cpu = METER.total([f"mlflow.{n}" for n in _WRITES])
+    reads, mlflow_read_cpu = METER.total([f"mlflow.{n}" for n in _READS])
+    n_suggest, suggest_cpu = METER.total(["optuna.suggest"])
+    n_tell, tell_cpu = METER.total(["optuna.tell"])
+    errors = sum(1 for r in results if r.error)
+    return {
+        "trials": trials, "concurrent": concurrent, "epochs": epochs, "results": n_results, "errors": errors,
+        "wall_s": wall, "driver_cpu_s": cpu, "driver_ms_per_result": 1000 * cpu / max(1, n_results),
+        "optuna_suggest_ms": 1000 * suggest_cpu / max(1, n_suggest), "optuna_suggest_cpu_s": suggest_cpu,
+        "optuna_tell_ms": 1000 * tell_cpu / max(1, n_tell), "optuna_tell_cpu_s": tell_cpu,
+        "mlflow_writes": writes, "mlflow_writes_per_s": writes / wall, "mlflow_reads": reads,
+        "mlflow_cpu_s": mlflow_write_cpu + mlflow_read_cpu,
+        "mlflow_ms_per_result": 1000 * (mlflow_write_cpu + mlflow_read_cpu) / max(1, n_results),
+        "calls": dict(sorted(METER.calls.items())),
+        "call_cpu_s": {k: round(v, 4) for k, v in sorted(METER.cpu.items())},
+    }
+
+
+def growth_exponent(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of log(y) on log(x): y ~ x^k (None with fewer than two distinct x)."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    if len({p[0] for p in pts}) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    return sum((a - mx) * (b - my) for a, b in pts) / sum((a - mx) ** 2 for a, _ in pts)
+
+
+GROWTH = (("driver CPU", "driver_cpu_s"), ("Optuna suggest CPU", "optuna_suggest_cpu_s"),
+          ("Optuna tell CPU", "optuna_tell_cpu_s"), ("MLflow CPU", "mlflow_cpu_s"),
+          ("MLflow writes", "mlflow_writes"), ("wall", "wall_s"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", default="100,300", help="comma-separated trial counts (default 100,300)")
+    p.add_argument("--concurrent", default="32", help="comma-separated concurrency limits (default 32)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs each stand-in trial reports (default 10)")
+    p.add_argument("--num-cpus", type=int, default=64, help="logical CPUs of the local Ray (default 64)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: a fresh SQLite store per size)")
+    p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write all results to OUT")
+    args = p.parse_args(argv)
+    sizes = [(int(n), int(c)) for c in args.concurrent.split(",") for n in args.trials.split(",")]
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray
+
+    from benchmarks._common import machine_info
+
+    info = machine_info()
+    print(f"machine: {info}")
+    print(f"load: {os.getloadavg()}")
+    instrument_mlflow()
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="driver-scale-") as work:
+            for n, c in sizes:
+                r = run_size(n, c, args.epochs, Path(work), args.tracking_uri)
+                rows.append(r)
+                print(f"trials {n:5d} x concurrent {c:3d}: {r['results']:6d} results, "
+                      f"driver {r['driver_ms_per_result']:6.2f} ms CPU/result, "
+                      f"Optuna {r['optuna_suggest_ms']:6.2f} ms/suggest {r['optuna_tell_ms']:5.2f} ms/tell, "
+                      f"MLflow {r['mlflow_writes_per_s']:6.1f} writes/s ({r['mlflow_ms_per_result']:5.2f} ms "
+                      f"CPU/result), wall {r['wall_s']:6.1f} s, errors {r['errors']}", flush=True)
+    finally:
+        ray.shutdown()
+    growth: dict[str, dict[str, float | None]] = {}
+    for c in sorted({c for _, c in sizes}):
+        sel = [r for r in rows if r["concurrent"] == c]
+        g = {key: growth_exponent([r["trials"] for r in sel], [r[key] for r in sel]) for _, key in GROWTH}
+        growth[str(c)] = g
+        if any(v is not None for v in g.values()):
+            print(f"growth with the trial count at concurrent {c} (total ~ trials^k, linear k = 1): "
+                  + ", ".join(f"{label} {g[key]:.2f}" for label, key in GROWTH if g[key] is not None))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"machine": info, "load": os.getloadavg(), "sizes": rows,
+                                                   "growth": growth}, indent=2))
+    largest = max(rows, key=lambda r: (r["trials"], r["concurrent"]))
+    print(f"driver_ms_per_result {largest['driver_ms_per_result']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

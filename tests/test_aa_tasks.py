@@ -1,0 +1,77 @@
+"""The end-of-search AutoAttack as Ray tasks (scoretune.search.aa_tasks): the top-k models are attacked
+side by side, and each gets the number the in-driver AutoAttack gives for the same seed."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A 1-epoch TRADES-SE small CNN on digits, saved as a search trial saves it."""
+    from ray.tune import Checkpoint
+
+    from scoretune.config import build_config
+    from scoretune.engine import Trainer
+    from trainables.ray_checkpoint import write_checkpoint_dir
+
+    cfg = build_config({"data": {"name": "digits", "val_size": 0.1}, "model": {"name": "small_cnn"},
+                        "objective": {"method": "trades", "loss": "se", "beta": 6.0},
+                        "attack": {"eps": 0.2, "steps": 2}, "eval": {"pgd_steps": 2, "test": False},
+                        "optim": {"lr": 0.2}, "epochs": 1, "batch_size": 64, "seed": 0, "device": "cpu"})
+    trainer = Trainer(cfg)
+    trainer.train_one_epoch()
+    d = tmp_path_factory.mktemp("ckpt")
+    write_checkpoint_dir(d, trainer.state_dict())
+    return Checkpoint.from_directory(str(d))
+
+
+def _space():
+    from scoretune.search.space import SearchSpace
+
+    return SearchSpace.model_validate({
+        "name": "aa", "base": {"data": {"name": "digits", "val_size": 0.1}}, "params": {"beta": {"uniform": [1, 2]}},
+        "resources": {"workers": 1, "cpus": 1, "gpus": 0}, "autoattack": {"version": "fast", "n_ex": 24},
+    })
+
+
+@pytest.mark.slow
+def test_top_k_autoattack_as_ray_tasks_logs_the_in_driver_numbers(ray_local, checkpoint, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from scoretune.search.aa_tasks import AutoAttackJob, attack_checkpoint, run_autoattack_jobs
+
+    space = _space()
+    in_driver = attack_checkpoint(checkpoint, space, threads=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cl = MlflowClient(tracking_uri=uri)
+    exp = cl.create_experiment("aa")
+    runs = [cl.create_run(exp).info.run_id for _ in range(2)]
+    jobs = [AutoAttackJob(trial_id=f"t{i}", run_id=r, checkpoint=checkpoint, epoch=1) for i, r in enumerate(runs)]
+    got = run_autoattack_jobs(cl, uri, jobs, space, out=lambda _: None)
+    assert got == {"t0": in_driver.robust_acc, "t1": in_driver.robust_acc}
+    for r in runs:
+        m = cl.get_run(r).data.metrics
+        assert m["aa_acc"] == in_driver.robust_acc and m["aa_fast_acc"] == in_driver.robust_acc
+        assert m["clean_acc"] == in_driver.clean_acc
+        assert cl.get_run(r).data.tags["eval.aa_fast_acc.n_ex"] == "24"
+
+
+@pytest.mark.slow
+def test_a_failing_autoattack_task_tags_its_run_and_the_others_are_logged(ray_local, checkpoint, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from ray.tune import Checkpoint
+
+    from scoretune.search.aa_tasks import AutoAttackJob, run_autoattack_jobs
+    from scoretune.tracking import tags
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cl = MlflowClient(tracking_uri=uri)
+    exp = cl.create_experiment("aa")
+    ok, bad = (cl.create_run(exp).info.run_id for _ in range(2))
+    (tmp_path / "empty").mkdir()
+    jobs = [AutoAttackJob("ok", ok, checkpoint, 1), AutoAttackJob("bad", bad, Checkpoint.from_directory(str(tmp_path / "empty")), 1)]
+    got = run_autoattack_jobs(cl, uri, jobs, _space(), out=lambda _: None)
+    assert got["bad"] is None and 0.0 <= got["ok"] <= 1.0
+    assert tags.AUTOATTACK_ERROR in cl.get_run(bad).data.tags
+    assert "aa_acc" in cl.get_run(ok).data.metrics
