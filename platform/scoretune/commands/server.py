@@ -41,10 +41,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated Host headers to accept besides HOST:PORT and localhost:PORT, e.g. "
                         "'mlflow.lab.internal:5000,head-1:5000'")
     p.add_argument("--workers", type=int, default=2, help="MLflow worker processes (default 2)")
+    p.add_argument("--env-file", default=None, metavar="FILE",
+                   help="read MLFLOW_AUTH_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY (and SCORETUNE_SERVER_DB_URI...) "
+                        "from FILE (KEY=VALUE lines, mode 0600; what the cluster configs fetch from the secret store)")
     p.add_argument("--backup", metavar="DIR", default=None,
                    help="instead of serving: pg_dump the running server's databases into DIR and exit")
     p.add_argument("--print-command", action="store_true",
                    help="print the mlflow server command and the environment it gets (names only) and exit")
+
+
+ENV_FILE_KEYS = ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_ADMIN_USERNAME",
+                 DB_URI_ENV, AUTH_DB_URI_ENV)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines (``#`` comments, optional ``export``, optional quotes; no shell expansion) of a
+    private file: one that group or others can read is refused, as is a key that is not a server secret."""
+    from ..errors import UserError
+
+    try:
+        st = path.stat()
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"--env-file {path}: {e.strerror}") from None
+    if st.st_mode & 0o077:
+        raise UserError(f"--env-file {path} can be read by others (mode {oct(st.st_mode & 0o777)}): chmod 600 {path}")
+    out = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in ENV_FILE_KEYS:
+            raise UserError(f"--env-file {path}:{n}: expected KEY=VALUE with KEY one of {', '.join(ENV_FILE_KEYS)}")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key] = value
+    return out
 
 
 def state_file(d: Path) -> Path:
@@ -58,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     d = Path(args.dir).expanduser().absolute()
     if args.backup:
         return backup(d, Path(args.backup).expanduser())
+    if args.env_file and not args.print_command:
+        os.environ.update(read_env_file(Path(args.env_file).expanduser()))
     managed = os.environ.get(DB_URI_ENV)
     if managed and not os.environ.get(AUTH_DB_URI_ENV):
         raise UserError(f"{DB_URI_ENV} is set but {AUTH_DB_URI_ENV} is not: give the auth database its own URI "

@@ -268,7 +268,10 @@ def write_auth_config(path: Path, auth_db_uri: str, *, admin_username: str = "ad
                 f"default_permission = {default_permission}\n"
                 f"database_uri = {auth_db_uri}\n"
                 f"admin_username = {admin_username}\n"
-                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                # a successful login is remembered for 30 s per worker: the password hash (PBKDF2) is not
+                # recomputed for every one of a search's writes; a changed password is honoured within 30 s
+                "auth_cache_ttl_seconds = 30\n")
     return path
 
 
@@ -342,15 +345,19 @@ class MlflowServer:
     def start(self, env: Mapping[str, str], extra_env: Mapping[str, str] | None = None, *,
               wait: float = 180.0) -> "MlflowServer":
         """Start the server in its own session (log in :attr:`log_file`) and wait for ``/health``."""
+        self.launch(env, extra_env)
+        self.wait_healthy(wait)
+        return self
+
+    def launch(self, env: Mapping[str, str], extra_env: Mapping[str, str] | None = None) -> "MlflowServer":
+        """Start the server without waiting for it (see :meth:`wait_healthy`)."""
         if port_open(self.host, self.port):
             raise ServerError(f"{self.host}:{self.port} is already in use: pass --port with a free port")
         full_env = self.environment(env, extra_env)
         Path(self.state_dir).mkdir(parents=True, exist_ok=True)
-        log = open(self.log_file, "ab")
-        self.proc = subprocess.Popen(self.command(), env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
-        self.wait_healthy(wait)
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
         return self
 
     def wait_healthy(self, timeout: float) -> None:
