@@ -116,13 +116,16 @@ def test_every_node_installs_torch_then_the_project(name):
 def test_every_node_gets_the_mlflow_uri_and_the_search_a_shared_storage_path(name):
     cfg = load(name)
     head, worker = " ".join(cfg["head_start_ray_commands"]), " ".join(cfg["worker_start_ray_commands"])
-    assert "mlflow server --host 0.0.0.0 --port 5000" in head
-    assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:5000;" in head
+    private = "$(hostname -I | awk '{print $1}')"
+    assert f"scoretune server --dir ~/mlflow --env-file ~/mlflow/secrets.env --host {private} --port 5000" in head
+    assert "0.0.0.0" not in head and "sqlite" not in head  # private address, PostgreSQL
+    assert f"export MLFLOW_TRACKING_URI=http://{private}:5000;" in head
     assert "export MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000;" in worker
     s = L.cluster_settings(cfg)
     scheme = {"aws-gpu": "s3://", "gcp-gpu": "gs://", "local": "/mnt/"}[name]
     assert s.storage_path.startswith(scheme)
-    assert s.mlflow_port == 5000 and s.mlflow_db == "~/mlflow/mlflow.db"
+    assert f"--artifacts-destination {scheme}" in head  # proxied: workers need no bucket credentials for tracking
+    assert s.mlflow_port == 5000 and s.mlflow_server_dir == "~/mlflow" and s.mlflow_auth
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(CLUSTER).as_posix() for p in CLUSTER.rglob("*.yaml")))
@@ -211,7 +214,8 @@ def test_dry_run_prints_the_exact_ray_commands_for_aws(fake_repo, capsys):
         f"--working-dir . --runtime-env-json '{renv}' "
         """--metadata-json '{"scoretune_search": "quick", "scoretune_space": "search_spaces/quickstart.yaml"}' """
         "-- scoretune search search_spaces/quickstart.yaml --name quick --set storage_path=s3://CHANGE-ME-bucket/scoretune",
-        "ray rsync-down cluster/aws-gpu.yaml '~/mlflow/mlflow.db' mlflow-scoretune-aws.db",
+        "ray exec cluster/aws-gpu.yaml 'scoretune server --dir ~/mlflow --backup ~/mlflow/backups'",
+        "ray rsync-down cluster/aws-gpu.yaml '~/mlflow/backups/' mlflow-backup-scoretune-aws/",
         "ray down -y cluster/aws-gpu.yaml",
     ]
     assert "CHANGE-ME placeholders" in out.err  # a dry run names what still has to be edited
@@ -244,6 +248,10 @@ if cmd == "dashboard":  # a port-forward: listen until killed
     s.bind(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1]))); s.listen()
     while True:
         time.sleep(1)
+if cmd == "job" and "--runtime-env" in sys.argv:  # what the job gets, and how private its file was
+    path = sys.argv[sys.argv.index("--runtime-env") + 1]
+    with open(os.environ["FAKE_RAY_LOG"] + ".renv", "w") as f:
+        json.dump({"path": path, "mode": os.stat(path).st_mode & 0o777, "text": open(path).read()}, f)
 sys.exit(int(os.environ.get("FAKE_RAY_SUBMIT_RC", "0")) if cmd == "job" else 0)
 """
 
@@ -259,6 +267,8 @@ def fake_ray(fake_repo, tmp_path, monkeypatch):
     log = tmp_path / "calls.jsonl"
     monkeypatch.setattr(cmd, "_ray_exe", lambda: str(exe))
     monkeypatch.setenv("FAKE_RAY_LOG", str(log))
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")  # the config's server wants a login
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-of-alice-123")
     text = (fake_repo / "cluster" / "aws-gpu.yaml").read_text()
     (fake_repo / "cluster" / "ready.yaml").write_text(re.sub(r"CHANGE-ME[\w-]*", "filled", text))
     port = _free_port()
@@ -266,7 +276,7 @@ def fake_ray(fake_repo, tmp_path, monkeypatch):
     def calls() -> list[list[str]]:
         return [json.loads(s) for s in log.read_text().splitlines()] if log.exists() else []
 
-    return SimpleNamespace(calls=calls, port=port)
+    return SimpleNamespace(calls=calls, port=port, renv=Path(str(log) + ".renv"))
 
 
 def test_launch_on_a_running_cluster_forwards_submits_saves_the_db_and_tears_down(fake_ray, monkeypatch, capsys):
@@ -277,8 +287,10 @@ def test_launch_on_a_running_cluster_forwards_submits_saves_the_db_and_tears_dow
     assert rc == 0
     calls = fake_ray.calls()
     assert [c[:2] for c in calls] == [["get-head-ip", "cluster/ready.yaml"], ["dashboard", "--port"],
-                                      ["job", "submit"], ["rsync-down", "cluster/ready.yaml"],
+                                      ["job", "submit"], ["exec", "cluster/ready.yaml"],
+                                      ["rsync-down", "cluster/ready.yaml"],
                                       ["down", "-y"]]  # no `ray up`: the head was already up
+    assert calls[3][2] == "scoretune server --dir ~/mlflow --backup ~/mlflow/backups"  # pg_dump before teardown
     submit = calls[2]
     assert submit[submit.index("--address") + 1] == f"http://127.0.0.1:{fake_ray.port}"
     assert submit[submit.index("--"):] == ["--", "scoretune", "search", "search_spaces/quickstart.yaml", "--name",
@@ -286,6 +298,30 @@ def test_launch_on_a_running_cluster_forwards_submits_saves_the_db_and_tears_dow
     assert "cluster scoretune-aws is up (head 203.0.113.7)" in out
     assert "ray attach cluster/ready.yaml -p " in out
     assert not _port_in_use(fake_ray.port)  # the port-forward was stopped
+
+
+def test_launch_passes_the_mlflow_login_to_the_job_and_never_prints_or_keeps_it(fake_ray, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.setenv("FAKE_RAY_UP", "1")
+    assert cli.main(["launch", "--cluster", "cluster/ready.yaml", "search_spaces/quickstart.yaml", "--name", "q",
+                     "--dashboard-port", str(fake_ray.port)]) == 0
+    out = capsys.readouterr()
+    sent = json.loads(fake_ray.renv.read_text())
+    env = yaml.safe_load(sent["text"])["env_vars"]
+    assert env["MLFLOW_TRACKING_USERNAME"] == "alice" and env["MLFLOW_TRACKING_PASSWORD"] == "pw-of-alice-123"
+    assert sent["mode"] == 0o600 and not Path(sent["path"]).exists()  # private, and gone after the submission
+    assert "pw-of-alice-123" not in out.out + out.err
+    assert all("pw-of-alice-123" not in " ".join(c) for c in fake_ray.calls())  # never on a command line
+
+
+def test_launch_without_an_mlflow_login_refuses_before_any_cluster_command(fake_ray, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    rc = cli.main(["launch", "--cluster", "cluster/ready.yaml", "search_spaces/quickstart.yaml",
+                   "--dashboard-port", str(fake_ray.port)])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and fake_ray.calls() == []
+    assert "requires a login: export MLFLOW_TRACKING_PASSWORD" in line
 
 
 def test_launch_starts_a_cluster_that_is_down_and_returns_the_jobs_exit_code(fake_ray, monkeypatch, capsys):
@@ -372,7 +408,8 @@ def test_submission_ids_and_job_matching_do_not_confuse_names_sharing_a_prefix()
 def test_cluster_hints_forward_the_dashboard_and_mlflow_and_name_the_status_command():
     s = L.cluster_settings(load("aws-gpu"))
     text = "\n".join(L.cluster_hints("cluster/aws-gpu.yaml", s, "quick", "scoretune-quick-1", 8265))
-    assert "ray attach cluster/aws-gpu.yaml -p 8265 -p 5000" in text
+    assert "ray attach cluster/aws-gpu.yaml -p 8265" in text
+    assert "ssh -N -L 5000:$(ray exec cluster/aws-gpu.yaml 'hostname -I'" in text  # MLflow: the head's private address
     assert "scoretune status quick --address http://127.0.0.1:8265 --tracking-uri http://127.0.0.1:5000" in text
     assert "ray exec cluster/aws-gpu.yaml 'ray job logs --address http://127.0.0.1:8265 --follow " \
            "scoretune-quick-1'" in text

@@ -38,6 +38,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "scoretune.robustness": ("EvalResult", "clean_accuracy", "pgd_accuracy", "autoattack_accuracy"),
     "scoretune.tracking.model_refs": ("load_model", "LoadedModel"),
     "scoretune.tracking.promote": ("promote", "Promotion"),
+    "scoretune.tracking.buffer": ("BufferedWriter", "replay_journal"),
     "scoretune.drivers.train": ("train",),
     "scoretune.search": ("SearchSpace", "SearchSummary", "load_space", "build_space", "run_search"),
     "scoretune.evaluate": ("benchmark",),

@@ -126,7 +126,11 @@ class ClusterSettings:
     ``tracking_uri``: the MLflow URI the search logs to; leave it unset to use the
     ``MLFLOW_TRACKING_URI`` each node exports (the configs here start an MLflow server on the head);
     ``mlflow_port``: that server's port on the head (for the forwarding hints);
-    ``mlflow_db``: its database on the head, copied back by ``--down`` before teardown;
+    ``mlflow_server_dir``: the head's ``scoretune server --dir``; ``--down`` runs its ``--backup`` (pg_dump)
+    and copies the dumps back before teardown;
+    ``mlflow_db``: (older configs) a SQLite database on the head, copied back by ``--down``;
+    ``mlflow_auth``: the server wants a login, so ``scoretune launch`` needs ``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD`` in your shell (it passes them to the job, never prints them);
     ``env``: extra environment variables for the job (e.g. ``SCORETUNE_DATA``).
     """
 
@@ -135,6 +139,8 @@ class ClusterSettings:
     tracking_uri: str | None = None
     mlflow_port: int | None = None
     mlflow_db: str | None = None
+    mlflow_server_dir: str | None = None
+    mlflow_auth: bool = False
     env: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -167,6 +173,8 @@ def cluster_settings(cfg: Mapping[str, Any]) -> ClusterSettings:
         tracking_uri=meta.get("tracking_uri") or None,
         mlflow_port=int(port) if port else None,
         mlflow_db=meta.get("mlflow_db") or None,
+        mlflow_server_dir=meta.get("mlflow_server_dir") or None,
+        mlflow_auth=bool(meta.get("mlflow_auth", False)),
         env=env,
     )
 
@@ -228,10 +236,26 @@ def mask(text: str, secrets: Sequence[str]) -> str:
     return text
 
 
+CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
 def forwarded_credentials(local_env: Mapping[str, str]) -> dict[str, str]:
-    """The MLflow server credentials of this shell, passed to the job (never printed)."""
-    keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-    return {k: local_env[k] for k in keys if local_env.get(k)}
+    """The MLflow server credentials of this shell, passed to the job (never printed, never in a file that
+    outlives the submission: a secret-bearing runtime env goes through a 0600 temp file)."""
+    return {k: local_env[k] for k in CREDENTIAL_KEYS if local_env.get(k)}
+
+
+def check_credentials(settings: ClusterSettings, env: Mapping[str, str], cluster: str) -> str | None:
+    """When the cluster's MLflow server wants a login (``mlflow_auth: true``) and ``env`` (this shell plus
+    ``--env``) has none, the one-line problem (the job would fail at its first MLflow write)."""
+    if not settings.mlflow_auth or env.get("MLFLOW_TRACKING_TOKEN") or uri_has_credentials(settings.tracking_uri):
+        return None
+    missing = [k for k in CREDENTIAL_KEYS[:2] if not env.get(k)]
+    if not missing:
+        return None
+    return (f"the MLflow server of {cluster} requires a login: export {' and '.join(missing)} (e.g. "
+            "MLFLOW_TRACKING_USERNAME=admin and the admin password from your secret store); scoretune launch "
+            "passes them to the job without printing them")
 
 
 # ----------------------------------------------------------------------------- the job
@@ -347,10 +371,11 @@ class ClusterPlan:
     up: list[str]
     forward: list[str]      # long-running: forwards the head's dashboard to 127.0.0.1:<port>
     submit: list[str]
-    save_db: list[str] | None  # with --down: copy the head's MLflow database back first
+    save_db: list[str] | None  # with --down: copy the head's MLflow database (or its backups) back first
     down: list[str] | None
     submission_id: str
     dashboard: str          # the forwarded dashboard's URL
+    backup: list[str] | None = None  # with --down and a `scoretune server` head: pg_dump on the head first
 
     def steps(self) -> list[tuple[str, list[str]]]:
         """(comment, argv) for each command, as ``--dry-run`` prints them."""
@@ -360,6 +385,8 @@ class ClusterPlan:
             ("submit the search as a Ray job" + ("" if "--no-wait" in self.submit else " and follow its logs"),
              self.submit),
         ]
+        if self.backup:
+            out.append(("back the head's tracking server up (pg_dump of its databases, on the head)", self.backup))
         if self.save_db:
             out.append(("copy the head's MLflow database here before teardown", self.save_db))
         if self.down:
@@ -389,8 +416,12 @@ def cluster_plan(cluster: str, space: str, name: str, ts: str, settings: Cluster
         submit.append("--no-wait")
     submit += ["--", *search_entrypoint(space, name, tracking_uri=uri, storage_path=storage, sets=sets,
                                         resume=resume)]
-    save_db = None
-    if down and settings.mlflow_db:
+    save_db = backup = None
+    if down and settings.mlflow_server_dir:
+        d = settings.mlflow_server_dir.rstrip("/")
+        backup = ["ray", "exec", cluster, f"scoretune server --dir {d} --backup {d}/backups"]
+        save_db = ["ray", "rsync-down", cluster, f"{d}/backups/", f"mlflow-backup-{settings.cluster_name}/"]
+    elif down and settings.mlflow_db:
         save_db = ["ray", "rsync-down", cluster, settings.mlflow_db, f"mlflow-{settings.cluster_name}.db"]
     return ClusterPlan(
         head_check=["ray", "get-head-ip", cluster],
@@ -401,6 +432,7 @@ def cluster_plan(cluster: str, space: str, name: str, ts: str, settings: Cluster
         down=["ray", "down", "-y", cluster] if down else None,
         submission_id=sid,
         dashboard=url,
+        backup=backup,
     )
 
 
@@ -424,7 +456,7 @@ def cluster_hints(cluster: str, settings: ClusterSettings, name: str, sid: str,
                   dashboard_port: int = DASHBOARD_PORT) -> list[str]:
     """What to run afterwards to watch a search on a launched cluster (each line stands alone)."""
     ports = ["-p", str(dashboard_port)]
-    if settings.mlflow_port:
+    if settings.mlflow_port and not settings.mlflow_server_dir:  # a server on the head's loopback (older configs)
         ports += ["-p", str(settings.mlflow_port)]
     follow = ["ray", "exec", cluster, f"ray job logs --address http://127.0.0.1:{DASHBOARD_PORT} --follow {sid}"]
     status = ["scoretune", "status", name, "--address", dashboard_url(dashboard_port)]
@@ -435,7 +467,12 @@ def cluster_hints(cluster: str, settings: ClusterSettings, name: str, sid: str,
         f"forward the UIs:   {format_command(['ray', 'attach', cluster, *ports])}   (keep it open)",
         f"  Ray dashboard:   {dashboard_url(dashboard_port)}",
     ]
-    if settings.mlflow_port:
+    if settings.mlflow_port and settings.mlflow_server_dir:
+        port = settings.mlflow_port
+        lines.append(f"  MLflow UI:       http://127.0.0.1:{port}   after an SSH tunnel to the head's private address: "
+                     f"ssh -N -L {port}:$(ray exec {cluster} 'hostname -I' | tail -1 | cut -d' ' -f1):{port} "
+                     f"<ssh_user>@$(ray get-head-ip {cluster} | tail -1)   (see cluster/README.md)")
+    elif settings.mlflow_port:
         lines.append(f"  MLflow UI:       http://127.0.0.1:{settings.mlflow_port}   (server on the head node)")
     lines += [
         f"  search status:   {format_command(status)}",

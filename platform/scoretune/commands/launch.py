@@ -234,6 +234,8 @@ def _launch_cluster(args, L, root: Path, cluster: str, cfg: dict, settings, spac
                     secrets: list[str], renv_file: str | None) -> int:
     from ..errors import UserError
 
+    login = L.check_credentials(settings, {**os.environ, **settings.env}, cluster)
+
     plan = L.cluster_plan(cluster, space, name, L.timestamp(), settings, tracking_uri=args.tracking_uri,
                           storage_path=args.storage_path, sets=args.set, resume=args.resume,
                           follow=not args.no_follow, down=args.down, dashboard_port=port,
@@ -246,10 +248,14 @@ def _launch_cluster(args, L, root: Path, cluster: str, cfg: dict, settings, spac
             _say(L, L.format_command(argv), secrets)
         if placeholders:
             print(f"note: {cluster} still has CHANGE-ME placeholders: {', '.join(placeholders)}", file=sys.stderr)
+        if login:
+            print(f"note: {login}", file=sys.stderr)
         return 0
     if placeholders:
         raise UserError(f"{cluster}: replace the CHANGE-ME placeholders first ({', '.join(placeholders)}); "
                         "see the '# CHANGE ME' comments and cluster/README.md")
+    if login:
+        raise UserError(login)
 
     ray = _ray_exe()
 
@@ -300,11 +306,19 @@ def _launch_cluster(args, L, root: Path, cluster: str, cfg: dict, settings, spac
               + (" and the cluster stays up (--down skipped)" if args.down else ""), file=sys.stderr)
         return 130
     if args.down:
+        if plan.backup:
+            print(f"$ {L.format_command(plan.backup)}", flush=True)
+            if subprocess.run(argv(plan.backup), cwd=root).returncode != 0:
+                print("warning: the tracking server's backup failed (its output is above)", file=sys.stderr)
         if plan.save_db:
             print(f"$ {L.format_command(plan.save_db)}", flush=True)
             if subprocess.run(argv(plan.save_db), cwd=root).returncode == 0:
-                print(f"MLflow database saved: {root / plan.save_db[-1]} "
-                      f"(mlflow ui --backend-store-uri sqlite:///{plan.save_db[-1]})")
+                if plan.backup:
+                    print(f"tracking server backups saved in {root / plan.save_db[-1]} (pg_restore them into a "
+                          "PostgreSQL for `scoretune server`, see cluster/README.md)")
+                else:
+                    print(f"MLflow database saved: {root / plan.save_db[-1]} "
+                          f"(mlflow ui --backend-store-uri sqlite:///{plan.save_db[-1]})")
         print(f"$ {L.format_command(plan.down)}", flush=True)
         if subprocess.run(argv(plan.down), cwd=root).returncode != 0:
             print(f"warning: `{L.format_command(plan.down)}` failed: run it again, or the nodes keep costing",

@@ -23,7 +23,7 @@ from ray.tune import Callback
 
 from ..engine import ENGINE_METRICS
 from ..tracking import PARAM_MAX, finite_metrics, tags
-from ..tracking import client as mlflow_client
+from ..tracking.buffer import open_writer
 from .ranking import EARLY, best_values, better, classify_trial
 from .space import SearchSpace
 from .summary import point_label
@@ -65,14 +65,17 @@ def trial_error_message(trial: Any) -> str:
 class MlflowSearchCallback(Callback):
     """Driver-side MLflow logging of every trial of a search (see the module docstring).
 
-    Picklable (Tune stores it with the experiment); the MLflow client is created on first use.
+    Picklable (Tune stores it with the experiment); the MLflow client is created on first use: the
+    buffered writer of :mod:`scoretune.tracking.buffer` for ``journal`` (shared with the driver), so a
+    tracking server that goes away costs no trial and no metric.
     ``get_state``/``set_state`` keep the per-trial records (run id, epoch rows) in Tune's
     experiment snapshot, so a resumed search goes on where the snapshot left off.
     """
 
     def __init__(self, space: SearchSpace, *, tracking_uri: str, parent_run_id: str, experiment_id: str,
-                 stoppers: Sequence[Any] = (), floor: float | None = None):
+                 stoppers: Sequence[Any] = (), floor: float | None = None, journal: str | None = None):
         self.space = space
+        self.journal = journal
         self.tracking_uri = tracking_uri
         self.parent_run_id = parent_run_id
         self.experiment_id = experiment_id
@@ -98,7 +101,11 @@ class MlflowSearchCallback(Callback):
     @property
     def client(self):
         if self._client is None:
-            self._client = mlflow_client(self.tracking_uri)
+            from ..tracking.buffer import default_journal
+
+            self._client = open_writer(self.tracking_uri, getattr(self, "journal", None) or
+                                       default_journal(self.parent_run_id),
+                                       experiments={self.experiment_id: self.space.experiment_name})
         return self._client
 
     def get_state(self) -> dict[str, Any]:
@@ -120,8 +127,11 @@ class MlflowSearchCallback(Callback):
         if self._children is None:
             from ..tracking.runs import child_runs
 
-            parent = self.client.get_run(self.parent_run_id)
-            self._children = {r.data.tags.get(tags.TRIAL): r for r in child_runs(self.client, parent)}
+            try:
+                parent = self.client.get_run(self.parent_run_id)
+                self._children = {r.data.tags.get(tags.TRIAL): r for r in child_runs(self.client, parent)}
+            except Exception:  # the server is away: a new run (the writer buffers it), listed again next time
+                return None
         return self._children.get(trial_id)
 
     def record(self, trial: Any) -> dict[str, Any]:

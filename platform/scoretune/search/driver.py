@@ -28,6 +28,7 @@ from ..drivers.ray_session import ray_session
 from ..errors import UserError
 from ..names import inside, validate_name
 from ..tracking import client, resolve_tracking_uri
+from ..tracking.buffer import journal_path, open_writer, replay_leftover, settle
 from .callback import MlflowSearchCallback, ProgressCallback
 from .finalize import finalize_search
 from .floor import resolve_floor
@@ -113,6 +114,8 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
             out(f"resuming search '{name}' from {ray_path} (its saved space is used; attempt {attempt})")
             write_state(ray_path, {**state, "attempt": attempt})
             cl = client(uri)
+            replay_leftover(journal_path(ray_path, name), uri, out)  # what a killed attempt may not have sent
+            open_writer(uri, journal_path(ray_path, name)).adopt_run(parent_run_id)
             cl.update_run(parent_run_id, status="RUNNING")
             end_superseded(cl, parent_run_id, saved_trials(ray_path), label, out)
             tuner = tune.Tuner.restore(ray_path, trainable=trainable_for(space), resume_unfinished=True,
@@ -129,6 +132,7 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
     with ray_session(address, out=out):
         parent = start_parent_run(space, name=name, ray_path=ray_path, tracking_uri=uri, space_text=space_text)
         parent_run_id = parent.run_id
+        open_writer(uri, journal_path(ray_path, name)).adopt_run(parent_run_id)  # a replay can recreate it
         write_state(ray_path, {"space": space.model_dump(by_alias=True, exclude_none=True), "tracking_uri": uri,
                                "parent_run_id": parent_run_id, "floor": floor, "name": name, "attempt": 1,
                                "trial_base": trial_base})
@@ -145,10 +149,15 @@ def _fit(tuner: Any, space: SearchSpace, *, name: str, uri: str, parent_run_id: 
     out(f"Ray results: {ray_path}")
     with _quiet_tune():
         results = tuner.fit()
+    writer = open_writer(uri, journal_path(ray_path, name))  # the MLflow callback's buffered writer
     if _interrupted(results):
-        client(uri).set_terminated(parent_run_id, status="KILLED")
+        writer.set_terminated(parent_run_id, status="KILLED")
+        writer.drain(10.0)
+        if writer.close():
+            out(f"MLflow did not take every write; they are kept in {writer.journal} (scoretune sync replays it)")
         out(f"search '{name}' interrupted; continue it with --resume")
         return None
+    settle(writer, what=f"search '{name}'", parent_run_id=parent_run_id)
     return finalize_search(space, results, name=name, tracking_uri=uri, parent_run_id=parent_run_id,
                            ray_path=ray_path, superseded_by=superseded_by, out=out)
 
@@ -163,7 +172,7 @@ def build_tuner(space: SearchSpace, *, name: str, storage: str, ray_path: str, t
     stoppers = build_stoppers(space, floor)
     mlflow_cb = MlflowSearchCallback(space, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                                      experiment_id=experiment_id_for(tracking_uri, space.experiment_name),
-                                     stoppers=stoppers, floor=floor)
+                                     stoppers=stoppers, floor=floor, journal=str(journal_path(ray_path, name)))
     p = space.primary
     run_config = tune.RunConfig(
         name=name, storage_path=storage, stop=combined_stopper(stoppers),

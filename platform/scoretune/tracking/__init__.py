@@ -7,7 +7,11 @@ from ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` overrides it (a file path, a
 Fail fast, and safely:
 
 * An ``http(s)://`` server is probed with one TCP connect (5 s) before the first client for it is
-  made; an unreachable one is a one-line :class:`TrackingUnreachable` naming the URI. MLflow's own
+  made; an unreachable one is a one-line :class:`TrackingUnreachable` naming the URI. Then one read
+  request with the credentials MLflow sends (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``
+  from the environment, as ``scoretune launch`` passes them to a job): a server with authentication
+  (``--app-name basic-auth``) that refuses them is a one-line :class:`TrackingAuthError`.
+* Writes that must survive a server outage go through :mod:`scoretune.tracking.buffer`. MLflow's own
   retries are bounded (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 2, backoff factor 1, timeout 30 s, set
   with ``os.environ.setdefault`` at import, so a user's own settings win) instead of ~5 minutes.
 * The first client of a local SQLite store is created under ``fcntl.flock`` on ``<db>.lock``, so
@@ -44,6 +48,10 @@ class TrackingUnreachable(UserError):
     """The MLflow tracking server does not answer."""
 
 
+class TrackingAuthError(UserError):
+    """The MLflow tracking server refuses this client's credentials (HTTP 401/403)."""
+
+
 def forbid_pickle() -> None:
     """Make MLflow refuse pickle deserialization (its default in 3.x allows it)."""
     os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
@@ -73,7 +81,34 @@ def check_reachable(uri: str) -> None:
     except OSError as e:
         reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or type(e).__name__)
         raise TrackingUnreachable(unreachable_hint(uri, reason)) from None
+    check_credentials(uri)
     _REACHED.add(uri)
+
+
+def check_credentials(uri: str) -> None:
+    """One read request to an ``http(s)://`` server with the credentials MLflow will send
+    (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``); a server with
+    authentication (``mlflow server --app-name basic-auth``) that answers 401/403 is a one-line
+    :class:`TrackingAuthError` naming the variables, not a failure at the first write."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        resp = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                            max_retries=0, timeout=10, raise_on_status=False, params={"max_results": 1})
+    except Exception:  # noqa: BLE001 - reachability was checked; the first real request will say more
+        return
+    if resp.status_code in (401, 403):
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        what = (f"refused user {who!r} (HTTP {resp.status_code}): check MLFLOW_TRACKING_PASSWORD" if who else
+                f"requires a login (HTTP {resp.status_code}): export MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (scoretune launch passes them on to the cluster job)")
+        raise TrackingAuthError(f"the MLflow server at {_masked(uri)} {what}")
+
+
+def _masked(uri: str) -> str:
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://***@{uri.split('@', 1)[1]}" if parts.username or parts.password else uri
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -146,9 +181,13 @@ def get_or_create_experiment(cl, name: str) -> str:
     raise AssertionError("unreachable")
 
 
-def _param_value(v: Any) -> str:
+def param_value(v: Any) -> str:
+    """``v`` as an MLflow param value (at most ``PARAM_MAX`` characters)."""
     s = str(v)
     return s if len(s) <= PARAM_MAX else s[: PARAM_MAX - 3] + "..."
+
+
+_param_value = param_value
 
 
 def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
