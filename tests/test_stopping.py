@@ -175,7 +175,7 @@ def test_train_early_stop_floor_stops_early(tmp_path, capsys, one_thread):
     from scoretune.engine import load_checkpoint
 
     rc = main(["train", DIGITS_CONFIG, "--set", "epochs=4", "--set", "attack.steps=1", "--set", "batch_size=128",
-               "--set", "eval.pgd_steps=0", "--set", f"output_dir={tmp_path}", "--set", "name=es",
+               "--set", "eval.pgd_steps=1", "--set", "eval.test=false", "--set", f"output_dir={tmp_path}", "--set", "name=es",
                "--no-mlflow", "--early-stop", "floor", "--floor", "100", "--patience", "1"])
     assert rc == 0
     out = capsys.readouterr().out
@@ -190,3 +190,26 @@ def test_train_floor_without_a_value_is_a_one_line_error(capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "early_stop.floor" in err
+
+
+def test_train_floor_auto_flag_is_accepted_and_bad_values_are_one_line_errors(capsys):
+    from scoretune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", DIGITS_CONFIG, "--early-stop", "floor", "--floor", "soon", "--no-mlflow"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--floor" in err and "'auto'" in err
+
+
+def test_floor_rule_on_a_metric_that_is_not_measured_is_refused():
+    from scoretune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["early_stop.rule=floor", "early_stop.floor=0.1", "eval.pgd_steps=0"])
+    assert "early_stop.metric" in str(e.value) and "eval.pgd_steps" in str(e.value)
+
+
+def test_build_stopper_refuses_an_unresolved_auto_floor():
+    with pytest.raises(ValueError, match="early_stop.floor: 'auto'"):
+        build_stopper({"rule": "floor", "floor": "auto"})

@@ -290,6 +290,11 @@ class ExperimentConfig(_Strict):
         problem = batch_split_problem(self.batch_size, self.scaling.workers)
         if problem:
             raise ValueError(problem)
+        es = self.early_stop
+        if es.rule == "floor" and es.metric in ("train_r_madry", "val_r_madry") and (
+                self.eval.pgd_steps == 0 or (es.metric == "train_r_madry" and es.probe_fraction == 0)):
+            raise ValueError(f"early_stop.metric: the floor rule watches {es.metric}, measured by the evaluation "
+                             "attack: set eval.pgd_steps > 0 (and early_stop.probe_fraction > 0)")
         return self
 
     def eval_attack(self, pixel_range: tuple[float, float] | None,
