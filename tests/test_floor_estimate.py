@@ -236,3 +236,46 @@ def test_train_with_floor_auto_on_the_toy_resolves_it_and_can_stop(tmp_path):
     summary = train(cfg, use_mlflow=False, out=lines.append)
     assert any(line.startswith("floor (C^l1)^2/2 = ") for line in lines)
     assert summary["epochs"] >= 1
+
+
+# ----------------------------------------------------------------------------- the search's side
+
+
+def toy_space(**changes):
+    from scoretune.search.space import build_space
+
+    raw = {"name": "toyfloor", "base": json.loads(json.dumps(TOY)), "params": {"lr": {"loguniform": [0.01, 0.1]}},
+           "stoppers": {"floor": {"estimate": "auto", "patience": 2}}}
+    raw.update(changes)
+    return build_space(raw)
+
+
+def test_search_floor_is_estimated_logged_on_the_parent_and_clip_auto_applied(tmp_path):
+    from scoretune.search.floor import apply_floor, floor_cache_dir, log_floor, resolve_floor_estimate
+    from scoretune.tracking import tags
+
+    base = {**json.loads(json.dumps(TOY)), "objective": {"method": "trades", "loss": "se", "clip": "auto"}}
+    space = toy_space(base=base, storage_path=str(tmp_path / "ray"))
+    assert floor_cache_dir(space) == tmp_path / "ray" / "floor_cache"
+    est = resolve_floor_estimate(space, out=quiet)
+    assert est.source == "exact" and est.floor == pytest.approx(est.c_l1 ** 2 / 2)
+    applied = apply_floor(space, est)
+    obj = applied.base_config().objective
+    assert obj.clip == pytest.approx(clip_for_floor(est.floor)) and obj.clip_mode == "smoothing"
+
+    logged: dict = {}
+    logger = SimpleNamespace(log_params=lambda d: logged.setdefault("params", d),
+                             log_metrics=lambda d, step=0: logged.setdefault("metrics", d),
+                             set_tags=lambda d: logged.setdefault("tags", d))
+    log_floor(logger, est)
+    assert set(logged["params"]) == {"floor", "floor_c_l1", "floor_c_l1_se", "floor_n"}
+    assert logged["metrics"]["floor_c_l1"] == pytest.approx(est.c_l1)
+    assert logged["metrics"]["floor_c_l1_se"] == pytest.approx(est.c_l1_se)
+    assert logged["tags"][tags.FLOOR_SOURCE] == "exact"
+
+
+def test_search_floor_value_is_used_as_given():
+    from scoretune.search.floor import resolve_floor
+
+    assert resolve_floor(toy_space(stoppers={"floor": {"value": 0.25}}), out=quiet) == 0.25
+    assert resolve_floor(toy_space(stoppers={}), out=quiet) is None
