@@ -68,12 +68,15 @@ def base_config(args: argparse.Namespace, objective: str, seed: int) -> dict:
     }
 
 
-def train_recorded(cfg: ExperimentConfig, stop_rule=None) -> tuple[list[dict], list[dict]]:
+def train_recorded(cfg: ExperimentConfig, stop_rule=None, tag: str = "") -> tuple[list[dict], list[dict]]:
     """Train, keeping every epoch's row and weights; stop when ``stop_rule`` says so."""
     trainer = Trainer(cfg)
     rows, states = [], []
     while trainer.epoch < cfg.epochs:
         row = trainer.train_one_epoch()
+        print(f"  {tag} epoch {int(row['epoch']):>3} lr {row['lr']:.4f} train_r_madry {row['train_r_madry']:.3f} "
+              f"train_attack_ce {row['train_attack_ce']:.3f} val_r_madry {row['val_r_madry']:.3f} "
+              f"val_pgd {row['val_pgd_acc']:.3f} ({row['epoch_time']:.1f} s)", flush=True)
         rows.append(row)
         states.append(copy.deepcopy(trainer.eval_model.state_dict()))
         if stop_rule is not None and stop_rule.should_stop(row):
@@ -118,11 +121,18 @@ def main() -> int:
     p.add_argument("--patience", type=int, default=2, help="floor rule patience")
     p.add_argument("--plateau", type=int, default=5, help="plateau rule patience (Rice et al. 2020)")
     p.add_argument("--proxy-epochs", type=int, default=10)
+    p.add_argument("--floor-seed", type=int, default=0, help="the seed (split) of the floor's proxy")
     p.add_argument("--aa", default="fast", choices=["fast", "standard"])
     p.add_argument("--aa-n", type=int, default=None, help="test examples for AutoAttack (default: all)")
     p.add_argument("--cache", default=str(ROOT / "runs" / "floor_cache"))
     p.add_argument("--json", default=None, help="write every number to this JSON file")
+    p.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                   help="only print the summary of earlier runs' --json files (e.g. one per seed, run in parallel)")
     args = p.parse_args()
+    if args.summarize:
+        runs = [r for f in args.summarize for r in json.loads(Path(f).read_text())["runs"]]
+        summarize(runs, sorted({r["objective"] for r in runs}))
+        return 0
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     try:
@@ -135,7 +145,9 @@ def main() -> int:
           f"(x0.1 at 50%/75%), seeds {args.seeds}; AutoAttack '{args.aa}' on the test split", flush=True)
     results: dict = {"args": vars(args), "load": load, "runs": []}
     for objective in args.objectives:
-        cfg0 = ExperimentConfig.model_validate(base_config(args, objective, args.seeds[0]))
+        # one floor for every seed (the search's way: estimated once, at the space's seed): the proxy is
+        # trained on the split of --floor-seed, so runs of single seeds in parallel share one cached proxy
+        cfg0 = ExperimentConfig.model_validate(base_config(args, objective, args.floor_seed))
         est = estimate_floor(cfg0, cache_dir=args.cache, proxy_epochs=args.proxy_epochs, out=print)
         print(f"[{objective}] {est.line()}", flush=True)
         clip = clip_for_floor(est.floor)
@@ -146,7 +158,7 @@ def main() -> int:
             if args.aa_n:
                 x_test, y_test = x_test[: args.aa_n], y_test[: args.aa_n]
             t0 = time.perf_counter()
-            rows, states = train_recorded(cfg)
+            rows, states = train_recorded(cfg, tag=f"[{objective} seed {seed} full]")
             t_full = time.perf_counter() - t0
             n = len(rows)
             peak = best_epoch(rows, n)
@@ -163,7 +175,7 @@ def main() -> int:
                 **OBJECTIVES[objective], "clip_mode": "smoothing", "clip": clip}})
             rule = FloorRule(est.floor, args.patience, "train_r_madry")
             t1 = time.perf_counter()
-            crow, cstates = train_recorded(clip_cfg, rule)
+            crow, cstates = train_recorded(clip_cfg, rule, tag=f"[{objective} seed {seed} clip {clip:.3f}]")
             t_clip = time.perf_counter() - t1
             selected = {m: best_epoch(rows, s) for m, s in stops.items()}
             cache: dict[int, float] = {}
@@ -193,12 +205,20 @@ def main() -> int:
             for m in stops:
                 print(f"    {m:<11} epochs {stops[m]:>3}  {'stopped' if fired[m] else 'ran out':<8} "
                       f"selected epoch {selected[m]:>3}  AA({args.aa}) {100 * aa[m]:5.1f}%", flush=True)
-    # summary: medians over seeds
+    results["summary"] = summarize(results["runs"], args.objectives)
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+    return 0
+
+
+def summarize(runs: list[dict], objectives: list[str]) -> list[dict]:
+    """Print (and return) the medians over seeds per objective and method."""
     print("\nsummary (median over seeds; epochs saved vs full training; AA difference vs best-ckpt, points)")
     print(f"{'objective':<10} {'method':<11} {'epochs':>6} {'saved':>6} {'fired':>5} {'AA %':>6} {'dAA':>6}")
     summary = []
-    for objective in args.objectives:
-        recs = [r for r in results["runs"] if r["objective"] == objective]
+    for objective in objectives:
+        recs = [r for r in runs if r["objective"] == objective]
         for m in ("best-ckpt", "plateau", "floor", "floor+clip"):
             ep = statistics.median(r["stops"][m] for r in recs)
             saved = statistics.median(1 - r["stops"][m] / r["epochs"] for r in recs)
@@ -211,12 +231,9 @@ def main() -> int:
                   f"{daa:>+6.1f}")
         drops = [r["overfit_drop"] for r in recs]
         print(f"{objective:<10} robust overfitting: val PGD drop peak->final median {100 * statistics.median(drops):.1f} "
-              f"points (per seed: {', '.join(f'{100 * d:.1f}' for d in drops)})")
-    results["summary"] = summary
-    print(f"total {time.perf_counter() - t_start:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
-    return 0
+              f"points (per seed: {', '.join(f'{100 * d:.1f}' for d in drops)}); peak epochs "
+              f"{[r['peak_epoch'] for r in recs]}, floor stops {[r['stops']['floor'] for r in recs]}")
+    return summary
 
 
 if __name__ == "__main__":
