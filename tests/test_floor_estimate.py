@@ -222,7 +222,7 @@ def test_floor_stop_tags_name_the_epoch_the_value_and_the_floor():
 
     stopper = SimpleNamespace(floor=0.3, metric="train_r_madry", reasons={"t1": "floor: ..."},
                               stopped_epochs={"t1": 7}, stop_values={"t1": 0.21})
-    assert floor_stop_tags("t1", [stopper]) == {tags.FLOOR_STOP_EPOCH: 7, tags.FLOOR_VALUE: "0.3",
+    assert floor_stop_tags("t1", [stopper]) == {tags.FLOOR_STOP_EPOCH: "7", tags.FLOOR_VALUE: "0.3",
                                                 tags.FLOOR_STOP_VALUE: "0.21", tags.FLOOR_METRIC: "train_r_madry"}
     assert floor_stop_tags("t2", [stopper]) == {}
 
