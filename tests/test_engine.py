@@ -56,7 +56,7 @@ def test_trades_se_on_digits_beats_85_clean_and_35_pgd20(trained):
 def test_training_reports_the_madry_kl_robust_loss(trained):
     trainer, _ = trained
     first, last = trainer.history[0], trainer.history[-1]
-    assert 0 < last["train_madry_kl"] < first["train_madry_kl"]
+    assert 0 < last["train_attack_ce"] < first["train_attack_ce"]
     assert all(math.isfinite(r["train_loss"]) for r in trainer.history)
 
 
@@ -66,7 +66,11 @@ def test_checkpoint_round_trip_gives_identical_accuracy(trained):
     assert cfg.objective.loss == "se"
     a = _test_accuracy(trainer.eval_model, trainer, seed=1)
     b = _test_accuracy(net, trainer, seed=1)
+    # accuracies identical; the mean CE at the PGD point (test_r_madry) up to float summation order
+    # (the rebuilt network runs in the contiguous layout, the trainer's in channels_last)
+    r_a, r_b = a.pop("test_r_madry"), b.pop("test_r_madry")
     assert a == b and a["test_clean_acc"] > 0.85
+    assert r_a == pytest.approx(r_b, rel=1e-4)
 
 
 def test_resuming_reproduces_an_uninterrupted_run_exactly(tmp_path):

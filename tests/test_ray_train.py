@@ -145,7 +145,7 @@ def test_resumed_history_replays_through_the_early_stopping_rule():
     from scoretune.stopping import FloorRule
     from scoretune.stopping import replay_history as _replay
 
-    below = [{"epoch": float(e), "train_madry_kl": 0.01} for e in (1, 2, 3)]
+    below = [{"epoch": float(e), "train_r_madry": 0.01} for e in (1, 2, 3)]
     assert _replay(FloorRule(0.05, patience=2), below).startswith("floor")
     assert _replay(FloorRule(0.05, patience=4), below) == ""
     assert _replay(None, below) == ""

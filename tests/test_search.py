@@ -58,7 +58,7 @@ def test_best_values_read_every_objective_at_the_primary_best_epoch():
 
 
 def test_classify_trial_floor_then_budget_then_asha():
-    floor = SimpleNamespace(reasons={"a": "floor: train_madry_kl below ..."})
+    floor = SimpleNamespace(reasons={"a": "floor: train_r_madry below ..."})
     plateau = SimpleNamespace(reasons={"p": "plateau: val_pgd_acc has not improved ..."})
     assert classify_trial("a", 2, 4, [floor], "asha")[0] == "stopped_floor"
     assert classify_trial("p", 3, 4, [floor, plateau], "asha")[0] == "stopped_plateau"

@@ -32,7 +32,7 @@ def error_of(raw, overrides=None) -> str:
 
 def test_shipped_spaces_are_present():
     names = {p.stem for p in SPACES}
-    assert {"quickstart", "loss_ablation", "cifar10_trades_se", "cifar10_pgdat_se", "toy"} <= names
+    assert {"quickstart", "loss_ablation", "cifar10_trades_se", "cifar10_pgdat_se", "toy", "mnist5k"} <= names
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
@@ -163,10 +163,18 @@ def test_several_objectives_make_a_multi_objective_space():
     assert s.multi_objective and [str(o) for o in s.objective] == ["val_pgd_acc:max", "val_clean_acc:max"]
 
 
-def test_floor_estimate_needs_toy_data_or_a_proxy_checkpoint():
-    msg = error_of(space(stoppers={"floor": {"estimate": True}}))
-    assert "stoppers.floor.estimate" in msg and "proxy_checkpoint" in msg
+def test_floor_estimate_auto_is_accepted_on_any_data_and_true_means_auto():
+    s = build_space(space(stoppers={"floor": {"estimate": True}}))
+    assert s.stoppers.floor.estimate == "auto" and s.stoppers.floor.metric == "train_r_madry"
     assert "give either value" in error_of(space(stoppers={"floor": {"patience": 2}}))
+
+
+def test_floor_estimate_auto_refuses_a_searched_eps_and_eps_zero():
+    msg = error_of(space(stoppers={"floor": {"estimate": "auto"}}, params={"eps": {"uniform": [0.1, 0.3]}}))
+    assert "stoppers.floor.estimate: the floor depends on attack.eps, which params.eps searches" in msg
+    base = space()["base"]
+    msg = error_of(space(stoppers={"floor": {"estimate": "auto"}}, base={**base, "attack": {"eps": 0.0}}))
+    assert "stoppers.floor.estimate: base attack.eps is 0" in msg
 
 
 def test_grace_period_above_max_t_is_an_error():

@@ -14,7 +14,7 @@ FLOOR = 0.03
 DIGITS_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "digits_trades_se.yaml")
 
 
-def feed(rule, values, metric="train_madry_kl"):
+def feed(rule, values, metric="train_r_madry"):
     """Feed one row per epoch (epochs 1, 2, ...); return the epoch the rule stopped at, or None."""
     for epoch, v in enumerate(values, start=1):
         if rule.should_stop({"epoch": epoch, metric: v}):
@@ -29,12 +29,12 @@ def test_floor_rule_stops_after_patience_epochs_below_the_floor():
     rule = FloorRule(FLOOR, patience=2)
     assert feed(rule, [0.50, 0.20, 0.05, 0.02, 0.01, 0.005]) == 5
     assert rule.first_below_epoch == 4 and rule.stopped_epoch == 5
-    assert rule.reason == "floor: train_madry_kl below (C^l1)^2/2=0.03 for 2 epochs since epoch 4"
+    assert rule.reason == "floor: train_r_madry below (C^l1)^2/2=0.03 for 2 epochs since epoch 4"
 
 
 def test_floor_rule_never_stops_before_patience_epochs_below():
     rule = FloorRule(FLOOR, patience=3)
-    decisions = [rule.should_stop({"epoch": e, "train_madry_kl": 0.001}) for e in (1, 2, 3)]
+    decisions = [rule.should_stop({"epoch": e, "train_r_madry": 0.001}) for e in (1, 2, 3)]
     assert decisions == [False, False, True]
     assert rule.first_below_epoch == 1
 
@@ -65,10 +65,10 @@ def test_floor_rule_takes_values_and_explicit_epochs_and_stays_stopped():
 
 def test_floor_rule_ignores_rows_without_the_metric():
     rule = FloorRule(FLOOR, patience=2)
-    assert not rule.should_stop({"epoch": 1, "train_madry_kl": 0.01})
+    assert not rule.should_stop({"epoch": 1, "train_r_madry": 0.01})
     assert not rule.should_stop({"epoch": 2, "val_pgd_acc": 0.5})  # neither counts nor resets
-    assert not rule.should_stop({"epoch": 3, "train_madry_kl": float("nan")})
-    assert rule.should_stop({"epoch": 4, "train_madry_kl": 0.01})
+    assert not rule.should_stop({"epoch": 3, "train_r_madry": float("nan")})
+    assert rule.should_stop({"epoch": 4, "train_r_madry": 0.01})
 
 
 def test_floor_rule_counts_epochs_when_rows_carry_none():
@@ -141,13 +141,13 @@ def test_tune_floor_stopper_keeps_one_rule_per_trial_and_records_reasons():
     decisions = {"a": [], "b": []}
     for epoch in range(4):
         for tid, curve in (("a", a), ("b", b)):
-            decisions[tid].append(stopper(tid, {"epoch": epoch + 1, "train_madry_kl": curve[epoch],
+            decisions[tid].append(stopper(tid, {"epoch": epoch + 1, "train_r_madry": curve[epoch],
                                                 "training_iteration": epoch + 1}))
     assert decisions["a"] == [False, False, True, True]
     assert decisions["b"] == [False, False, False, False]
     assert stopper.stop_all() is False
     assert set(stopper.reasons) == {"a"}
-    assert stopper.reasons["a"] == "floor: train_madry_kl below (C^l1)^2/2=0.03 for 2 epochs since epoch 2"
+    assert stopper.reasons["a"] == "floor: train_r_madry below (C^l1)^2/2=0.03 for 2 epochs since epoch 2"
     assert stopper.stopped_epochs["a"] == 3
 
 
@@ -162,7 +162,7 @@ def test_tune_rule_stopper_with_any_rule_and_pickles():
     assert stop and stopper.reasons["t1"].startswith("plateau:")
     assert stopper("t2", {"training_iteration": 1, "val_pgd_acc": 0.1}) is False
     clone = pickle.loads(pickle.dumps(FloorStopper(0.1, 3)))
-    assert clone.floor == 0.1 and clone.patience == 3 and clone("x", {"train_madry_kl": 0.0}) is False
+    assert clone.floor == 0.1 and clone.patience == 3 and clone("x", {"train_r_madry": 0.0}) is False
     with pytest.raises(ValueError):
         FloorStopper(floor=-1)
 
@@ -175,11 +175,11 @@ def test_train_early_stop_floor_stops_early(tmp_path, capsys, one_thread):
     from scoretune.engine import load_checkpoint
 
     rc = main(["train", DIGITS_CONFIG, "--set", "epochs=4", "--set", "attack.steps=1", "--set", "batch_size=128",
-               "--set", "eval.pgd_steps=0", "--set", f"output_dir={tmp_path}", "--set", "name=es",
+               "--set", "eval.pgd_steps=1", "--set", "eval.test=false", "--set", f"output_dir={tmp_path}", "--set", "name=es",
                "--no-mlflow", "--early-stop", "floor", "--floor", "100", "--patience", "1"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "early stop after epoch 1: floor: train_madry_kl below (C^l1)^2/2=100 for 1 epochs since epoch 1" in out
+    assert "early stop after epoch 1: floor: train_r_madry below (C^l1)^2/2=100 for 1 epochs since epoch 1" in out
     assert load_checkpoint(tmp_path / "es" / "last.pt")["epoch"] == 1
 
 
@@ -190,3 +190,26 @@ def test_train_floor_without_a_value_is_a_one_line_error(capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "early_stop.floor" in err
+
+
+def test_train_floor_auto_flag_is_accepted_and_bad_values_are_one_line_errors(capsys):
+    from scoretune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", DIGITS_CONFIG, "--early-stop", "floor", "--floor", "soon", "--no-mlflow"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--floor" in err and "'auto'" in err
+
+
+def test_floor_rule_on_a_metric_that_is_not_measured_is_refused():
+    from scoretune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["early_stop.rule=floor", "early_stop.floor=0.1", "eval.pgd_steps=0"])
+    assert "early_stop.metric" in str(e.value) and "eval.pgd_steps" in str(e.value)
+
+
+def test_build_stopper_refuses_an_unresolved_auto_floor():
+    with pytest.raises(ValueError, match="early_stop.floor: 'auto'"):
+        build_stopper({"rule": "floor", "floor": "auto"})

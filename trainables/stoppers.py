@@ -35,6 +35,7 @@ class RuleStopper(Stopper):
         self.rules: dict[str, Rule] = {}
         self.reasons: dict[str, str] = {}
         self.stopped_epochs: dict[str, int | None] = {}
+        self.stop_values: dict[str, float | None] = {}  # the watched metric at the stopping epoch
 
     def rule(self, trial_id: str) -> Rule:
         """The rule watching ``trial_id`` (created on first use)."""
@@ -48,6 +49,9 @@ class RuleStopper(Stopper):
         if stop and trial_id not in self.reasons:
             self.reasons[trial_id] = rule.reason or "early_stopped"
             self.stopped_epochs[trial_id] = getattr(rule, "stopped_epoch", None)
+            metric = getattr(rule, "metric", None)
+            value = result.get(metric) if metric else None
+            self.stop_values[trial_id] = float(value) if isinstance(value, (int, float)) else None
         return stop
 
     def stop_all(self) -> bool:
@@ -55,10 +59,11 @@ class RuleStopper(Stopper):
 
 
 class FloorStopper(RuleStopper):
-    """SCORE's floor rule per trial: stop after ``patience`` epochs with ``metric`` (the robust KL
-    training loss) below ``floor`` = (C^l1)^2/2 (Pang et al. 2022, Corollary 1)."""
+    """SCORE's floor rule per trial: stop after ``patience`` epochs with ``metric`` (``train_r_madry``,
+    the robust cross-entropy at the CE-PGD maximiser: R_Madry) below ``floor`` = (C^l1)^2/2 (Pang et
+    al. 2022, Corollary 1)."""
 
-    def __init__(self, floor: float, patience: int = 2, metric: str = "train_madry_kl"):
+    def __init__(self, floor: float, patience: int = 2, metric: str = "train_r_madry"):
         FloorRule(floor, patience, metric)  # validate now, not at the first result
         super().__init__(functools.partial(FloorRule, float(floor), int(patience), metric))
         self.floor, self.patience, self.metric = float(floor), int(patience), metric

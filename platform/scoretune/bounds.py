@@ -31,7 +31,7 @@ For real data p_d is unknown: a trained model (a scoretune checkpoint) serves as
 is an estimate of the proxy's constant, not the data's, and should be reported with its
 standard error and the proxy it came from. Where only labels are known, the empirical posterior
 at the data points is the one-hot label: pass it as a tensor of probabilities to
-:func:`madry_risk` / :func:`standard_risk` (this is what the engine's ``train_madry_kl`` logs).
+:func:`madry_risk` / :func:`standard_risk` (this is what the engine's ``train_attack_ce`` logs under PGD-AT).
 
 This module imports only torch and numpy.
 """
@@ -358,7 +358,7 @@ def madry_risk(
 ) -> BoundEstimate:
     """R_Madry^D = E_x max_{x' in B(x)} D(p_d(.|x), p_theta(.|x')) (Madry et al.'s robust risk in
     SCORE's notation). ``posterior`` may be an (N, K) tensor of p_d(.|x) at ``xs`` (e.g. one-hot
-    labels: the empirical risk the engine logs as ``train_madry_kl``)."""
+    labels: the empirical risk; the engine's ``train_r_madry`` is its CE-PGD estimate)."""
     xs = _check_xs(xs)
     div = get_divergence(divergence)
     fixed = _fixed_targets(posterior, xs, posterior_logits)

@@ -17,12 +17,13 @@ factor in (0, 1], ``seed`` in [0, 2^32), ``name`` follows :func:`scoretune.names
 from __future__ import annotations
 
 import copy
+import math
 import json
 import os
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
@@ -120,13 +121,25 @@ class ObjectiveConfig(_Strict):
     beta: float = Field(6.0, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     clip_mode: ClipMode = "none"  # type: ignore[valid-type]
-    clip: float = Field(0.0, ge=0.0)
+    # a number, or 'auto': the clip c whose per-sample bound is the floor, -log(1 - c) = (C^l1)^2/2
+    # (scoretune.floor_estimate.clip_for_floor); resolved, with clip_mode 'smoothing', before training
+    clip: Union[float, Literal["auto"]] = 0.0
 
     def build(self) -> Objective:
+        if self.clip == "auto":
+            raise ConfigError("objective.clip: 'auto' is set from the estimated floor before training; "
+                              "run through `scoretune train`/`search`, or call scoretune.floor_estimate.resolve_auto")
         return Objective(**self.model_dump())
 
     @model_validator(mode="after")
     def _builds(self) -> "ObjectiveConfig":
+        if self.clip == "auto":
+            if self.clip_mode == "value":
+                raise ValueError("clip: 'auto' sets a label-smoothing clip (clip_mode 'smoothing' or 'none'), "
+                                 "not clip_mode 'value'")
+            return self
+        if isinstance(self.clip, bool) or not math.isfinite(self.clip) or self.clip < 0:
+            raise ValueError(f"clip: must be a number >= 0 or 'auto', got {self.clip!r}")
         self.build()  # its ValueError names the field ("clip_mode: ..."), shown as objective.clip_mode
         return self
 
@@ -200,15 +213,24 @@ class OptimConfig(_Strict):
 
 
 class EarlyStopConfig(_Strict):
+    """``rule: floor`` stops after ``patience`` epochs with ``metric`` below ``floor`` = (C^l1)^2/2:
+    a number, or ``auto`` (estimated before training by :mod:`scoretune.floor_estimate`: the exact
+    posterior for the toy, else a cached proxy trained at the run's eps). ``probe_fraction``: the
+    share of the training split on which ``train_r_madry`` is measured each epoch (CE-PGD)."""
+
     rule: Literal["none", "floor"] = "none"
-    floor: Optional[float] = Field(None, ge=0.0, validate_default=True)
+    floor: Union[float, Literal["auto"], None] = Field(None, validate_default=True)
     patience: int = Field(2, ge=1)
+    metric: str = "train_r_madry"
+    probe_fraction: float = Field(0.1, ge=0.0, le=1.0)
 
     @field_validator("floor")
     @classmethod
-    def _floor_given(cls, v: float | None, info: ValidationInfo) -> float | None:
+    def _floor_given(cls, v: float | str | None, info: ValidationInfo) -> float | str | None:
         if v is None and info.data.get("rule") == "floor":
-            raise ValueError("rule 'floor' needs early_stop.floor = (C^l1)^2/2 (see `scoretune bound`)")
+            raise ValueError("rule 'floor' needs early_stop.floor = (C^l1)^2/2 or 'auto' (see `scoretune bound`)")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (not math.isfinite(v) or v < 0):
+            raise ValueError(f"floor must be a finite number >= 0 or 'auto', got {v}")
         return v
 
 
@@ -268,6 +290,11 @@ class ExperimentConfig(_Strict):
         problem = batch_split_problem(self.batch_size, self.scaling.workers)
         if problem:
             raise ValueError(problem)
+        es = self.early_stop
+        if es.rule == "floor" and es.metric in ("train_r_madry", "val_r_madry") and (
+                self.eval.pgd_steps == 0 or (es.metric == "train_r_madry" and es.probe_fraction == 0)):
+            raise ValueError(f"early_stop.metric: the floor rule watches {es.metric}, measured by the evaluation "
+                             "attack: set eval.pgd_steps > 0 (and early_stop.probe_fraction > 0)")
         return self
 
     def eval_attack(self, pixel_range: tuple[float, float] | None,

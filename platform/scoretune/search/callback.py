@@ -2,7 +2,7 @@
 
 * :class:`MlflowSearchCallback` keeps one nested child run per trial (tags ``mlflow.parentRunId`` and
   ``scoretune.trial_id``): params (the trial's flat experiment config + the sampled values), per-epoch
-  metrics (the engine's row, ``R_Madry`` = train_madry_kl, the ``floor`` value, and
+  metrics (the engine's row, ``R_Madry`` = train_r_madry, the ``floor`` value, and
   ``best_<objective>`` / ``best_epoch``: the values at the trial's best epoch by the primary
   objective), and how the trial ended (tag ``scoretune.status``: completed / stopped_asha /
   stopped_floor / stopped_plateau / failed, with ``scoretune.stop_reason`` or ``scoretune.error``).
@@ -38,6 +38,16 @@ _SKIP_KEYS = {
 def result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     """The numeric metrics of a Tune result worth logging (the engine's row; Tune's bookkeeping dropped)."""
     return {k: v for k, v in finite_metrics(result).items() if k not in _SKIP_KEYS}
+
+
+def floor_stop_tags(trial_id: str, stoppers: Sequence[Any]) -> dict[str, Any]:
+    """The tags of a trial the floor stopper stopped (epoch, the watched value, the floor, the metric); {} else."""
+    for s in stoppers or ():
+        if getattr(s, "floor", None) is not None and trial_id in getattr(s, "reasons", {}):
+            value = getattr(s, "stop_values", {}).get(trial_id)
+            return {tags.FLOOR_STOP_EPOCH: str(s.stopped_epochs.get(trial_id)), tags.FLOOR_VALUE: f"{s.floor:.6g}",
+                    tags.FLOOR_STOP_VALUE: "" if value is None else f"{value:.6g}", tags.FLOOR_METRIC: s.metric}
+    return {}
 
 
 def trial_error_message(trial: Any) -> str:
@@ -245,8 +255,8 @@ class MlflowSearchCallback(Callback):
             self._checkpoint(rec, epoch, path, best)
         if epoch > int(rec["logged_epoch"]):
             extra = dict(best)
-            if "train_madry_kl" in metrics:
-                extra["R_Madry"] = metrics["train_madry_kl"]
+            if "train_r_madry" in metrics:
+                extra["R_Madry"] = metrics["train_r_madry"]
             if self.floor is not None:
                 extra["floor"] = self.floor
             self._queue(rec, {**metrics, **extra}, step=epoch)
@@ -269,7 +279,8 @@ class MlflowSearchCallback(Callback):
                     float((trial.last_result or {}).get("epoch", 0) or 0)])
         status, reason = classify_trial(trial.trial_id, last, rec["budget"], self.stoppers, self.space.scheduler.type)
         rec["status"] = status
-        rec.setdefault("pending_tags", {}).update({tags.STATUS: status, tags.REASON: reason})
+        rec.setdefault("pending_tags", {}).update({tags.STATUS: status, tags.REASON: reason,
+                                                   **floor_stop_tags(trial.trial_id, self.stoppers)})
         self._flush(rec)
         self.client.set_terminated(rec["run_id"], status="FINISHED")
 

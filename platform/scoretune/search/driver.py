@@ -31,7 +31,7 @@ from ..tracking import client, resolve_tracking_uri
 from ..tracking.buffer import journal_path, open_writer, replay_leftover, settle
 from .callback import MlflowSearchCallback, ProgressCallback
 from .finalize import finalize_search
-from .floor import resolve_floor
+from .floor import apply_floor, log_floor, resolve_floor_estimate
 from .mlflow_io import experiment_id_for, start_parent_run
 from .resume import attempt_label, end_superseded, saved_trials
 from .searcher import build_scheduler, build_searcher, build_stoppers, combined_stopper
@@ -126,11 +126,14 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
         raise UserError(f"search '{name}' already exists in {ray_path}: add --resume to continue it, pass "
                         f"--name {name}-2 to start another, or delete that folder")
     uri = resolve_tracking_uri(tracking_uri or space.tracking_uri)
+    check_dataset(pin_data_paths(space.base))
+    estimate = resolve_floor_estimate(space, out)  # the floor (auto: exact toy posterior or a cached proxy)
+    floor = estimate.floor if estimate is not None and space.stoppers.floor is not None else None
+    space = apply_floor(space, estimate)  # base objective.clip: auto -> the floor's clip
     trial_base = pin_data_paths(space.base)
-    check_dataset(trial_base)
-    floor = resolve_floor(space, out)
     with ray_session(address, out=out):
         parent = start_parent_run(space, name=name, ray_path=ray_path, tracking_uri=uri, space_text=space_text)
+        log_floor(parent, estimate)
         parent_run_id = parent.run_id
         open_writer(uri, journal_path(ray_path, name)).adopt_run(parent_run_id)  # a replay can recreate it
         write_state(ray_path, {"space": space.model_dump(by_alias=True, exclude_none=True), "tracking_uri": uri,

@@ -36,14 +36,14 @@ def log_plots(cl: Any, summary: SearchSummary, space: SearchSpace) -> list[str]:
     for t in summary.trials:
         if not t.run_id:
             continue
-        for ax, metric in zip(axes, (primary.metric, "train_madry_kl")):
+        for ax, metric in zip(axes, (primary.metric, "train_r_madry")):
             xs, ys = _history(cl, t.run_id, metric)
             if xs:
                 ax.plot(xs, ys, marker=".", lw=1, alpha=0.8, label=t.trial_id)
         xs, ys = _history(cl, t.run_id, "floor")
         floor = ys[-1] if ys else floor
     axes[0].set(xlabel="epoch", ylabel=primary.metric, title=f"{primary.metric} per trial")
-    axes[1].set(xlabel="epoch", ylabel="train_madry_kl (R_Madry)", title="robust KL training loss")
+    axes[1].set(xlabel="epoch", ylabel="train_r_madry (R_Madry)", title="robust CE at the CE-PGD point")
     if floor is not None:
         line = axes[1].axhline(floor, color="k", ls="--", lw=1, label=f"floor (C^l1)^2/2 = {floor:.3g}")
         axes[1].legend(handles=[line], fontsize=8, loc="upper right")

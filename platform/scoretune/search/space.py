@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -176,21 +176,35 @@ class SamplerSpec(_Strict):
 
 
 class FloorSpec(_Strict):
-    """SCORE's floor rule: stop a trial after ``patience`` epochs with ``metric`` (the robust KL training
-    loss) below (C^l1)^2/2. Give the floor as ``value``, or ``estimate: true`` (exact for toy data; other
-    data need ``proxy_checkpoint``, a trained scoretune checkpoint whose posterior stands in for p_d)."""
+    """SCORE's floor rule: stop a trial after ``patience`` epochs with ``metric`` (``train_r_madry``: the
+    robust cross-entropy at the CE-PGD maximiser, R_Madry) below (C^l1)^2/2. Give the floor as ``value``,
+    or ``estimate: auto``: the exact posterior for the toy; other data a short proxy training at the
+    search's eps, cached under ``storage_path/floor_cache`` (``proxy_epochs``, ``proxy_beta``; see
+    :mod:`scoretune.floor_estimate`), or ``proxy_checkpoint``: a trained scoretune checkpoint whose
+    posterior stands in for p_d. ``samples``: points of the validation split C^l1 is averaged over."""
 
-    value: Optional[float] = Field(None, ge=0.0)
-    estimate: bool = False
+    value: Optional[float] = None
+    estimate: Union[Literal["auto"], bool] = False
     proxy_checkpoint: Optional[str] = None
+    proxy_epochs: Optional[int] = Field(None, ge=1)
+    proxy_beta: Optional[float] = Field(None, ge=0.0)  # None: 1 on images, 0 otherwise
     patience: int = Field(2, ge=1)
-    metric: str = "train_madry_kl"
+    metric: str = "train_r_madry"
     samples: int = Field(512, ge=1)
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise ValueError(f"the floor must be a finite number >= 0 (see `scoretune bound`), got {v}")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> "FloorSpec":
+        if self.estimate is True:
+            self.estimate = "auto"
         if (self.value is None) == (not self.estimate):
-            raise ValueError("give either value: F (the floor (C^l1)^2/2, see `scoretune bound`) or estimate: true")
+            raise ValueError("give either value: F (the floor (C^l1)^2/2, see `scoretune bound`) or estimate: auto")
         return self
 
 
@@ -334,7 +348,7 @@ class SearchSpace(_Strict):
             out[f"space.{name}"] = spec.describe()
         if self.stoppers.floor is not None:
             f = self.stoppers.floor
-            out["search.stopper.floor"] = (f"value={f.value:g}" if f.value is not None else "estimate") + \
+            out["search.stopper.floor"] = (f"value={f.value:g}" if f.value is not None else "estimate=auto") + \
                 f" patience={f.patience} metric={f.metric}"
         if self.stoppers.plateau is not None:
             p = self.stoppers.plateau

@@ -118,11 +118,13 @@ def validate_space(space: Any, source: str = "") -> Any:
     _check_joint(space, source)
     metrics = set(ENGINE_METRICS)
     if base.data.val_size == 0:
-        metrics -= {"val_clean_acc", "val_pgd_acc"}
+        metrics -= {"val_clean_acc", "val_pgd_acc", "val_r_madry"}
     if not base.eval.test:
-        metrics -= {"test_clean_acc", "test_pgd_acc"}
+        metrics -= {"test_clean_acc", "test_pgd_acc", "test_r_madry"}
     if base.eval.pgd_steps == 0:
-        metrics -= {"val_pgd_acc", "test_pgd_acc"}
+        metrics -= {"val_pgd_acc", "test_pgd_acc", "train_r_madry", "val_r_madry", "test_r_madry", "probe_time"}
+    if base.early_stop.probe_fraction == 0:
+        metrics -= {"train_r_madry", "probe_time"}
     known_metrics = ", ".join(m for m in ENGINE_METRICS if m in metrics)
     for i, obj in enumerate(space.objective):
         if obj.metric not in metrics:
@@ -163,12 +165,19 @@ def validate_space(space: Any, source: str = "") -> Any:
     if split:
         raise ConfigError(f"{_where(source)}resources.workers: {split}")
     floor = space.stoppers.floor
-    if floor is not None and floor.estimate and floor.proxy_checkpoint is None and base.data.name != "toy":
-        raise ConfigError(
-            f"{_where(source)}stoppers.floor.estimate: C^l1 is known exactly only for the toy data; for "
-            f"'{base.data.name}' give stoppers.floor.value (from `scoretune bound`) or "
-            "stoppers.floor.proxy_checkpoint (a trained scoretune checkpoint used as the posterior)"
-        )
+    clip_auto = (space.base.get("objective") or {}).get("clip") == "auto"
+    if (floor is not None and floor.estimate) or clip_auto:
+        key = "stoppers.floor.estimate" if floor is not None and floor.estimate else "base.objective.clip"
+        searched = [n for n, t in space.targets.items() if t in ("attack.eps", "attack.norm", "data.name")]
+        if searched:
+            raise ConfigError(f"{_where(source)}{key}: the floor depends on {space.targets[searched[0]]}, which "
+                              f"params.{searched[0]} searches; fix it in base, or give stoppers.floor.value")
+        if base.attack.eps == 0:
+            raise ConfigError(f"{_where(source)}{key}: base attack.eps is 0, so C^l1 = 0 and the floor can never "
+                              "act; set attack.eps > 0 or drop the floor")
+    if clip_auto and any(t == "objective.clip_mode" for t in space.targets.values()):
+        raise ConfigError(f"{_where(source)}base.objective.clip: 'auto' sets clip_mode 'smoothing'; do not search "
+                          "objective.clip_mode with it")
     return space
 
 
