@@ -82,17 +82,37 @@ def base_space(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def method_space(args: argparse.Namespace, method: str, seed: int, root: Path):
-    """The validated :class:`SearchSpace` of ``method`` (``random`` or ``tpe_asha_floor``) for ``seed``."""
+METHODS = {
+    "random": "random search, full budgets (the reference)",
+    "tpe_asha_floor": "TPE + ASHA + floor stopper (scoretune's default search, cold)",
+    "startup4": "tpe_asha_floor with TPE's random start-up cut to 4 trials (cold)",
+    "grace2": "tpe_asha_floor with ASHA grace period 2 (rungs 2, 4, 8; cold)",
+    "warm": "tpe_asha_floor warm-started from the same seed's tpe_asha_floor search (its epochs not counted)",
+}
+
+
+def method_space(args: argparse.Namespace, method: str, seed: int, root: Path, names: dict[str, str] | None = None):
+    """The validated :class:`SearchSpace` of ``method`` (a key of :data:`METHODS`) for ``seed``; ``names``:
+    the search names run so far for this seed (``warm`` starts from ``tpe_asha_floor``'s)."""
     raw = base_space(args)
     raw["seed"] = seed
     raw["storage_path"] = str(root / "ray")
     if method == "random":
         raw.update(num_samples=args.samples, sampler={"type": "random"}, scheduler={"type": "none"})
-    else:
-        raw.update(num_samples=args.samples_b or args.samples, sampler={"type": "tpe"},
-                   scheduler={"type": "asha", "grace_period": args.grace, "reduction_factor": args.reduction_factor},
-                   stoppers={"floor": {"value": args.floor, "patience": 2}})
+        return build_space(raw, list(args.set or []), source=f"{method} space")
+    raw.update(num_samples=args.samples_b or args.samples, sampler={"type": "tpe"},
+               scheduler={"type": "asha", "grace_period": args.grace, "reduction_factor": args.reduction_factor},
+               stoppers={"floor": {"value": args.floor, "patience": 2}})
+    if method == "startup4":
+        raw["sampler"]["n_startup_trials"] = 4
+    elif method == "grace2":
+        raw["scheduler"]["grace_period"] = 2
+    elif method == "warm":
+        if not names or "tpe_asha_floor" not in names:
+            raise SystemExit("--methods: warm needs tpe_asha_floor before it (its warm-start source)")
+        raw["warm_start"] = {"from": names["tpe_asha_floor"]}
+    elif method != "tpe_asha_floor":
+        raise SystemExit(f"--methods: unknown method {method!r}; choose from {', '.join(METHODS)}")
     return build_space(raw, list(args.set or []), source=f"{method} space")
 
 
@@ -156,10 +176,12 @@ def run_methods(args: argparse.Namespace, methods: tuple[str, ...], root: Path, 
     runs: dict[str, dict[int, Any]] = {m: {} for m in methods}
     stamp = time.strftime("%H%M%S")
     for seed in args.seeds:
+        names: dict[str, str] = {}
         for method in methods:
-            space = method_space(args, method, seed, root)
+            space = method_space(args, method, seed, root, names)
+            names[method] = f"{method}-s{seed}-{stamp}"
             t0 = time.perf_counter()
-            summary = run_search(space, name=f"{method}-s{seed}-{stamp}", tracking_uri=uri, out=quiet)
+            summary = run_search(space, name=names[method], tracking_uri=uri, out=quiet)
             wall = time.perf_counter() - t0
             trials = trial_histories(summary)
             runs[method][seed] = {"trials": trials, "wall_s": wall, "completion": completion_curve(trials),
@@ -168,6 +190,8 @@ def run_methods(args: argparse.Namespace, methods: tuple[str, ...], root: Path, 
                                   "best": max((max(t["values"]) for t in trials), default=float("nan")),
                                   "counts": summary.counts()}
             r = runs[method][seed]
+            if args.json:  # partial results survive an interrupted run
+                Path(args.json + ".partial").write_text(json.dumps(runs, default=str))
             print(f"seed {seed} {method:<15} trials {len(trials):>2}  epochs {r['total_epochs']:>3}  "
                   f"best {METRIC} {r['best']:.4f}  {wall:.0f} s  {r['counts']}", flush=True)
     return runs
@@ -191,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for both spaces (repeatable)")
     ap.add_argument("--workdir", default=None, help="keep Ray results and MLflow store here (default: a temp dir)")
     ap.add_argument("--json", default=None, metavar="OUT", help="write all numbers and curves to OUT")
+    ap.add_argument("--methods", nargs="+", default=["random", "tpe_asha_floor"], choices=list(METHODS),
+                    help="searches to run per seed, in order (random first: it is the reference; warm needs "
+                         "tpe_asha_floor before it). " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    ap.add_argument("--summarize", default=None, metavar="PARTIAL",
+                    help="print the summary of the seeds finished in an interrupted run's OUT.partial file (no search)")
+    ap.add_argument("--ours", default=None, help="the method of the headline line (default: the last of --methods)")
     args = ap.parse_args(argv)
 
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="scoretune-bench-")
@@ -199,9 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     info = machine_info()
     print(f"machine: {info}")
-    methods = ("random", "tpe_asha_floor")
-    with ray_session(None, out=print):
-        runs = run_methods(args, methods, root, uri)
+    methods = tuple(args.methods)
+    if methods[0] != "random":
+        raise SystemExit("--methods: start with random (the reference)")
+    ours_m = args.ours or methods[-1]
+    if args.summarize:
+        saved = json.loads(Path(args.summarize).read_text())
+        runs = {m: {int(k): v for k, v in saved.get(m, {}).items()} for m in methods}
+        done = [sd for sd in args.seeds if all(sd in runs[m] for m in methods)]
+        print(f"summarizing seeds {done} of {args.seeds} from {args.summarize}")
+        args.seeds = done
+    else:
+        with ray_session(None, out=print):
+            runs = run_methods(args, methods, root, uri)
 
     rows: dict[str, Any] = {}
     for curve_name in ("completion", "by_epoch"):
@@ -215,27 +255,37 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  [{curve_name}] seed {seed}: target {target:.4f}; epochs to reach it: "
                   + ", ".join(f"{m} {need[m][-1] if need[m][-1] is not None else '-'}/{totals[m][-1]}"
                               for m in methods))
-        ours, ours_lb = mean_epochs(need["tpe_asha_floor"], totals["tpe_asha_floor"])
         ref, _ = mean_epochs(need["random"], totals["random"])
-        rows[curve_name] = {"ours": ours, "reference": ref, "ratio": ours / ref, "ratio_is_lower_bound": ours_lb,
-                            "per_seed": {m: need[m] for m in methods}, "totals": totals}
+        rows[curve_name] = {"reference": ref, "per_seed": need, "totals": totals, "methods": {}}
+        for m in methods[1:]:
+            ours, ours_lb = mean_epochs(need[m], totals[m])
+            rows[curve_name]["methods"][m] = {"ours": ours, "ratio": ours / ref, "ratio_is_lower_bound": ours_lb}
 
-    best_a = [runs["random"][s]["best"] for s in args.seeds]
-    best_b = [runs["tpe_asha_floor"][s]["best"] for s in args.seeds]
-    tot_a = [runs["random"][s]["total_epochs"] for s in args.seeds]
-    tot_b = [runs["tpe_asha_floor"][s]["total_epochs"] for s in args.seeds]
+    best = {m: [runs[m][s]["best"] for s in args.seeds] for m in methods}
+    tot = {m: [runs[m][s]["total_epochs"] for s in args.seeds] for m in methods}
+    print()
+    print(f"per method (mean over seeds {args.seeds}; reference = random):")
+    for m in methods[1:]:
+        c, e = rows["completion"]["methods"][m], rows["by_epoch"]["methods"][m]
+        print(f"  {m:<15} epochs_to_within_1pt {c['ours']:.1f} ({'>=' if c['ratio_is_lower_bound'] else ''}"
+              f"{c['ratio']:.3f}x)  epoch order {e['ratio']:.3f}x  total_epochs {statistics.fmean(tot[m]):.1f}  "
+              f"best {statistics.fmean(best[m]):.4f}   {METHODS[m]}")
+    if "warm" in methods:
+        src = statistics.fmean(tot["tpe_asha_floor"])
+        w = rows["completion"]["methods"]["warm"]["ours"]
+        print(f"  warm counting its source's epochs too: {w + src:.1f} ({(w + src) / rows['completion']['reference']:.3f}x)")
     print()
     print("name ours reference ratio")
     for curve_name, label in (("completion", "epochs_to_within_1pt"), ("by_epoch", "epochs_to_within_1pt_epoch_order")):
-        r = rows[curve_name]
+        r = rows[curve_name]["methods"][ours_m]
         mark = ">=" if r["ratio_is_lower_bound"] else ""
-        print(f"{label} {r['ours']:.1f} {r['reference']:.1f} {mark}{r['ratio']:.3f}")
-    print(f"total_epochs {statistics.fmean(tot_b):.1f} {statistics.fmean(tot_a):.1f} "
-          f"{statistics.fmean(tot_b) / statistics.fmean(tot_a):.3f}")
-    print(f"best_{METRIC} {statistics.fmean(best_b):.4f} {statistics.fmean(best_a):.4f} "
-          f"{statistics.fmean(best_b) / statistics.fmean(best_a):.3f}")
-    print("(ours = TPE + ASHA + floor stopper, reference = random search with full budgets; mean over seeds "
-          f"{args.seeds}; goal: epochs ratio <= 0.333)")
+        print(f"{label} {r['ours']:.1f} {rows[curve_name]['reference']:.1f} {mark}{r['ratio']:.3f}")
+    print(f"total_epochs {statistics.fmean(tot[ours_m]):.1f} {statistics.fmean(tot['random']):.1f} "
+          f"{statistics.fmean(tot[ours_m]) / statistics.fmean(tot['random']):.3f}")
+    print(f"best_{METRIC} {statistics.fmean(best[ours_m]):.4f} {statistics.fmean(best['random']):.4f} "
+          f"{statistics.fmean(best[ours_m]) / statistics.fmean(best['random']):.3f}")
+    print(f"(ours = {ours_m}: {METHODS[ours_m]}; reference = random search with full budgets; mean over seeds "
+          f"{args.seeds}; goal: epochs ratio <= 0.25 with a mean best no worse than random's)")
 
     if args.json:
         Path(args.json).write_text(json.dumps({

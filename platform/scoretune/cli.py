@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 
-SUBCOMMANDS = ("train", "search", "promote", "evaluate", "bound", "toy", "ui", "launch", "status")
+SUBCOMMANDS = ("train", "search", "promote", "evaluate", "bound", "toy", "ui", "dashboard", "launch", "status")
 
 
 def _available() -> list[str]:
