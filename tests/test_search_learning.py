@@ -404,3 +404,70 @@ def test_a_second_quickstart_warm_starts_from_the_first_and_tpe_begins_at_once(r
     default = {"beta": 6.0, "lr": 0.2, "loss": "se", "clip": 0.0}
     assert sum(t.params == default for t in study.trials) == 1
     assert snapshot(cl, find_parent_runs(cl, "quickstart")[0]) == before
+
+
+# ----------------------------------------------------------------------------- PostgreSQL (the cluster's store)
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A real PostgreSQL 15 on 127.0.0.1 (run as the postgres user: initdb refuses root); stopped by PID."""
+    import os
+    import shutil
+
+    from conftest import free_port
+
+    if shutil.which("initdb") is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not on PATH")
+    d = Path(f"/tmp/scoretune-pg-{os.getpid()}-{free_port()}")
+    d.mkdir()
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
+    if as_pg:
+        shutil.chown(d, "postgres")
+    port = free_port()
+    subprocess.run(as_pg + ["initdb", "-D", str(d / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True, timeout=120)
+    subprocess.run(as_pg + ["pg_ctl", "-D", str(d / "data"), "-l", str(d / "log"), "-w", "-t", "60", "-o",
+                            f"-p {port} -k {d} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True,
+                   timeout=120)
+    pid = int((d / "data" / "postmaster.pid").read_text().split()[0])
+    try:
+        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", "CREATE DATABASE mlflow"],
+                       check=True, capture_output=True, timeout=60)
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        import signal
+
+        os.kill(pid, signal.SIGINT)  # fast shutdown of the postmaster we started
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.1)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_with_mlflow_in_postgresql_the_study_gets_its_own_schema_in_the_same_database(postgres):
+    import optuna
+    import sqlalchemy
+
+    from scoretune.search.study_storage import open_storage, study_storage_url
+    from scoretune.tracking import client
+
+    cl = client(postgres)  # MLflow's tables (and its alembic_version) in schema public
+    exp = cl.create_experiment("e")
+    url = study_storage_url(postgres, "ray_results")
+    assert url == postgres + "?options=-csearch_path%3Doptuna"
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="pg-search", storage=storage, direction="maximize")
+    study.optimize(lambda t: t.suggest_float("beta", 1, 10), n_trials=2)
+    engine = sqlalchemy.create_engine(postgres)
+    with engine.connect() as conn:
+        rows = conn.execute(sqlalchemy.text("SELECT table_schema, table_name FROM information_schema.tables "
+                                            "WHERE table_schema IN ('public', 'optuna')")).fetchall()
+    engine.dispose()
+    tables = {(s, t) for s, t in rows}
+    assert {("optuna", "studies"), ("optuna", "trials"), ("optuna", "alembic_version")} <= tables
+    assert ("public", "runs") in tables and ("public", "studies") not in tables
+    assert len(optuna.load_study(study_name="pg-search", storage=open_storage(url)).trials) == 2
+    assert cl.get_experiment(exp).name == "e"  # MLflow's store is untouched

@@ -4,11 +4,14 @@
   ``postgresql://user@db-host/optuna``) wins;
 * else, for a local MLflow store, a SQLite file beside it: ``sqlite:///DIR/mlflow.db`` ->
   ``sqlite:///DIR/optuna.db``; ``file:///DIR/mlruns`` -> ``sqlite:///DIR/optuna.db``;
-* else (a tracking server, a remote Ray storage) ``optuna.db`` in the local Ray ``storage_path``.
+* else, for an MLflow store in PostgreSQL (``postgresql://...``), the same database with Optuna's
+  tables in their own schema ``optuna`` (``?options=-csearch_path=optuna``; created on first use):
+  MLflow and Optuna both keep an ``alembic_version`` table, so they cannot share a schema;
+* else (a tracking server, whose database the client does not see) ``optuna.db`` in the local Ray
+  ``storage_path``; on a cluster give the server's PostgreSQL as ``study_storage`` (its own database or
+  a URL with ``options=-csearch_path=optuna``).
 
-A tracking server's PostgreSQL is *not* shared by default: MLflow and Optuna both keep an
-``alembic_version`` table, so Optuna needs its own database (or schema) there -- give it as
-``study_storage``. ``scoretune dashboard`` opens the same URL (:func:`study_storage_url`).
+``scoretune dashboard`` opens the same URL (:func:`study_storage_url`).
 
 The study is named after the search (``--name``), so ``--resume`` (Ray restores the pickled searcher,
 whose study points at the same URL) and the dashboard find it; a fresh search refuses a study of its
@@ -18,11 +21,12 @@ name that is already there (delete it or pick another name).
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, quote, unquote, urlparse
 
 from ..errors import UserError
 
 STUDY_FILE = "optuna.db"
+SCHEMA = "optuna"
 
 
 class StudyStorageError(UserError):
@@ -39,6 +43,9 @@ def study_storage_url(tracking_uri: str, storage_path: str, explicit: str | None
         return f"sqlite:///{db.parent / STUDY_FILE}"
     if parsed.scheme == "file":
         return f"sqlite:///{Path(unquote(parsed.path)).parent / STUDY_FILE}"
+    if parsed.scheme.startswith("postgresql"):
+        sep = "&" if parsed.query else "?"
+        return f"{tracking_uri}{sep}options={quote(f'-csearch_path={SCHEMA}')}"
     if "://" not in storage_path:
         return f"sqlite:///{Path(storage_path).expanduser().absolute() / STUDY_FILE}"
     raise StudyStorageError(f"study_storage: the search logs to {tracking_uri} and keeps Ray results in {storage_path}, "
@@ -53,11 +60,31 @@ def open_storage(url: str):
     if url.startswith("sqlite:///"):
         Path(unquote(url[len("sqlite:///"):])).parent.mkdir(parents=True, exist_ok=True)
     try:
+        _create_schema(url)
         return optuna.storages.RDBStorage(url, heartbeat_interval=None,
                                           engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None)
     except Exception as e:  # bad URL, missing driver, unreachable server
         raise StudyStorageError(f"study_storage: cannot open {url}: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
                                 "(check the URL, or leave study_storage out for a SQLite file beside the MLflow store)") from None
+
+
+def _create_schema(url: str) -> None:
+    """``CREATE SCHEMA IF NOT EXISTS`` for a PostgreSQL URL whose ``options`` set a ``search_path``."""
+    parsed = urlparse(url)
+    if not parsed.scheme.startswith("postgresql"):
+        return
+    opts = " ".join(parse_qs(parsed.query).get("options", []))
+    schema = next((o.split("=", 1)[1] for o in opts.split() if o.startswith("-csearch_path=")), None)
+    if not schema or not schema.isidentifier():
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+    finally:
+        engine.dispose()
 
 
 def study_exists(storage, name: str) -> bool:

@@ -75,7 +75,8 @@ def rank_trials(trials: list[TrialSummary], objectives: Sequence[Any]) -> list[T
 
 def front_of(trials: Sequence[TrialSummary], objectives: Sequence[Any]) -> list[TrialSummary]:
     """The Pareto front of the trials that have a value for every objective."""
-    cand = [t for t in trials if t.status != "failed" and t.feasible is not False and all(t.value(o.metric) is not None for o in objectives)]
+    cand = [t for t in trials if t.status != "failed" and t.feasible is not False
+            and all(t.value(o.metric) is not None for o in objectives)]
     pts = [[float(t.value(o.metric)) for o in objectives] for t in cand]  # type: ignore[arg-type]
     return [cand[i] for i in pareto_front(pts, [o.mode for o in objectives])]
 
