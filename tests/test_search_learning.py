@@ -64,6 +64,12 @@ def drive(space, n=None, storage=None):
 
 
 @pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One MLflow SQLite store for the module's MLflow-only tests (each uses its own names in it)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
 def crafted_study():
     return drive(crafted_space())
 
@@ -82,11 +88,11 @@ def test_constraint_on_a_metric_no_trial_reports_is_one_line_naming_the_key():
         crafted_space(constraints=[{"metric": "val_clean_acc"}])
 
 
-def test_warm_start_from_a_search_that_does_not_exist_is_one_line_naming_the_key(tracking_uri):
+def test_warm_start_from_a_search_that_does_not_exist_is_one_line_naming_the_key(store):
     from scoretune.search.warm_start import WarmStartError, collect
     from scoretune.tracking import client
 
-    cl = client(tracking_uri)
+    cl = client(store)
     with pytest.raises(WarmStartError) as e:
         collect(cl, crafted_space(warm_start={"from": "nosuch"}), "nosuch")
     assert str(e.value).startswith("warm_start.from: no search or MLflow experiment called 'nosuch'")
@@ -150,7 +156,7 @@ def test_importance_ranks_the_one_parameter_that_decides_the_objective_first(cra
     assert [ax.get_xlabel() for ax in fig.axes] == ["importance for val_pgd_acc (PED-ANOVA)"]
 
 
-def test_infeasible_trials_are_marked_in_mlflow_and_the_summary_and_promote_refuses_them(tracking_uri):
+def test_infeasible_trials_are_marked_in_mlflow_and_the_summary_and_promote_refuses_them(store):
     from scoretune.search.feasibility import feasible_first, mark_feasibility
     from scoretune.search.summary import SearchSummary, TrialSummary, format_report, format_table, front_of
     from scoretune.tracking import client, tags
@@ -158,7 +164,7 @@ def test_infeasible_trials_are_marked_in_mlflow_and_the_summary_and_promote_refu
     from scoretune.errors import UserError
 
     space = crafted_space(objective=[{"metric": "val_pgd_acc"}, {"metric": "train_loss", "mode": "min"}])
-    cl = client(tracking_uri)
+    cl = client(store)
     exp = cl.create_experiment("crafted")
     parent = cl.create_run(exp, tags={tags.KIND: "search", tags.SEARCH: "crafted"})
     cl.log_param(parent.info.run_id, "search.objective", "val_pgd_acc:max, train_loss:min")
@@ -180,7 +186,7 @@ def test_infeasible_trials_are_marked_in_mlflow_and_the_summary_and_promote_refu
     assert cl.get_run(trials[1].run_id).data.tags[tags.FEASIBLE] == "true"
     ordered = feasible_first(trials)
     summary = SearchSummary(name="crafted", trials=ordered, pareto=front_of(ordered, space.objective), parent_run_id="p",
-                            experiment_id=exp, tracking_uri=tracking_uri, ray_path="r", objectives=space.objective,
+                            experiment_id=exp, tracking_uri=store, ray_path="r", objectives=space.objective,
                             space=space)
     assert summary.best.trial_id == "t1"  # t0 has the best val_pgd_acc but is infeasible
     assert {t.trial_id for t in summary.pareto} == {"t1", "t2"}  # t0 would dominate; it is left out
@@ -200,11 +206,12 @@ def test_infeasible_trials_are_marked_in_mlflow_and_the_summary_and_promote_refu
 # ----------------------------------------------------------------------------- warm start (MLflow only, no Ray)
 
 
-def fake_search(cl, name, rows, *, space_params=("beta", "lr", "loss")):
+def fake_search(cl, name, rows, *, space_params=("beta", "lr", "loss"), experiment=None):
     """An earlier search in MLflow as the driver logs it: a parent run and one child run per trial."""
     from scoretune.tracking import tags
 
-    exp = cl.get_experiment_by_name(name) or cl.get_experiment(cl.create_experiment(name))
+    experiment = experiment or name
+    exp = cl.get_experiment_by_name(experiment) or cl.get_experiment(cl.create_experiment(experiment))
     exp_id = exp.experiment_id
     parent = cl.create_run(exp_id, tags={tags.KIND: "search", tags.SEARCH: name})
     for p in space_params:
@@ -232,13 +239,13 @@ def snapshot(cl, parent):
             for r in runs]
 
 
-def test_warm_start_adds_the_finished_trials_that_fit_and_says_what_it_skipped(tracking_uri):
+def test_warm_start_adds_the_finished_trials_that_fit_and_says_what_it_skipped(store):
     import optuna
 
     from scoretune.search.warm_start import WARM_ATTR, collect
     from scoretune.tracking import client
 
-    cl = client(tracking_uri)
+    cl = client(store)
     rows = [({"beta": 3.0, "lr": 0.02, "loss": "se"}, 0.8, "completed"),
             ({"beta": 5.0, "lr": 0.3, "loss": "kl"}, 0.6, "stopped_asha"),
             ({"beta": 2.0, "lr": 0.05, "loss": "kl"}, 0.7, "completed"),
@@ -269,16 +276,28 @@ def test_warm_start_adds_the_finished_trials_that_fit_and_says_what_it_skipped(t
     assert searcher._ot_study.trials[-1].number == 3
 
 
-def test_points_to_evaluate_that_the_warm_start_already_ran_are_not_run_again(tracking_uri):
+def test_warm_start_from_an_mlflow_experiment_takes_every_search_in_it(store):
+    from scoretune.search.warm_start import collect
+    from scoretune.tracking import client
+
+    cl = client(store)
+    p1 = fake_search(cl, "mon", [({"beta": 3.0, "lr": 0.02, "loss": "se"}, 0.8, "completed")], experiment="team")
+    p2 = fake_search(cl, "tue", [({"beta": 2.0, "lr": 0.02, "loss": "kl"}, 0.7, "completed")], experiment="team")
+    ws = collect(cl, crafted_space(), "team")
+    assert ws.source == "experiment 'team'" and sorted(ws.parent_run_ids) == sorted([p1.info.run_id, p2.info.run_id])
+    assert sorted(t.value for t in ws.trials) == [0.7, 0.8]
+
+
+def test_points_to_evaluate_that_the_warm_start_already_ran_are_not_run_again(store):
     from scoretune.search.searcher import build_searcher
     from scoretune.search.warm_start import collect
     from scoretune.tracking import client
 
-    cl = client(tracking_uri)
-    fake_search(cl, "earlier", [({"beta": 3.0, "lr": 0.02, "loss": "se"}, 0.8, "completed")])
+    cl = client(store)
+    fake_search(cl, "earlier-pts", [({"beta": 3.0, "lr": 0.02, "loss": "se"}, 0.8, "completed")])
     points = [{"beta": 3.0, "lr": 0.02, "loss": "se"}, {"beta": 2.0, "lr": 0.02, "loss": "kl"}]
     space = crafted_space(points_to_evaluate=points)
-    searcher = build_searcher(space, warm_trials=collect(cl, space, "earlier").trials).searcher
+    searcher = build_searcher(space, warm_trials=collect(cl, space, "earlier-pts").trials).searcher
     assert searcher.suggest("a") == points[1]
 
 
