@@ -39,6 +39,8 @@ def find_storage(*, search: str | None, storage: str | None, tracking_uri: str |
                                  "folder (it predates the study storage); rerun it to watch it live")
         return url, ""
     url = study_storage_url(uri, "ray_results")
+    if url is None:  # pragma: no cover  (a local storage_path always gives one)
+        raise DashboardError("--storage: give the Optuna storage URL (the space's study_storage)")
     return url, f"Optuna studies of {uri}: {url}"
 
 

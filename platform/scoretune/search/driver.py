@@ -36,7 +36,7 @@ from .resume import attempt_label, end_superseded, saved_trials
 from .searcher import build_scheduler, build_searcher, build_stoppers, combined_stopper, n_startup_trials
 from .space import SearchSpace
 from .state import read_state, write_state
-from .study_storage import open_storage, refuse_existing, study_storage_url
+from .study_storage import no_storage_note, open_storage, refuse_existing, study_storage_url
 from .summary import SearchSummary
 from .trials import trainable_for, trial_name, trial_settings
 from .warm_start import warm_start_trials
@@ -130,8 +130,11 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
     trial_base = pin_data_paths(space.base)
     check_dataset(trial_base)
     study_url = study_storage_url(uri, space.storage_path, space.study_storage)
-    study_storage = open_storage(study_url)
-    refuse_existing(study_storage, study_url, name)
+    study_storage = open_storage(study_url) if study_url else None
+    if study_storage is not None:
+        refuse_existing(study_storage, study_url, name)
+    else:
+        out(no_storage_note(uri, space.storage_path))
     warm = warm_start_trials(client(uri), space, out)  # before anything is written
     floor = resolve_floor(space, out)
     with ray_session(address, out=out):
@@ -144,7 +147,8 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
         tuner = build_tuner(space, name=name, storage=storage, ray_path=ray_path, tracking_uri=uri,
                             parent_run_id=parent_run_id, floor=floor, out=out, study_storage=study_storage,
                             warm_trials=warm.trials if warm else ())
-        out(f"Optuna study '{name}' in {study_url} (watch it: scoretune dashboard --search {name})")
+        if study_url:
+            out(f"Optuna study '{name}' in {study_url} (watch it: scoretune dashboard --search {name})")
         if warm and warm.trials and space.sampler.type == "tpe":
             n = n_startup_trials(space)
             out(f"TPE starts at once: {len(warm.trials)} warm-start trial(s) >= its {n} start-up trial(s)"
@@ -170,6 +174,8 @@ def _fit(tuner: Any, space: SearchSpace, *, name: str, uri: str, parent_run_id: 
                               ray_path=ray_path, superseded_by=superseded_by, out=out)
     if study_url:
         summary.importance = study_importance(study_url, name, space, uri, parent_run_id, out)
+    else:
+        out("parameter importance not computed: the study has no storage (set study_storage: in the space)")
     return summary
 
 
@@ -193,10 +199,11 @@ def study_importance(study_url: str, name: str, space: SearchSpace, uri: str, pa
     return imp
 
 
-def tag_study(cl: Any, parent_run_id: str, study_url: str, name: str, warm: Any) -> None:
+def tag_study(cl: Any, parent_run_id: str, study_url: str | None, name: str, warm: Any) -> None:
     """The parent run's tags: where its Optuna study is and what it warm-started from."""
-    cl.set_tag(parent_run_id, tags.OPTUNA_STORAGE, study_url)
-    cl.set_tag(parent_run_id, tags.OPTUNA_STUDY, name)
+    if study_url:
+        cl.set_tag(parent_run_id, tags.OPTUNA_STORAGE, study_url)
+        cl.set_tag(parent_run_id, tags.OPTUNA_STUDY, name)
     if warm is not None:
         cl.set_tag(parent_run_id, tags.WARM_START_FROM, warm.source)
         cl.set_tag(parent_run_id, tags.WARM_START_TRIALS, str(len(warm.trials)))

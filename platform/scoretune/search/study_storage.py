@@ -9,7 +9,9 @@
   MLflow and Optuna both keep an ``alembic_version`` table, so they cannot share a schema;
 * else (a tracking server, whose database the client does not see) ``optuna.db`` in the local Ray
   ``storage_path``; on a cluster give the server's PostgreSQL as ``study_storage`` (its own database or
-  a URL with ``options=-csearch_path=optuna``).
+  a URL with ``options=-csearch_path=optuna``). With a tracking server *and* remote Ray storage
+  (``s3://``) and no ``study_storage`` there is no place for it: the study stays in memory (and in
+  Ray's searcher checkpoint) as before, and the driver says so in one line.
 
 ``scoretune dashboard`` opens the same URL (:func:`study_storage_url`).
 
@@ -33,8 +35,8 @@ class StudyStorageError(UserError):
     """The Optuna study storage cannot be opened or already holds a study of this name."""
 
 
-def study_storage_url(tracking_uri: str, storage_path: str, explicit: str | None = None) -> str:
-    """The Optuna storage URL of a search (see the module docstring)."""
+def study_storage_url(tracking_uri: str, storage_path: str, explicit: str | None = None) -> str | None:
+    """The Optuna storage URL of a search (see the module docstring); None: no place for one."""
     if explicit:
         return explicit
     parsed = urlparse(tracking_uri)
@@ -48,9 +50,14 @@ def study_storage_url(tracking_uri: str, storage_path: str, explicit: str | None
         return f"{tracking_uri}{sep}options={quote(f'-csearch_path={SCHEMA}')}"
     if "://" not in storage_path:
         return f"sqlite:///{Path(storage_path).expanduser().absolute() / STUDY_FILE}"
-    raise StudyStorageError(f"study_storage: the search logs to {tracking_uri} and keeps Ray results in {storage_path}, "
-                            "so there is no local place for its Optuna study; set study_storage: (e.g. "
-                            "postgresql://user@host/optuna) in the space")
+    return None
+
+
+def no_storage_note(tracking_uri: str, storage_path: str) -> str:
+    return (f"note: the Optuna study is kept in memory and in Ray's searcher checkpoint only (the search logs to "
+            f"{tracking_uri} and keeps Ray results in {storage_path}); set study_storage: (e.g. "
+            "postgresql://user@db-host/mlflow?options=-csearch_path%3Doptuna) in the space to watch it with "
+            "scoretune dashboard")
 
 
 def open_storage(url: str):
