@@ -16,6 +16,10 @@ Modules, each with one job (imports point down this list or to lower layers only
 * :mod:`.callback`  -- the MLflow and progress Tune callbacks;
 * :mod:`.plots`, :mod:`.finalize` -- after the search: plots, models, AutoAttack, the parent's summary;
 * :mod:`.state`, :mod:`.resume` -- the search's state file; ending the runs a resume does not continue;
+* :mod:`.study_storage` -- where the Optuna study lives (RDB: SQLite beside the MLflow store by default);
+* :mod:`.warm_start` -- an earlier search's finished trials as the new study's first trials;
+* :mod:`.feasibility`, :mod:`.importance` -- constraints after the search; PED-ANOVA importance;
+* :mod:`.dashboard` -- optuna-dashboard on the study (``scoretune dashboard``);
 * :mod:`.driver`    -- ``run_search``: checks, Ray, the ``Tuner``, resume.
 
 The names below are re-exported lazily (on first use), so ``import scoretune.search.space`` (or
@@ -34,6 +38,9 @@ _EXPORTS = {
     "summary": ("SearchSummary", "TrialSummary", "format_report", "format_table", "point_label"),
     "finalize": ("finalize_search",),
     "driver": ("build_tuner", "check_dataset", "experiment_path", "run_search"),
+    "study_storage": ("study_storage_url",),
+    "warm_start": ("WarmStart", "warm_start_trials"),
+    "importance": ("param_importances", "format_importance"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -27,18 +27,20 @@ from ..config import ExperimentConfig, pin_data_paths
 from ..drivers.ray_session import ray_session
 from ..errors import UserError
 from ..names import inside, validate_name
-from ..tracking import client, resolve_tracking_uri
+from ..tracking import client, resolve_tracking_uri, tags
 from ..tracking.buffer import journal_path, open_writer, replay_leftover, settle
 from .callback import MlflowSearchCallback, ProgressCallback
 from .finalize import finalize_search
 from .floor import apply_floor, log_floor, resolve_floor_estimate
 from .mlflow_io import experiment_id_for, start_parent_run
 from .resume import attempt_label, end_superseded, saved_trials
-from .searcher import build_scheduler, build_searcher, build_stoppers, combined_stopper
+from .searcher import build_scheduler, build_searcher, build_stoppers, combined_stopper, n_startup_trials
 from .space import SearchSpace
 from .state import read_state, write_state
+from .study_storage import no_storage_note, open_storage, refuse_existing, study_storage_url
 from .summary import SearchSummary
 from .trials import trainable_for, trial_name, trial_settings
+from .warm_start import warm_start_trials
 
 
 def experiment_path(storage_path: str, name: str) -> tuple[str, str]:
@@ -112,6 +114,8 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
         label = attempt_label(name, attempt)
         with ray_session(address, out=out):
             out(f"resuming search '{name}' from {ray_path} (its saved space is used; attempt {attempt})")
+            if state.get("study_storage"):
+                out(f"the Optuna study '{name}' in {state['study_storage']} goes on")
             write_state(ray_path, {**state, "attempt": attempt})
             cl = client(uri)
             replay_leftover(journal_path(ray_path, name), uri, out)  # what a killed attempt may not have sent
@@ -121,7 +125,7 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
             tuner = tune.Tuner.restore(ray_path, trainable=trainable_for(space), resume_unfinished=True,
                                        restart_errored=True)
             return _fit(tuner, space, name=name, uri=uri, parent_run_id=parent_run_id, ray_path=ray_path,
-                        superseded_by=label, out=out)
+                        superseded_by=label, out=out, study_url=state.get("study_storage"))
     if tune.Tuner.can_restore(ray_path):
         raise UserError(f"search '{name}' already exists in {ray_path}: add --resume to continue it, pass "
                         f"--name {name}-2 to start another, or delete that folder")
@@ -131,22 +135,39 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
     floor = estimate.floor if estimate is not None and space.stoppers.floor is not None else None
     space = apply_floor(space, estimate)  # base objective.clip: auto -> the floor's clip
     trial_base = pin_data_paths(space.base)
+    study_url = study_storage_url(uri, space.storage_path, space.study_storage)
+    study_storage = open_storage(study_url) if study_url else None
+    if study_storage is not None:
+        refuse_existing(study_storage, study_url, name)
+    else:
+        out(no_storage_note(uri, space.storage_path))
+    warm = warm_start_trials(client(uri), space, out)  # before anything is written
     with ray_session(address, out=out):
         parent = start_parent_run(space, name=name, ray_path=ray_path, tracking_uri=uri, space_text=space_text)
         log_floor(parent, estimate)
         parent_run_id = parent.run_id
         open_writer(uri, journal_path(ray_path, name)).adopt_run(parent_run_id)  # a replay can recreate it
+        tag_study(client(uri), parent_run_id, study_url, name, warm)
         write_state(ray_path, {"space": space.model_dump(by_alias=True, exclude_none=True), "tracking_uri": uri,
                                "parent_run_id": parent_run_id, "floor": floor, "name": name, "attempt": 1,
-                               "trial_base": trial_base})
+                               "trial_base": trial_base, "study_storage": study_url})
         tuner = build_tuner(space, name=name, storage=storage, ray_path=ray_path, tracking_uri=uri,
-                            parent_run_id=parent_run_id, floor=floor, out=out)
+                            parent_run_id=parent_run_id, floor=floor, out=out, study_storage=study_storage,
+                            warm_trials=warm.trials if warm else ())
+        if study_url:
+            out(f"Optuna study '{name}' in {study_url} (watch it: scoretune dashboard --search {name})")
+        if warm and warm.trials and space.sampler.type == "tpe":
+            n = n_startup_trials(space)
+            out(f"TPE starts at once: {len(warm.trials)} warm-start trial(s) >= its {n} start-up trial(s)"
+                if len(warm.trials) >= n else
+                f"TPE starts after {n - len(warm.trials)} random trial(s) ({len(warm.trials)} of its {n} start-up "
+                "trials come from the warm start)")
         return _fit(tuner, space, name=name, uri=uri, parent_run_id=parent_run_id, ray_path=ray_path,
-                    superseded_by=attempt_label(name, 1), out=out)
+                    superseded_by=attempt_label(name, 1), out=out, study_url=study_url)
 
 
 def _fit(tuner: Any, space: SearchSpace, *, name: str, uri: str, parent_run_id: str, ray_path: str,
-         superseded_by: str, out: Callable[[str], None]) -> SearchSummary | None:
+         superseded_by: str, out: Callable[[str], None], study_url: str | None = None) -> SearchSummary | None:
     """Run the tuner; finalize the search, or (interrupted) mark the parent run KILLED."""
     out(f"MLflow: {uri}  experiment '{space.experiment_name}'  parent run {parent_run_id}")
     out(f"Ray results: {ray_path}")
@@ -161,13 +182,51 @@ def _fit(tuner: Any, space: SearchSpace, *, name: str, uri: str, parent_run_id: 
         out(f"search '{name}' interrupted; continue it with --resume")
         return None
     settle(writer, what=f"search '{name}'", parent_run_id=parent_run_id)
-    return finalize_search(space, results, name=name, tracking_uri=uri, parent_run_id=parent_run_id,
-                           ray_path=ray_path, superseded_by=superseded_by, out=out)
+    summary = finalize_search(space, results, name=name, tracking_uri=uri, parent_run_id=parent_run_id,
+                              ray_path=ray_path, superseded_by=superseded_by, out=out)
+    if study_url:
+        summary.importance = study_importance(study_url, name, space, uri, parent_run_id, out)
+    else:
+        out("parameter importance not computed: the study has no storage (set study_storage: in the space)")
+    return summary
+
+
+def study_importance(study_url: str, name: str, space: SearchSpace, uri: str, parent_run_id: str,
+                     out: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+    """Parameter importance per objective from the search's Optuna study, logged on the parent run
+    (metrics + ``importance.png``); {} (and one line) when it cannot be computed."""
+    import optuna
+
+    from .importance import log_importance, param_importances
+
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(study_url))
+        imp = param_importances(study, space.objective)
+        log_importance(client(uri), parent_run_id, imp)
+    except Exception as e:  # importance is a report: never lose the finished search over it
+        out(f"parameter importance not computed: {type(e).__name__}: {e}")
+        return {}
+    if not imp:
+        out("parameter importance not computed: fewer than 3 finished trials")
+    return imp
+
+
+def tag_study(cl: Any, parent_run_id: str, study_url: str | None, name: str, warm: Any) -> None:
+    """The parent run's tags: where its Optuna study is and what it warm-started from."""
+    if study_url:
+        cl.set_tag(parent_run_id, tags.OPTUNA_STORAGE, study_url)
+        cl.set_tag(parent_run_id, tags.OPTUNA_STUDY, name)
+    if warm is not None:
+        cl.set_tag(parent_run_id, tags.WARM_START_FROM, warm.source)
+        cl.set_tag(parent_run_id, tags.WARM_START_TRIALS, str(len(warm.trials)))
+        cl.set_tag(parent_run_id, tags.WARM_START_RUNS, ",".join(warm.parent_run_ids))
 
 
 def build_tuner(space: SearchSpace, *, name: str, storage: str, ray_path: str, tracking_uri: str,
-                parent_run_id: str, floor: float | None, out: Callable[[str], None] = print):
-    """The ``Tuner`` of a fresh search (searcher, scheduler, stoppers, MLflow + progress callbacks)."""
+                parent_run_id: str, floor: float | None, out: Callable[[str], None] = print,
+                study_storage: Any = None, warm_trials: Any = ()):
+    """The ``Tuner`` of a fresh search (searcher, scheduler, stoppers, MLflow + progress callbacks); the
+    Optuna study ``name`` in ``study_storage`` (None: in memory), started from ``warm_trials``."""
     from ray import tune
 
     from trainables.tune_trainable import SETTINGS_KEY
@@ -185,7 +244,8 @@ def build_tuner(space: SearchSpace, *, name: str, storage: str, ray_path: str, t
         failure_config=tune.FailureConfig(max_failures=0), verbose=0,
     )
     tune_config = tune.TuneConfig(
-        search_alg=build_searcher(space), scheduler=build_scheduler(space), num_samples=space.total_samples,
+        search_alg=build_searcher(space, storage=study_storage, study_name=name, warm_trials=warm_trials),
+        scheduler=build_scheduler(space), num_samples=space.total_samples,
         reuse_actors=True, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
     )
     settings = trial_settings(space, name=name, ray_path=ray_path)

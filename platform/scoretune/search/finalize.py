@@ -20,6 +20,7 @@ from ..tracking import client as mlflow_client
 from ..tracking import tags
 from ..tracking.runs import child_runs
 from .aa_tasks import AutoAttackJob, run_autoattack_jobs
+from .feasibility import feasible_first, mark_feasibility
 from .mlflow_io import log_metrics
 from .plots import log_plots
 from .ranking import STATUSES, finite
@@ -77,7 +78,8 @@ def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri
             best={k: v for k, v in metrics.items() if k.startswith("best_")},
             reason=run_tags.get(tags.ERROR) or run_tags.get(tags.REASON, ""), model_uri=run_tags.get(tags.MODEL_URI),
         ))
-    trials = rank_trials(trials, space.objective)
+    mark_feasibility(cl, trials, space, out)  # issue 17: constraints (a hook; no-op without them)
+    trials = feasible_first(rank_trials(trials, space.objective))
     pareto = front_of(trials, space.objective) if space.multi_objective else []
     summary = SearchSummary(name=name, trials=trials, pareto=pareto, parent_run_id=parent_run_id,
                             experiment_id=parent.info.experiment_id, tracking_uri=tracking_uri,

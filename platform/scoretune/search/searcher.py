@@ -3,8 +3,12 @@
 * Searcher: :class:`BestEpochOptunaSearch` (Ray's ``OptunaSearch`` with a seeded, multivariate
   ``TPESampler``; several objectives make it multi-objective: ``metric=[...], mode=[...]``) that
   tells Optuna each trial's best-epoch values rather than its last epoch's, wrapped in a
-  ``ConcurrencyLimiter``. Tune saves the searcher (the Optuna study included) in the experiment
-  directory, so ``--resume`` continues the same study.
+  ``ConcurrencyLimiter``. The study lives in an RDB storage (:mod:`.study_storage`; one study per
+  search name, what ``scoretune dashboard`` shows); Tune also saves the searcher in the experiment
+  directory, so ``--resume`` continues the same study. A warm start (:mod:`.warm_start`) adds an
+  earlier search's finished trials to the study before it samples; each ``constraints`` entry is set
+  on the trial (Optuna 5's ``Trial.set_constraint``, <= 0 feasible) before it is told, so the TPE
+  sampler's constrained mode and ``study.best_trial`` / ``best_trials`` use them.
 * Scheduler: ``ASHAScheduler(time_attr="epoch")`` on the primary objective, or FIFO.
 * Stoppers: ``trainables.stoppers.FloorStopper`` (SCORE's floor rule) and a plateau ``RuleStopper``.
 """
@@ -28,14 +32,24 @@ class BestEpochOptunaSearch(OptunaSearch):
     The remembered rows are part of the searcher's pickled state, so they survive a resume.
     """
 
-    def __init__(self, *args: Any, objectives: list[Any], **kwargs: Any):
+    def __init__(self, *args: Any, objectives: list[Any], constraints: list[Any] = (),
+                 warm_trials: list[Any] = (), **kwargs: Any):
         self._objectives = [(o.metric, o.mode) for o in objectives]
+        self._constraints = list(constraints)
+        self._warm_trials = list(warm_trials)
         self._rows: dict[str, list[dict[str, float]]] = {}
         super().__init__(*args, **kwargs)
 
+    def _setup_study(self, mode: Any) -> None:
+        super()._setup_study(mode)
+        for t in self._warm_trials:  # before the first ask: TPE's start-up counts them
+            self._ot_study.add_trial(t)
+        self._warm_trials = []
+
     def _remember(self, trial_id: str, result: dict | None) -> None:
         if result:
-            row = {m: result[m] for m, _ in self._objectives if m in result}
+            watched = [m for m, _ in self._objectives] + [c.metric for c in self._constraints]
+            row = {m: result[m] for m in watched if m in result}
             row["epoch"] = result.get("epoch", result.get("training_iteration", 0))
             rows = self._rows.setdefault(trial_id, [])
             if all(r["epoch"] != row["epoch"] for r in rows):
@@ -51,12 +65,37 @@ class BestEpochOptunaSearch(OptunaSearch):
         if result and not error:
             best = best_values(rows, [ObjectiveSpec(metric=m, mode=mode) for m, mode in self._objectives])
             result = {**result, **{m: best[f"best_{m}"] for m, _ in self._objectives if f"best_{m}" in best}}
+            if self._constraints and trial_id in self._ot_trials:
+                at = next((r for r in rows if r.get("epoch") == best.get("best_epoch")), result)
+                values = {c.metric: _num(at.get(c.metric)) for c in self._constraints}
+                ot_trial = self._ot_trials[trial_id]
+                ot_trial.set_user_attr(CONSTRAINT_ATTR, values)
+                for key, v in constraint_values(self._constraints, values).items():
+                    ot_trial.set_constraint(key, v)
         super().on_trial_complete(trial_id, result, error)
 
 
+CONSTRAINT_ATTR = "scoretune.constraint_metrics"  # user attr: the constraint metrics at the best epoch
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def constraint_values(constraints: list[Any], metrics: dict[str, float | None]) -> dict[str, float]:
+    """Optuna constraint name (``val_clean_acc >= 0.8``) -> value, <= 0 when satisfied."""
+    return {c.describe(): c.violation(metrics.get(c.metric)) for c in constraints}
+
+
+def n_startup_trials(space: SearchSpace) -> int:
+    """TPE's random start-up: ``sampler.n_startup_trials``, else trials/3 between 2 and 10."""
+    return space.sampler.n_startup_trials or max(2, min(10, space.total_samples // 3))
+
+
 def build_sampler(space: SearchSpace):
-    """The space's Optuna sampler: seeded TPE (multivariate; constant liar when trials overlap),
-    random, or grid over the ``choice`` params."""
+    """The space's Optuna sampler: seeded TPE (multivariate; constant liar when trials overlap;
+    constrained by the trials' constraint values when the space has ``constraints``), random, or grid
+    over the ``choice`` params."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -66,27 +105,40 @@ def build_sampler(space: SearchSpace):
     if s.type == "grid":
         return optuna.samplers.GridSampler({n: list(p.choice or []) for n, p in space.params.items()},
                                            seed=space.seed)
-    n_startup = s.n_startup_trials or max(2, min(10, space.total_samples // 3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=space.seed, multivariate=True, n_startup_trials=n_startup,
+        return optuna.samplers.TPESampler(seed=space.seed, multivariate=True, n_startup_trials=n_startup_trials(space),
                                           constant_liar=space.max_concurrent > 1)
 
 
-def build_searcher(space: SearchSpace):
-    """``ConcurrencyLimiter(BestEpochOptunaSearch(...), max_concurrent)``."""
+def build_searcher(space: SearchSpace, *, storage: Any = None, study_name: str | None = None,
+                   warm_trials: list[Any] = ()):
+    """``ConcurrencyLimiter(BestEpochOptunaSearch(...), max_concurrent)``; the study ``study_name`` in
+    ``storage`` (an ``optuna.storages.BaseStorage``; None: in memory), started from ``warm_trials``
+    (``optuna.trial.FrozenTrial`` s, see :mod:`.warm_start`)."""
     from ray.tune.search import ConcurrencyLimiter
 
     objs = space.objective
     metric = [o.metric for o in objs] if space.multi_objective else objs[0].metric
     mode = [o.mode for o in objs] if space.multi_objective else objs[0].mode
     searcher = BestEpochOptunaSearch(
-        space={n: p.optuna_distribution() for n, p in space.params.items()},
+        space=optuna_space(space),
         metric=metric, mode=mode, sampler=build_sampler(space),
-        points_to_evaluate=[dict(p) for p in space.points_to_evaluate] or None,
-        objectives=list(objs),
+        points_to_evaluate=[dict(p) for p in space.points_to_evaluate if not _ran(p, warm_trials)] or None,
+        objectives=list(objs), constraints=list(space.constraints), warm_trials=list(warm_trials),
+        storage=storage, study_name=study_name,
     )
     return ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
+
+
+def _ran(point: dict[str, Any], trials: Any) -> bool:
+    """``point`` is one of the (warm-start) ``trials``' params: no need to evaluate it again."""
+    return any(t.params == dict(point) for t in trials)
+
+
+def optuna_space(space: SearchSpace) -> dict[str, Any]:
+    """Searched name -> Optuna distribution."""
+    return {n: p.optuna_distribution() for n, p in space.params.items()}
 
 
 def build_scheduler(space: SearchSpace):

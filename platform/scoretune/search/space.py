@@ -226,6 +226,53 @@ class AutoAttackSpec(_Strict):
     batch_size: int = Field(250, ge=1)
 
 
+class WarmStartSpec(_Strict):
+    """Start the Optuna study from an earlier search's finished trials (:mod:`.warm_start`): ``from`` is a
+    search name (the ``scoretune.search_name`` of its parent run) or an MLflow experiment name;
+    ``max_trials`` keeps that many of them (the best first; default all)."""
+
+    from_: str = Field(alias="from", min_length=1)
+    max_trials: Optional[int] = Field(None, ge=1)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ConstraintSpec(_Strict):
+    """A feasibility constraint on a reported metric, read at the trial's best epoch: ``min`` and/or
+    ``max`` (both included). Set on each Optuna trial (``Trial.set_constraint``): constrained TPE."""
+
+    metric: str
+    min: Optional[float] = None
+    max: Optional[float] = None
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> "ConstraintSpec":
+        if self.min is None and self.max is None:
+            raise ValueError(f"give min: and/or max: for {self.metric} (e.g. {{metric: {self.metric}, min: 0.8}})")
+        for b in (self.min, self.max):
+            if b is not None and not math.isfinite(b):
+                raise ValueError(f"bounds must be finite (got {b})")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is above max {self.max:g}")
+        return self
+
+    def violation(self, value: float | None) -> float:
+        """Optuna's constraint value: <= 0 when ``value`` satisfies the constraint, else how far it is off
+        (a missing or non-finite value is infeasible: 1.0)."""
+        if value is None or not math.isfinite(value):
+            return 1.0
+        out = -math.inf
+        if self.min is not None:
+            out = max(out, self.min - value)
+        if self.max is not None:
+            out = max(out, value - self.max)
+        return float(out)
+
+    def describe(self) -> str:
+        parts = ([f">= {self.min:g}"] if self.min is not None else []) + ([f"<= {self.max:g}"] if self.max is not None else [])
+        return f"{self.metric} {' and '.join(parts)}"
+
+
 class StoppersSpec(_Strict):
     floor: Optional[FloorSpec] = None
     plateau: Optional[PlateauSpec] = None
@@ -252,6 +299,9 @@ class SearchSpace(_Strict):
     autoattack: AutoAttackSpec = Field(default_factory=AutoAttackSpec)
     tracking_uri: Optional[str] = None
     experiment: Optional[str] = None
+    warm_start: Optional[WarmStartSpec] = None
+    constraints: list[ConstraintSpec] = Field(default_factory=list)
+    study_storage: Optional[str] = None  # Optuna RDB URL; default: see search.study_storage
 
     @field_validator("params")
     @classmethod
@@ -350,6 +400,11 @@ class SearchSpace(_Strict):
             f = self.stoppers.floor
             out["search.stopper.floor"] = (f"value={f.value:g}" if f.value is not None else "estimate=auto") + \
                 f" patience={f.patience} metric={f.metric}"
+        if self.warm_start is not None:
+            out["search.warm_start"] = self.warm_start.from_ + (
+                f" (max_trials={self.warm_start.max_trials})" if self.warm_start.max_trials else "")
+        if self.constraints:
+            out["search.constraints"] = "; ".join(c.describe() for c in self.constraints)
         if self.stoppers.plateau is not None:
             p = self.stoppers.plateau
             out["search.stopper.plateau"] = f"{p.metric}:{p.mode} patience={p.patience} min_delta={p.min_delta:g}"

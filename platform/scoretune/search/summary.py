@@ -29,6 +29,7 @@ class TrialSummary:
     best: dict[str, float] = field(default_factory=dict)
     reason: str = ""
     model_uri: str | None = None
+    feasible: bool | None = None  # None: the space has no constraints (see .feasibility)
 
     def value(self, metric: str) -> float | None:
         v = self.best.get(f"best_{metric}")
@@ -48,10 +49,11 @@ class SearchSummary:
     ray_path: str
     objectives: list[Any]
     space: Any = None
+    importance: dict[str, dict[str, float]] = field(default_factory=dict)  # see .importance
 
     @property
     def best(self) -> TrialSummary | None:
-        ranked = [t for t in self.trials if t.value(self.objectives[0].metric) is not None]
+        ranked = [t for t in self.trials if t.value(self.objectives[0].metric) is not None and t.feasible is not False]
         return ranked[0] if ranked else None
 
     def counts(self) -> dict[str, int]:
@@ -73,7 +75,8 @@ def rank_trials(trials: list[TrialSummary], objectives: Sequence[Any]) -> list[T
 
 def front_of(trials: Sequence[TrialSummary], objectives: Sequence[Any]) -> list[TrialSummary]:
     """The Pareto front of the trials that have a value for every objective."""
-    cand = [t for t in trials if t.status != "failed" and all(t.value(o.metric) is not None for o in objectives)]
+    cand = [t for t in trials if t.status != "failed" and t.feasible is not False
+            and all(t.value(o.metric) is not None for o in objectives)]
     pts = [[float(t.value(o.metric)) for o in objectives] for t in cand]  # type: ignore[arg-type]
     return [cand[i] for i in pareto_front(pts, [o.mode for o in objectives])]
 
@@ -85,7 +88,8 @@ def format_table(summary: SearchSummary, params: Sequence[str]) -> str:
     rows = []
     front = {t.trial_id for t in summary.pareto}
     for t in summary.trials:
-        cells = [t.trial_id + ("*" if t.trial_id in front else ""), t.status, str(t.epochs)]
+        cells = [t.trial_id + ("*" if t.trial_id in front else "") + ("!" if t.feasible is False else ""), t.status,
+                 str(t.epochs)]
         for p in params:
             v = t.point.get(p)
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
@@ -111,6 +115,9 @@ def format_report(summary: SearchSummary, space: Any) -> str:
         v = best.value(space.primary.metric)
         lines.append(f"best trial {best.trial_id}: {space.primary.metric}={v:.4f} ({point_label(best.point)}); "
                      f"MLflow run {best.run_id}" + (f"; model {best.model_uri}" if best.model_uri else ""))
+    infeasible = [t.trial_id for t in summary.trials if t.feasible is False]
+    if infeasible:
+        lines.append(f"infeasible (marked !, never best or on the front): {len(infeasible)} trials")
     if space.multi_objective:
         lines.append(f"Pareto front ({len(summary.pareto)} trials, marked *): "
                      + ", ".join(t.trial_id for t in summary.pareto))

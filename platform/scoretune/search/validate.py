@@ -137,6 +137,13 @@ def validate_space(space: Any, source: str = "") -> Any:
         if st is not None and st.metric not in metrics:
             raise ConfigError(f"{_where(source)}{key}: '{st.metric}' is not reported by the trials; "
                               f"choose one of: {known_metrics}")
+    for i, c in enumerate(space.constraints):
+        if c.metric not in metrics:
+            raise ConfigError(f"{_where(source)}constraints.{i}.metric: '{c.metric}' is not reported by the trials "
+                              f"of this base experiment; choose one of: {known_metrics}")
+    if space.constraints and space.sampler.type == "grid":
+        raise ConfigError(f"{_where(source)}constraints: the grid sampler cannot use constraints; "
+                          "use sampler.type: tpe (or random)")
     if space.sampler.type == "grid":
         ranged = [n for n, s in space.params.items() if s.kind != "choice"]
         if ranged:

@@ -48,8 +48,9 @@ def child_value(cl: Any, run: Any, metric: str, mode: str, optimised: set[str]) 
     return float(max(hist) if mode == "max" else min(hist))
 
 
-def pick_best(cl: Any, parent: Any, metric: str, mode: str) -> tuple[Any, float]:
-    """The best child run of ``parent`` that has a logged model, and its value."""
+def pick_best(cl: Any, parent: Any, metric: str, mode: str, allow_infeasible: bool = False) -> tuple[Any, float]:
+    """The best child run of ``parent`` that has a logged model, and its value; trials tagged infeasible
+    (``scoretune.feasible`` = false..., the search's constraints) only with ``allow_infeasible``."""
     optimised = {s.strip() for s in parent.data.params.get("search.objective", "").split(",") if s.strip()}
     children = child_runs(cl, parent)
     with_model = [r for r in children if r.data.tags.get(tags.MODEL_URI)]
@@ -57,6 +58,14 @@ def pick_best(cl: Any, parent: Any, metric: str, mode: str) -> tuple[Any, float]
     if not with_model:
         raise UserError(f"no trial of search '{name}' has a logged model (the search logs top_k models when it "
                         "finishes; resume it with `scoretune search SPACE --resume` if it was interrupted)")
+    infeasible = [r for r in with_model if r.data.tags.get(tags.FEASIBLE, "true").startswith("false")]
+    if infeasible and not allow_infeasible:
+        with_model = [r for r in with_model if r not in infeasible]
+        if not with_model:
+            why = infeasible[0].data.tags[tags.FEASIBLE][len("false: "):]
+            raise UserError(f"every trial of search '{name}' with a model is infeasible (e.g. trial "
+                            f"{infeasible[0].data.tags.get(tags.TRIAL, '?')}: {why}); pass --allow-infeasible to "
+                            "promote the best of them anyway")
     scored = [(r, child_value(cl, r, metric, mode, optimised)) for r in with_model]
     scored = [(r, v) for r, v in scored if v is not None]
     if not scored:
@@ -66,7 +75,7 @@ def pick_best(cl: Any, parent: Any, metric: str, mode: str) -> tuple[Any, float]
 
 
 def promote(search: str, *, metric: str = "val_pgd_acc", mode: str = "max", alias: str = "champion",
-            model_name: str | None = None, tracking_uri: str | None = None) -> Promotion:
+            model_name: str | None = None, tracking_uri: str | None = None, allow_infeasible: bool = False) -> Promotion:
     """Register the best model of search ``search`` and point ``alias`` at the new version."""
     import mlflow
 
@@ -82,7 +91,7 @@ def promote(search: str, *, metric: str = "val_pgd_acc", mode: str = "max", alia
         hint = f"; searches in this store: {', '.join(names)}" if names else "; this store has no searches"
         raise UserError(f"no search named '{search}' in {uri}{hint} (check --tracking-uri)")
     parent = parents[0]
-    best, value = pick_best(cl, parent, metric, mode)
+    best, value = pick_best(cl, parent, metric, mode, allow_infeasible)
     name = model_name or f"scoretune-{search}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
