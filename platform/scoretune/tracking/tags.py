@@ -30,6 +30,7 @@ AUTOATTACK_ERROR = "scoretune.autoattack_error"
 SUPERSEDED = "scoretune.superseded"     # a failed attempt that a resumed search restarted as a new trial
 WRITE_KEY = "scoretune.write_key"      # the key of a run created through tracking.buffer (finds it again on replay)
 PARENT = "mlflow.parentRunId"
+NOTE = "mlflow.note.content"            # a run's / experiment's markdown description in the MLflow UI
 EVAL_PREFIX = "eval."                   # eval.<metric>.<setting>: how an evaluation metric was measured
 AA_CHECK_PREFIX = "aa_check."           # aa_check.<name>: an AutoAttack check that fired (EvalResult.check_tags)
 
