@@ -9,6 +9,9 @@ A checkpoint directory (one per epoch, ``epoch_0003`` ...) is written by rank 0 
 * ``history.json`` -- the metrics history alone (small: the driver reads it without the weights);
 * ``workers.json`` -- which rank ran on which node / pid / device.
 
+:func:`preserve_checkpoint` keeps a trial's best checkpoint out of Ray's pruning (``num_to_keep``):
+a ``best_checkpoint`` folder next to it, hard-linked where the storage is local (no extra space).
+
 Readers go through ``pyarrow.fs`` so local paths and ``s3://`` / ``gs://`` storage work alike.
 No Ray, no MLflow imports at module level.
 """
@@ -56,6 +59,46 @@ def load_state(checkpoint: Any, map_location: Any = "cpu") -> dict[str, Any]:
                 "(use another run name, or delete that run folder to start over)"
             )
         return load_checkpoint(path, map_location=map_location)
+
+
+BEST_DIR = "best_checkpoint"
+
+
+def preserve_checkpoint(path: str, dest: str | None = None) -> str:
+    """Copy the checkpoint folder ``path`` to ``dest`` (default: ``best_checkpoint`` next to it),
+    replacing what was there, and return ``dest``. Local storage: hard links (a plain copy across
+    devices), written to a temporary folder and renamed, so ``dest`` always holds one whole checkpoint;
+    remote storage: ``pyarrow.fs.copy_files``. Ray's pruning deletes the original folder, not the links."""
+    if dest is None:
+        dest = path.rstrip("/").rsplit("/", 1)[0] + "/" + BEST_DIR
+    if "://" in path:
+        import pyarrow.fs
+
+        fs, root = storage_fs(dest)
+        fs.delete_dir_contents(root, missing_dir_ok=True)
+        pyarrow.fs.copy_files(path, dest)
+        return dest
+    import shutil
+
+    src, dst = Path(path), Path(dest)
+    if src.resolve() == dst.resolve():
+        return dest
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, tmp, copy_function=link)
+    old = dst.with_name(dst.name + f".old{os.getpid()}")
+    if dst.exists():
+        dst.rename(old)
+    tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return str(dst)
 
 
 def storage_fs(storage_path: str) -> tuple[Any, str]:

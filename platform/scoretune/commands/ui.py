@@ -1,4 +1,11 @@
-"""``scoretune ui``: the MLflow UI for the tracking store, on 127.0.0.1."""
+"""``scoretune ui``: the MLflow UI for the tracking store, on 127.0.0.1, with deep links to a search.
+
+It prints (``--open``: opens) a link into the model-training view of the newest search (or
+``--search NAME``): its trials' runs table sorted by the best objective, with the searched params,
+the best-epoch metrics and the stop reasons as columns (the run names start with the status:
+``[asha@3]``, ``[floor@7]``, ``[diverged]``); the parent run, whose description is the summary
+table; a compare page of the top-k trials; the Model Registry. See :mod:`scoretune.tracking.ui_links`.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to listen on (default 127.0.0.1: this machine only; use an SSH tunnel to share)")
+    p.add_argument("--search", default=None, help="the search to link to (default: the newest one in the store)")
+    p.add_argument("--top-k", type=int, default=3, help="trials on the compare page (default 3)")
+    p.add_argument("--open", action="store_true", help="open the search's link in a browser once the UI is up")
     p.add_argument("--print-command", action="store_true", help="print the mlflow command instead of running it")
 
 
@@ -23,6 +33,44 @@ def ui_command(tracking_uri: str, host: str, port: int) -> list[str]:
             "--host", host, "--port", str(port)]
 
 
+def print_links(uri: str, base_url: str, search: str | None, top_k: int) -> str | None:
+    """Print the search's links (publishing its view on the experiment); returns the runs-table link."""
+    from ..errors import UserError
+    from ..tracking import client
+    from ..tracking.ui_links import search_links
+
+    links = search_links(client(uri), base_url, search=search, top_k=top_k)
+    if links is None:
+        if search:
+            raise UserError(f"--search: no search named '{search}' in {uri} (scoretune ui without --search "
+                            "links the newest one)")
+        print(f"{base_url}/#/?workflowType=machine_learning  (no search in this store yet)")
+        return None
+    print(f"search '{links.search}': trials best first, with params, best-epoch metrics and stop reasons:")
+    print(f"  {links.runs}")
+    print(f"  summary (parent run):  {links.parent}")
+    if links.compare:
+        print(f"  compare the top {len(links.top)}:     {links.compare}")
+    print(f"  logged models:         {links.logged_models}")
+    print(f"  registered models:     {links.models}")
+    return links.runs
+
+
+def _open_when_up(url: str, host: str, port: int) -> None:
+    """A detached helper process that opens ``url`` in a browser once the server answers."""
+    import subprocess
+    import sys
+
+    code = ("import socket,time,webbrowser,sys\n"
+            "for _ in range(240):\n"
+            "    try:\n"
+            f"        socket.create_connection(({host!r}, {port}), timeout=1).close(); break\n"
+            "    except OSError: time.sleep(0.5)\n"
+            f"webbrowser.open({url!r})\n")
+    subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -32,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri.startswith(("http://", "https://")):
         print(f"{uri} is an MLflow server already: open it in a browser")
+        print_links(uri, uri, args.search, args.top_k)
         return 0
     if uri.startswith("sqlite:///"):
         from pathlib import Path
@@ -43,7 +92,13 @@ def run(args: argparse.Namespace) -> int:
     if args.print_command:
         print(" ".join(cmd))
         return 0
-    print(f"MLflow UI for {uri} on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    base = f"http://{shown}:{args.port}"
+    print(f"MLflow UI for {uri} on {base} (Ctrl-C to stop)", flush=True)
+    link = print_links(uri, base, args.search, args.top_k)
+    print("", flush=True)
+    if args.open and link:
+        _open_when_up(link, shown, args.port)
     # MLflow's background job runner (GenAI evaluation jobs) is not needed to browse runs and models
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(cmd[0], cmd)  # this process becomes `mlflow ui`: signals reach it (and its workers) directly

@@ -1,11 +1,24 @@
 """The search's two Ray Tune callbacks, both run in the driver.
 
 * :class:`MlflowSearchCallback` keeps one nested child run per trial (tags ``mlflow.parentRunId`` and
-  ``scoretune.trial_id``): params (the trial's flat experiment config + the sampled values), per-epoch
-  metrics (the engine's row, ``R_Madry`` = train_r_madry, the ``floor`` value, and
-  ``best_<objective>`` / ``best_epoch``: the values at the trial's best epoch by the primary
-  objective), and how the trial ended (tag ``scoretune.status``: completed / stopped_asha /
-  stopped_floor / stopped_plateau / failed, with ``scoretune.stop_reason`` or ``scoretune.error``).
+  ``scoretune.trial_id``), written through the buffered writer of :mod:`scoretune.tracking.buffer`,
+  laid out for the MLflow UI:
+
+  - params: the searched values under their own names (``beta``, ``lr`` ...) plus a few identifying
+    constants (:func:`identity_params`: method, model, data, eps, norm, epochs, workers, floor); the
+    full resolved config is the ``config.json`` artifact;
+  - per-epoch curves under the engine's names, plus ``R_Madry`` (the engine's R_Madry estimate); the
+    scheduled learning rate as ``lr_sched``, so it never shares a name with the ``lr`` param;
+  - summary metrics logged once, when the trial ends (:func:`.summary.trial_summary_metrics`:
+    ``best_<objective>`` at the best epoch, ``best_epoch``, ``epochs_run``);
+  - how the trial ended: tag ``scoretune.status`` (completed / stopped_asha / stopped_floor /
+    stopped_plateau / diverged / failed) with ``scoretune.stop_reason`` or ``scoretune.error``, and the
+    run name starts with :func:`.ranking.status_label` (``[asha@3] 5f2e07c5 beta=...``); a diverged
+    trial (:func:`.ranking.divergence`) is FAILED in MLflow whatever stopped it. The run ends when its
+    training ends;
+  - ``scoretune.best_checkpoint``: a copy of the best epoch's checkpoint that Ray's pruning does not
+    touch (:func:`trainables.ray_checkpoint.preserve_checkpoint`).
+
   A resumed search finds existing child runs by their trial id tag (see :mod:`.resume` for the runs it
   will not continue).
 * :class:`ProgressCallback` prints one line per event: a trial starts, a new best appears, a trial
@@ -14,6 +27,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -24,9 +38,9 @@ from ray.tune import Callback
 from ..engine import ENGINE_METRICS
 from ..tracking import PARAM_MAX, finite_metrics, tags
 from ..tracking.buffer import open_writer
-from .ranking import EARLY, best_values, better, classify_trial
+from .ranking import EARLY, best_values, better, classify_trial, divergence, status_label
 from .space import SearchSpace
-from .summary import point_label
+from .summary import point_label, trial_summary_metrics
 
 _SKIP_KEYS = {
     "training_iteration", "time_total_s", "time_this_iter_s", "time_since_restore", "timestamp",
@@ -48,6 +62,32 @@ def floor_stop_tags(trial_id: str, stoppers: Sequence[Any]) -> dict[str, Any]:
             return {tags.FLOOR_STOP_EPOCH: str(s.stopped_epochs.get(trial_id)), tags.FLOOR_VALUE: f"{s.floor:.6g}",
                     tags.FLOOR_STOP_VALUE: "" if value is None else f"{value:.6g}", tags.FLOOR_METRIC: s.metric}
     return {}
+RENAMED = {"lr": "lr_sched"}  # per-epoch metric -> its MLflow name (the `lr` param keeps the name `lr`)
+R_MADRY_SOURCES = ("train_r_madry", "train_madry_kl")  # logged again as `R_Madry`: the first one a row has
+
+
+def identity_params(cfg: Any) -> dict[str, Any]:
+    """The constants that identify a trial next to its searched values (the rest is in config.json)."""
+    return {"method": cfg.objective.method, "model": cfg.model.name, "data": cfg.data.name,
+            "eps": cfg.attack.eps, "norm": cfg.attack.norm, "epochs": cfg.epochs,
+            "workers": cfg.scaling.workers}
+
+
+def num_classes_of(cfg: Any) -> int | None:
+    """The class count of a trial's dataset (for the chance-accuracy test), None when it cannot be read."""
+    try:
+        from ..data import load_dataset
+
+        return int(load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size, seed=cfg.seed,
+                                **cfg.data.options).info.num_classes)
+    except Exception:
+        return None
+
+
+def trial_run_name(trial_id: str, point: Mapping[str, Any], status: str = "running",
+                   epoch: int | None = None) -> str:
+    """``[asha@3] 5f2e07c5 beta=3.2 lr=0.05 loss=se``: status first, so the runs table says it at a glance."""
+    return f"{status_label(status, epoch)} {trial_id} {point_label(point)}"[:240]
 
 
 def trial_error_message(trial: Any) -> str:
@@ -92,6 +132,7 @@ class MlflowSearchCallback(Callback):
         self.stoppers = list(stoppers)
         self.floor = floor
         self.trials: dict[str, dict[str, Any]] = {}
+        self.classes: dict[str, int | None] = {}
         self._client = None
         self._children: dict[str, Any] | None = None
         self._dirty: set[str] = set()
@@ -166,16 +207,23 @@ class MlflowSearchCallback(Callback):
 
             search = trial.config.get("scoretune", {}).get("search", "")
             run = self.client.create_run(
-                self.experiment_id, run_name=f"{tid} {point_label(point)}"[:240],
+                self.experiment_id, run_name=trial_run_name(tid, point),
                 tags={tags.PARENT: self.parent_run_id, tags.KIND: "trial", tags.TRIAL: tid, tags.SEARCH: search,
                       tags.STATUS: "running"})
+            params: dict[str, Any] = dict(point)
             try:
-                params = trial_experiment(trial.config, tid).flat()
+                cfg = trial_experiment(trial.config, tid)
             except Exception:  # an invalid point: the trial will fail and say why
-                params = {}
-            params.update(point)
+                cfg = None
+            if cfg is not None:
+                params.update({k: v for k, v in identity_params(cfg).items() if k not in point})
+                self.client.log_text(run.info.run_id, json.dumps(cfg.model_dump(), indent=2, sort_keys=True,
+                                                                 default=str), "config.json")
+                if cfg.data.name not in self.classes:
+                    self.classes[cfg.data.name] = num_classes_of(cfg)
+                rec["data"] = cfg.data.name
             if self.floor is not None:
-                params["search.floor"] = self.floor
+                params["floor"] = self.floor
             items = [Param(k, str(v) if len(str(v)) <= PARAM_MAX else str(v)[: PARAM_MAX - 3] + "...")
                      for k, v in params.items()]
             for i in range(0, len(items), 100):
@@ -254,12 +302,11 @@ class MlflowSearchCallback(Callback):
         if isinstance(path, str):
             self._checkpoint(rec, epoch, path, best)
         if epoch > int(rec["logged_epoch"]):
-            extra = dict(best)
-            if "train_r_madry" in metrics:
-                extra["R_Madry"] = metrics["train_r_madry"]
-            if self.floor is not None:
-                extra["floor"] = self.floor
-            self._queue(rec, {**metrics, **extra}, step=epoch)
+            extra = {}
+            src = next((k for k in R_MADRY_SOURCES if k in metrics), None)
+            if src is not None:
+                extra["R_Madry"] = metrics[src]
+            self._queue(rec, {**{RENAMED.get(k, k): v for k, v in metrics.items()}, **extra}, step=epoch)
             rec["logged_epoch"] = epoch
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
@@ -268,37 +315,65 @@ class MlflowSearchCallback(Callback):
         self._checkpoint(rec, epoch, checkpoint.path, best_values(rec["rows"], self.space.objective))
 
     def _checkpoint(self, rec: dict[str, Any], epoch: int, path: str, best: Mapping[str, float]) -> None:
-        """A checkpoint of the trial's best epoch so far: its path goes into the ``scoretune.best_checkpoint``
-        tag with the run's next write (the next metrics, or how the trial ended)."""
-        if int(best.get("best_epoch", -1)) == epoch:
-            self._queue(rec, run_tags={tags.BEST_CKPT: path})
+        """A checkpoint of the trial's best epoch so far is copied (hard links where possible) out of Ray's
+        pruning; the copy's path goes into the ``scoretune.best_checkpoint`` tag with the run's next write."""
+        if int(best.get("best_epoch", -1)) != epoch:
+            return
+        from trainables.ray_checkpoint import preserve_checkpoint
+
+        try:
+            kept = preserve_checkpoint(path)
+        except OSError:  # storage trouble: the original is still there for now; finalize re-checks the tag
+            kept = path
+        self._queue(rec, run_tags={tags.BEST_CKPT: kept})
+
+    def _end(self, trial: Any, rec: dict[str, Any], status: str, run_status: str, extra_tags: Mapping[str, str]) -> None:
+        """The trial's summary metrics, status tags and status-first run name; the run ends now."""
+        last = max([int(r["epoch"]) for r in rec["rows"]] + [int(rec.get("logged_epoch", 0) or 0),
+                    int((trial.last_result or {}).get("epoch", 0) or 0)])
+        rec["status"] = status
+        summary = trial_summary_metrics(rec["rows"], self.space.objective)
+        summary["epochs_run"] = float(last)
+        rec.setdefault("pending_metrics", []).append([int(last), int(time.time() * 1000), finite_metrics(summary)])
+        rec.setdefault("pending_tags", {}).update({k: str(v)[:5000] for k, v in {tags.STATUS: status, **extra_tags}.items()})
+        self._flush(rec)
+        self.client.update_run(rec["run_id"], status=run_status,
+                               name=trial_run_name(trial.trial_id, rec.get("point") or {}, status, last))
+        self.client.set_terminated(rec["run_id"], status=run_status)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         rec = self.record(trial)
         last = max([float(r["epoch"]) for r in rec["rows"]] + [float(rec.get("logged_epoch", 0)),
                     float((trial.last_result or {}).get("epoch", 0) or 0)])
         status, reason = classify_trial(trial.trial_id, last, rec["budget"], self.stoppers, self.space.scheduler.type)
-        rec["status"] = status
-        rec.setdefault("pending_tags", {}).update({tags.STATUS: status, tags.REASON: reason,
-                                                   **floor_stop_tags(trial.trial_id, self.stoppers)})
-        self._flush(rec)
-        self.client.set_terminated(rec["run_id"], status="FINISHED")
+        why = divergence(rec["rows"], self.classes.get(rec.get("data", "")))
+        if why is not None:
+            status, reason = "diverged", f"{why}; {reason}"
+        rec["reason"] = reason
+        self._end(trial, rec, status, "FAILED" if status == "diverged" else "FINISHED", {tags.REASON: reason,
+                                             **floor_stop_tags(trial.trial_id, self.stoppers)})
+
+    def verdict(self, trial_id: str) -> tuple[str, str] | None:
+        """``(status, reason)`` of an ended trial as this callback judged it (None while it runs)."""
+        rec = self.trials.get(trial_id) or {}
+        if rec.get("status") in (None, "running"):
+            return None
+        return rec["status"], rec.get("reason", "")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         rec = self.record(trial)
-        rec["status"] = "failed"
-        rec.setdefault("pending_tags", {}).update({tags.STATUS: "failed", tags.ERROR: trial_error_message(trial)[:5000]})
-        self._flush(rec)
-        self.client.set_terminated(rec["run_id"], status="FAILED")
+        self._end(trial, rec, "failed", "FAILED", {tags.ERROR: trial_error_message(trial)[:5000]})
 
 
 class ProgressCallback(Callback):
     """One line per event: a trial starts, a new best appears, a trial ends (with the running counts)."""
 
-    def __init__(self, space: SearchSpace, stoppers: list[Any], out: Callable[[str], None] = print):
+    def __init__(self, space: SearchSpace, stoppers: list[Any], out: Callable[[str], None] = print,
+                 judge: Callable[[str], tuple[str, str] | None] | None = None):
         self.space = space
         self.stoppers = stoppers
         self.out = out
+        self.judge = judge  # e.g. MlflowSearchCallback.verdict (runs first): says 'diverged' where it applies
         self.status: dict[str, str] = {}
         self.last_epoch: dict[str, float] = {}
         self.best: tuple[float, str, int] | None = None
@@ -333,7 +408,7 @@ class ProgressCallback(Callback):
         running = vals.count("running")
         early = sum(vals.count(s) for s in EARLY) + vals.count("stopped_early")
         return (f"running {running}, completed {vals.count('completed')}, stopped early {early}, "
-                f"failed {vals.count('failed')} of {self.space.total_samples}")
+                f"diverged {vals.count('diverged')}, failed {vals.count('failed')} of {self.space.total_samples}")
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         from trainables.tune_trainable import sampled_point
@@ -357,6 +432,10 @@ class ProgressCallback(Callback):
         budget = self.space.epoch_budget(sampled_point(trial.config))
         last = self.last_epoch.get(trial.trial_id, (trial.last_result or {}).get("epoch", 0))
         status, reason = classify_trial(trial.trial_id, last, budget, self.stoppers, self.space.scheduler.type)
+        judged = getattr(self, "judge", None)
+        judged = judged(trial.trial_id) if judged is not None else None
+        if judged is not None:
+            status, reason = judged
         self.status[trial.trial_id] = status
         self._say(f"{status:<13} {trial.trial_id}  after epoch {int(last or 0)}/{budget}"
                   + ("" if status == "completed" else f": {reason}") + f"  | {self._counts(trials)}")

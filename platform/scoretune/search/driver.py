@@ -238,7 +238,7 @@ def build_tuner(space: SearchSpace, *, name: str, storage: str, ray_path: str, t
     p = space.primary
     run_config = tune.RunConfig(
         name=name, storage_path=storage, stop=combined_stopper(stoppers),
-        callbacks=[mlflow_cb, ProgressCallback(space, stoppers, out)],
+        callbacks=[mlflow_cb, ProgressCallback(space, stoppers, out, judge=mlflow_cb.verdict)],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints, checkpoint_score_attribute=p.metric,
                                                 checkpoint_score_order=p.mode),
         failure_config=tune.FailureConfig(max_failures=0), verbose=0,

@@ -5,13 +5,17 @@ trials the search did not continue (see :mod:`.resume`), logs the best checkpoin
 (single objective) or Pareto-front (multi-objective) trials as MLflow PyTorch models
 (:func:`log_trial_model`) and runs AutoAttack on them, all at once as Ray tasks
 (:func:`.aa_tasks.run_autoattack_jobs`; :func:`autoattack_trial` is the same in-process), logs the plots
-(:mod:`.plots`), and puts the counts, the best trial and the results table on the parent run.
+(:mod:`.plots`), and puts the counts, the best trial, the results table and a markdown description
+(:func:`parent_description`) on the parent run. Models are named ``trial-<id>`` with their metrics
+attached; a trial run keeps the end time its training ended at (logging its model and AutoAttack
+afterwards do not reopen it), and a ``scoretune.best_checkpoint`` tag is dropped when its files are gone.
 Idempotent: a rerun logs nothing twice.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -25,7 +29,8 @@ from .mlflow_io import log_metrics
 from .plots import log_plots
 from .ranking import STATUSES, finite
 from .space import SearchSpace
-from .summary import SearchSummary, TrialSummary, format_table, front_of, rank_trials
+from .summary import (SearchSummary, TrialSummary, aa_reranks, aa_se, format_aa, format_table, front_of,
+                      point_label, rank_trials, table_rows)
 from .trials import trial_id_of
 
 
@@ -71,48 +76,110 @@ def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri
             if res.error:
                 cl.set_tag(run.info.run_id, tags.ERROR, f"{type(res.error).__name__}: {str(res.error)[:300]}")
             cl.set_terminated(run.info.run_id, status="FAILED" if res.error else "FINISHED")
-        metrics = run.data.metrics if run else {}
+        metrics = dict(run.data.metrics) if run else {}
+        if run is not None and f"best_{space.primary.metric}" not in metrics:  # ended without the callback's summary
+            extra = summary_from_history(cl, run.info.run_id, space)
+            if extra:
+                log_metrics(cl, run.info.run_id, extra, step=int(extra.get("epochs_run", 0)))
+                metrics.update(extra)
         trials.append(TrialSummary(
             trial_id=tid, run_id=run.info.run_id if run else None, status=status,
             point=sampled_point(res.config or {}), epochs=int(metrics.get("epoch", 0)),
             best={k: v for k, v in metrics.items() if k.startswith("best_")},
             reason=run_tags.get(tags.ERROR) or run_tags.get(tags.REASON, ""), model_uri=run_tags.get(tags.MODEL_URI),
+            aa_acc=metrics.get("aa_acc"), aa_se=metrics.get("aa_acc_se"),
         ))
+        if run is not None:
+            drop_missing_checkpoint_tag(cl, run)
     mark_feasibility(cl, trials, space, out)  # issue 17: constraints (a hook; no-op without them)
     trials = feasible_first(rank_trials(trials, space.objective))
     pareto = front_of(trials, space.objective) if space.multi_objective else []
     summary = SearchSummary(name=name, trials=trials, pareto=pareto, parent_run_id=parent_run_id,
                             experiment_id=parent.info.experiment_id, tracking_uri=tracking_uri,
                             ray_path=ray_path, objectives=list(space.objective), space=space)
-    chosen = (pareto if space.multi_objective else [t for t in trials if t.value(space.primary.metric) is not None])
+    chosen = (pareto if space.multi_objective else [t for t in trials if t.value(space.primary.metric) is not None
+                                                     and t.status != "diverged"])
     aa_jobs: list[AutoAttackJob] = []
     for t in chosen[: space.top_k]:
         if t.model_uri or t.run_id is None:
             continue
         try:
             t.model_uri = log_trial_model(cl, tracking_uri, t, result_of[t.trial_id], space, aa_jobs=aa_jobs)
-            out(f"logged model of trial {t.trial_id}: {t.model_uri}")
+            out(f"logged model of trial {t.trial_id} as trial-{t.trial_id}: {t.model_uri}")
         except Exception as e:  # a missing checkpoint must not lose the rest of the summary
             out(f"could not log the model of trial {t.trial_id}: {type(e).__name__}: {e}")
     if aa_jobs:  # the top-k AutoAttacks side by side, as Ray tasks (see .aa_tasks)
-        out(f"AutoAttack ({space.autoattack.version}, {space.autoattack.split}) of {len(aa_jobs)} models in parallel")
+        ends = {j.run_id: _keep_end(cl, j.run_id) for j in aa_jobs}
+        by_id = {t.trial_id: t for t in trials}
+        start = time.time()
+        out(f"[{time.strftime('%H:%M:%S')}] AutoAttack ({space.autoattack.version}, {space.autoattack.split} split, "
+            f"n_ex={space.autoattack.n_ex}) of {len(aa_jobs)} models in parallel: "
+            + ", ".join(f"trial {j.trial_id} (epoch {j.epoch})" for j in aa_jobs))
         for tid, aa in run_autoattack_jobs(cl, tracking_uri, aa_jobs, space, out).items():
-            out(f"  trial {tid}: " + (f"aa_acc={aa:.4f}" if aa is not None
-                                     else "failed (see the run's scoretune.autoattack_error tag)"))
+            t = by_id.get(tid)
+            if aa is not None and t is not None:
+                t.aa_acc, t.aa_se = aa, aa_se(aa, space.autoattack.n_ex)
+                # aa_acc again with the LoggedModel's id (the run got it from .aa_tasks): the Models tab ranks by it
+                epoch = next((j.epoch for j in aa_jobs if j.trial_id == tid), int(t.best_epoch or 0))
+                log_metrics(cl, t.run_id, {"aa_acc": aa, "aa_acc_se": t.aa_se}, step=epoch,
+                            model_id=model_id_of(t.model_uri or ""))
+            out(f"[{time.strftime('%H:%M:%S')}]   trial {tid}: " + (f"aa_acc={format_aa(t)}" if aa is not None and t
+                                                                   else "failed (see the run's scoretune.autoattack_error tag)")
+                + f"  ({time.time() - start:.0f} s)")
+        for restore in ends.values():
+            restore()
     log_plots(cl, summary, space)
     log_parent_summary(cl, summary, space)
     return summary
 
 
-def _checkpoint_for(run_tags: Mapping[str, str], result: Any, metric: str, mode: str) -> tuple[Any, int | None]:
+def summary_from_history(cl: Any, run_id: str, space: SearchSpace) -> dict[str, float]:
+    """A trial's summary metrics rebuilt from its per-epoch history (for a run whose end the callback
+    did not see, e.g. a driver killed as the trial finished)."""
+    from .summary import trial_summary_metrics
+
+    by_step: dict[int, dict[str, float]] = {}
+    for metric in {o.metric for o in space.objective} | {"epoch"}:
+        for m in cl.get_metric_history(run_id, metric):
+            by_step.setdefault(int(m.step), {"epoch": float(m.step)})[metric] = float(m.value)
+    if not by_step:
+        return {}
+    return trial_summary_metrics([by_step[k] for k in sorted(by_step)], space.objective)
+
+
+def drop_missing_checkpoint_tag(cl: Any, run: Any) -> None:
+    """Delete a run's ``scoretune.best_checkpoint`` tag when the local folder it names is gone."""
+    path = run.data.tags.get(tags.BEST_CKPT)
+    if path and "://" not in path and not Path(path).exists():
+        cl.delete_tag(run.info.run_id, tags.BEST_CKPT)
+
+
+def _keep_end(cl: Any, run_id: str) -> Callable[[], None]:
+    """A function that puts back the run's status and end time as they are now (logging a model or an
+    evaluation into an ended run reopens it; the run's duration should stay its training's)."""
+    info = cl.get_run(run_id).info
+
+    def restore() -> None:
+        if info.end_time:
+            cl.set_terminated(run_id, status=info.status if info.status != "RUNNING" else "FINISHED",
+                              end_time=info.end_time)
+    return restore
+
+
+def _checkpoint_for(run_tags: Mapping[str, str], result: Any, metric: str, mode: str,
+                    best_epoch: int | None = None) -> tuple[Any, int | None]:
     """The trial's best checkpoint (``ray.tune.Checkpoint``) and its epoch: the tagged best one when it
-    is still on storage, else the best one Tune kept."""
+    is still on storage, else the one Tune kept at ``best_epoch``, else the best one Tune kept (the
+    earliest on a tie, as ``best_epoch`` is)."""
     from ray.tune import Checkpoint
 
     path = run_tags.get(tags.BEST_CKPT)
     if path and (("://" in path) or Path(path).exists()):
         return Checkpoint(path), None
     kept = [(c, m) for c, m in (getattr(result, "best_checkpoints", None) or []) if finite(m.get(metric))]
+    at_best = [(c, m) for c, m in kept if best_epoch is not None and int(m.get("epoch", -1)) == best_epoch]
+    if at_best:
+        return at_best[0][0], best_epoch
     if kept:
         c, m = max(kept, key=lambda cm: (cm[1][metric] if mode == "max" else -cm[1][metric], -cm[1].get("epoch", 0)))
         return c, int(m.get("epoch", 0)) or None
@@ -121,11 +188,18 @@ def _checkpoint_for(run_tags: Mapping[str, str], result: Any, metric: str, mode:
     raise FileNotFoundError("no checkpoint of this trial is left on storage")
 
 
+def model_id_of(uri: str) -> str | None:
+    """The LoggedModel id of a ``models:/<model_id>`` URI (None for a registry URI)."""
+    rest = uri[len("models:/"):] if uri.startswith("models:/") else ""
+    return rest if rest and "/" not in rest and "@" not in rest else None
+
+
 def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, space: SearchSpace,
                     aa_jobs: list[AutoAttackJob] | None = None) -> str:
     """Load the trial's best checkpoint (state.pt), log its network as an MLflow PyTorch model into the
-    trial's child run, tag the run with the model URI/epoch and log the checkpoint epoch's metrics as
-    ``model_<metric>``. AutoAttack (unless ``version: none``): appended to ``aa_jobs`` when given (for
+    trial's child run as ``trial-<id>``, tag the run with the model URI/epoch and log the checkpoint
+    epoch's metrics as ``model_<metric>``, attached to the logged model too (the Models tab ranks them).
+    The run keeps its status and end time. AutoAttack (unless ``version: none``): appended to ``aa_jobs`` when given (for
     :func:`.aa_tasks.run_autoattack_jobs`), else run here."""
     from trainables.ray_checkpoint import load_state
 
@@ -133,17 +207,19 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
     from ..engine import model_from_checkpoint
     from ..tracking import log_torch_model
 
+    restore = _keep_end(cl, t.run_id)
     run = cl.get_run(t.run_id)
-    ckpt, _ = _checkpoint_for(run.data.tags, result, space.primary.metric, space.primary.mode)
+    ckpt, _ = _checkpoint_for(run.data.tags, result, space.primary.metric, space.primary.mode, t.best_epoch)
     state = load_state(ckpt)
     net, _cfg = model_from_checkpoint(state)
     spec = json.loads(state["model_spec"])
-    uri = log_torch_model(tracking_uri, t.run_id, net, example_input(spec, 2))
+    uri = log_torch_model(tracking_uri, t.run_id, net, example_input(spec, 2), name=f"trial-{t.trial_id}")
     epoch = int(state.get("epoch", 0))
     row = next((r for r in state.get("history", []) if int(r.get("epoch", 0)) == epoch), {})
     cl.set_tag(t.run_id, tags.MODEL_URI, uri)
     cl.set_tag(t.run_id, tags.MODEL_EPOCH, str(epoch))
-    log_metrics(cl, t.run_id, {f"model_{k}": v for k, v in row.items() if k in ENGINE_METRICS}, step=epoch)
+    log_metrics(cl, t.run_id, {f"model_{k}": v for k, v in row.items() if k in ENGINE_METRICS}, step=epoch,
+                model_id=model_id_of(uri))
     if space.autoattack.version != "none" and aa_jobs is not None:
         aa_jobs.append(AutoAttackJob(trial_id=t.trial_id, run_id=t.run_id, checkpoint=ckpt, epoch=epoch))
     elif space.autoattack.version != "none":
@@ -151,12 +227,12 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
             autoattack_trial(cl, tracking_uri, t.run_id, net, _cfg, space, epoch)
         except Exception as e:  # an evaluation problem must not cost the logged model
             cl.set_tag(t.run_id, tags.AUTOATTACK_ERROR, f"{type(e).__name__}: {str(e)[:300]}")
-    cl.set_terminated(t.run_id, status="FINISHED")
+    restore()
     return uri
 
 
 def autoattack_trial(cl: Any, tracking_uri: str, run_id: str, net: Any, cfg: Any, space: SearchSpace,
-                     epoch: int) -> dict[str, float]:
+                     epoch: int, model_id: str | None = None) -> dict[str, float]:
     """AutoAttack (``space.autoattack``) on a trial's best model, on its held-out split at its own eps and
     norm, through :func:`scoretune.evaluate.benchmark` (the call ``scoretune evaluate`` makes, with its tag
     scheme ``eval.aa_<version>_acc.*`` and ``aa_check.*``) logged into the trial's run; plus ``aa_acc`` (the
@@ -174,8 +250,9 @@ def autoattack_trial(cl: Any, tracking_uri: str, run_id: str, net: Any, cfg: Any
     result = benchmark(net, data=ds, split=split, n_ex=aa.n_ex, attack=f"aa-{aa.version}", eps=cfg.attack.eps,
                        norm=cfg.attack.norm, batch_size=aa.batch_size, device="auto", seed=cfg.seed,
                        tracking_uri=tracking_uri, log_to=run_id)
-    metrics = {**result.metrics(), "aa_acc": result.robust_acc}
-    log_metrics(cl, run_id, {"aa_acc": result.robust_acc}, step=epoch)
+    se = aa_se(result.robust_acc, result.n)
+    metrics = {**result.metrics(), "aa_acc": result.robust_acc, "aa_acc_se": se}
+    log_metrics(cl, run_id, {"aa_acc": result.robust_acc, "aa_acc_se": se}, step=epoch, model_id=model_id)
     return metrics
 
 
@@ -198,5 +275,52 @@ def log_parent_summary(cl: Any, summary: SearchSummary, space: SearchSpace) -> N
         cl.set_tag(pid, tags.PARETO, ",".join(t.trial_id for t in summary.pareto))
     log_metrics(cl, pid, metrics, step=0)
     cl.log_text(pid, format_table(summary, list(space.params)), "trials.txt")
+    cl.set_tag(pid, tags.NOTE, parent_description(summary, space))
     cl.set_terminated(pid, status="FINISHED")
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def parent_description(summary: SearchSummary, space: SearchSpace, ui_base: str = "") -> str:
+    """The parent run's markdown description: the best trial with a link to its run, the results table
+    (with AutoAttack accuracy and its standard error), the stop-reason counts, and -- when AutoAttack
+    ranks the top trials differently from the search's objective -- a line with the
+    ``promote --metric aa_acc`` command."""
+    p = space.primary
+    eid = summary.experiment_id
+    link = lambda t: f"[{t.trial_id}]({ui_base}#/experiments/{eid}/runs/{t.run_id})" if t.run_id else t.trial_id
+    lines = [f"### Search `{summary.name}`: {len(summary.trials)} trials, ranked by {p.metric} ({p.mode})", ""]
+    best = summary.best
+    if best is not None:
+        lines.append(f"**Best: {link(best)}** {p.metric} = {best.value(p.metric):.4f} at epoch {best.best_epoch} "
+                     f"({point_label(best.point)})" + (f", AutoAttack {format_aa(best)}" if best.aa_acc is not None else ""))
+        lines.append("")
+    top = aa_reranks(summary)
+    if top is not None and best is not None:
+        lines.append(f"> AutoAttack ranks the top trials differently: {link(top)} (aa_acc {format_aa(top)}) beats "
+                     f"{best.trial_id} (aa_acc {format_aa(best)}). Promote by AutoAttack accuracy with "
+                     f"`scoretune promote --search {summary.name} --metric aa_acc`.")
+        lines.append("")
+    head, rows = table_rows(summary, list(space.params))
+    by_id = {t.trial_id: t for t in summary.trials}
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in rows:
+        t = by_id.get(r[0].rstrip("*"))
+        cells = [link(t) if t else r[0]] + [_md_cell(c) for c in r[1:-1]] + [f"`{r[-1][:8]}`" if r[-1] != "-" else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    counts = summary.counts()
+    lines.append("Stopped: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ".")
+    reasons = [f"- {t.trial_id} **{t.status}**: {_md_cell(t.reason)}" for t in summary.trials
+               if t.status != "completed" and t.reason]
+    lines += reasons
+    if space.autoattack.version != "none":
+        aa = space.autoattack
+        lines += ["", f"AutoAttack: {aa.version}, {aa.split} split, n_ex={aa.n_ex} (aa_acc +- binomial standard error)."]
+    lines += ["", f"Next: `scoretune promote --search {summary.name}" + (" --metric aa_acc" if top is not None else "")
+              + "`; plots: this run's artifacts, `plots/`."]
+    return "\n".join(lines)
 

@@ -35,11 +35,12 @@ def experiment_id_for(tracking_uri: str, experiment: str) -> str:
     return get_or_create_experiment(mlflow_client(tracking_uri), experiment)
 
 
-def log_metrics(cl: Any, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
-    """Log the finite numeric entries of ``metrics`` at ``step`` in batches of 500."""
+def log_metrics(cl: Any, run_id: str, metrics: Mapping[str, Any], step: int, model_id: str | None = None) -> None:
+    """Log the finite numeric entries of ``metrics`` at ``step`` in batches of 500 (attached to the
+    LoggedModel ``model_id`` too when given, so the Models tab shows them)."""
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    items = [Metric(k, v, ts, int(step)) for k, v in finite_metrics(metrics).items()]
+    items = [Metric(k, v, ts, int(step), model_id=model_id) for k, v in finite_metrics(metrics).items()]
     for i in range(0, len(items), 500):
         cl.log_batch(run_id, metrics=items[i: i + 500])

@@ -8,6 +8,10 @@ reused); among its child runs that have a logged model (tag ``scoretune.model_ur
 ``metric`` wins. A child's value is its best-epoch value ``best_<metric>`` when the search optimised
 that metric in that mode, else the best value in the metric's history (so ``--metric aa_acc`` works
 once the evaluation logs it).
+
+The registered model gets a description (which search, ranked how) and the new version one that says
+why it was promoted: the metric and its value, the trial, its best epoch, and the AutoAttack setting
+(version, split, n_ex) its ``aa_acc`` was measured with.
 """
 
 from __future__ import annotations
@@ -74,6 +78,30 @@ def pick_best(cl: Any, parent: Any, metric: str, mode: str, allow_infeasible: bo
     return max(scored, key=lambda rv: rv[1] if mode == "max" else -rv[1])
 
 
+def version_description(parent: Any, best: Any, *, metric: str, mode: str, value: float, alias: str) -> str:
+    """Why this version was promoted (markdown): metric, value, trial, epoch, AutoAttack setting."""
+    t = best.data.tags
+    search = parent.data.tags.get(tags.SEARCH, parent.info.run_name)
+    lines = [f"Promoted as `{alias}`: the best trial of search '{search}' by **{metric}** ({mode}) = {value:.4f} "
+             f"among the trials with a logged model.",
+             f"- trial {t.get(tags.TRIAL, '?')}, run `{best.info.run_id}`, model from epoch {t.get(tags.MODEL_EPOCH, '?')}"
+             f" (best epoch {int(best.data.metrics['best_epoch']) if 'best_epoch' in best.data.metrics else '?'})",
+             f"- searched values: " + ", ".join(f"{k}={v}" for k, v in best.data.params.items()
+                                               if k not in ("method", "model", "data", "eps", "norm", "epochs",
+                                                            "workers", "floor") and "." not in k)]
+    if "aa_acc" in best.data.metrics:
+        aa = best.data.metrics["aa_acc"]
+        se = best.data.metrics.get("aa_acc_se")
+        prefix = next((k.rsplit(".", 1)[0] for k in t if k.startswith("eval.aa_") and k.endswith(".n_ex")), None)
+        how = ""
+        if prefix is not None:
+            version = prefix[len("eval.aa_"):].rsplit("_acc", 1)[0]
+            how = (f" {version} (split {t.get(prefix + '.split', '?')}, n_ex {t.get(prefix + '.n_ex', '?')}, "
+                   f"eps {t.get(prefix + '.eps', '?')} {t.get(prefix + '.norm', '')})")
+        lines.append(f"- AutoAttack{how}: aa_acc = {aa:.4f}" + (f" +- {se:.4f}" if se is not None else ""))
+    return "\n".join(lines)
+
+
 def promote(search: str, *, metric: str = "val_pgd_acc", mode: str = "max", alias: str = "champion",
             model_name: str | None = None, tracking_uri: str | None = None, allow_infeasible: bool = False) -> Promotion:
     """Register the best model of search ``search`` and point ``alias`` at the new version."""
@@ -100,6 +128,12 @@ def promote(search: str, *, metric: str = "val_pgd_acc", mode: str = "max", alia
                                                         tags.TRIAL: best.data.tags.get(tags.TRIAL, ""),
                                                         tags.METRIC: f"{metric}={value:.6g}"})
     cl.set_registered_model_alias(name, alias, version.version)
+    cl.update_model_version(name, version.version, description=version_description(
+        parent, best, metric=metric, mode=mode, value=value, alias=alias))
+    if not (cl.get_registered_model(name).description or "").strip():
+        cl.update_registered_model(name, description=(
+            f"Adversarially trained models of the scoretune search '{search}' "
+            f"(`scoretune promote --search {search}`); alias `{alias}` is the current pick."))
     return Promotion(model_name=name, version=str(version.version), alias=alias, run_id=best.info.run_id,
                      trial_id=best.data.tags.get(tags.TRIAL, ""), metric=metric, value=value,
                      source_uri=source)

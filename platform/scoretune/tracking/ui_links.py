@@ -1,0 +1,149 @@
+"""Deep links into the MLflow UI (3.x) for a search: the model-training view of its runs table, sorted
+by the best objective, with the searched params and the best-epoch metrics as columns; and a compare
+page for the top-k trials.
+
+What the MLflow UI reads (checked against the 3.17 JS bundle and in Chromium):
+
+* ``workflowType=machine_learning`` in the page's query: the training view (runs table, Models tab)
+  instead of the GenAI traces page; the experiment tag ``mlflow.experimentKind`` =
+  ``custom_model_development`` makes that view the experiment's own default.
+* ``viewStateShareKey=KEY``: the page state saved in the experiment tag ``mlflow.sharedViewState.KEY``
+  (JSON) -- the search facets ``searchFilter``, ``orderByKey``, ``orderByAsc`` and the UI state
+  ``selectedColumns`` (``params.`beta```, ``metrics.`best_val_pgd_acc```, ``tags.`...```),
+  ``runsHiddenMode``, ``hideEmptyCharts`` ... The URL's own ``searchFilter`` / ``orderByKey`` would
+  win over it, so the link carries only the key.
+* ``#/compare-runs?runs=[...]&experiments=[...]``: the compare page.
+
+No Ray import; the command (``scoretune ui``) prints the links.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+from urllib.parse import quote
+
+from . import tags
+
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+IDENTITY_PARAMS = ("method", "model", "data", "eps", "norm", "epochs", "workers", "floor")
+SUMMARY_METRICS = ("best_epoch", "epochs_run", "aa_acc")
+
+
+@dataclass(frozen=True)
+class SearchLinks:
+    search: str
+    experiment_id: str
+    parent_run_id: str
+    runs: str               # the runs table of the search's trials
+    parent: str             # the parent run (its description: the summary table)
+    compare: str | None     # the top-k trials side by side
+    models: str             # the Model Registry
+    logged_models: str      # the experiment's logged models (trial-<id>, with their metrics)
+    top: list[str]          # run ids of the top-k, best first
+
+
+def column(kind: str, key: str) -> str:
+    """A runs-table column id: ``params.`beta```, ``metrics.`best_val_pgd_acc```, ``tags.`...```."""
+    return f"{kind}.`{key}`"
+
+
+def objectives_of(parent: Any) -> list[tuple[str, str]]:
+    """``[(metric, mode)]`` of a search's parent run (param ``search.objective`` = ``m:max,m2:min``)."""
+    out = []
+    for part in parent.data.params.get("search.objective", "").split(","):
+        metric, _, mode = part.strip().partition(":")
+        if metric:
+            out.append((metric, mode or "max"))
+    return out or [("val_pgd_acc", "max")]
+
+
+def searched_params(children: Sequence[Any]) -> list[str]:
+    """The searched params of a search's trial runs (their params, less the identifying constants),
+    in the order the first trial logged them."""
+    seen: list[str] = []
+    for r in children:
+        for k in r.data.params:
+            if k not in IDENTITY_PARAMS and "." not in k and k not in seen:
+                seen.append(k)
+    return seen
+
+
+def view_state(parent: Any, children: Sequence[Any]) -> dict[str, Any]:
+    """The shared view state of a search's runs table (see the module docstring)."""
+    objs = objectives_of(parent)
+    metric, mode = objs[0]
+    cols = [column("params", p) for p in searched_params(children)]
+    cols += [column("metrics", f"best_{m}") for m, _ in objs]
+    cols += [column("metrics", m) for m in SUMMARY_METRICS]
+    cols += [column("tags", tags.REASON)]
+    return {
+        "searchFilter": f"tags.`{tags.PARENT}` = '{parent.info.run_id}'",
+        "orderByKey": column("metrics", f"best_{metric}"),
+        "orderByAsc": mode == "min",
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+        "selectedColumns": cols,
+        "runsHiddenMode": "SHOW_ALL",
+        "hideEmptyCharts": True,
+        "columnOrder": [],
+        "columnWidths": {},
+        "viewMaximized": False,
+        "runListHidden": False,
+        "isAccordionReordered": False,
+        "useGroupedValuesInCharts": True,
+        "groupBy": None,
+        "groupsExpanded": {},
+    }
+
+
+def share_key(state: dict[str, Any]) -> str:
+    """A stable key for a view state (the same state gets the same tag)."""
+    return "scoretune-" + hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def publish_view(cl: Any, experiment_id: str, state: dict[str, Any]) -> str:
+    """Store ``state`` as a shared view of the experiment and mark the experiment as model training;
+    returns the share key."""
+    key = share_key(state)
+    cl.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + key, json.dumps(state))
+    cl.set_experiment_tag(experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
+    return key
+
+
+def search_links(cl: Any, base_url: str, *, search: str | None = None, top_k: int = 3) -> SearchLinks | None:
+    """The links of search ``search`` (default: the newest search in the store); None when the store
+    has no search. Publishes the runs table's view state on the experiment (idempotent)."""
+    from .runs import all_parent_runs, child_runs, find_parent_runs
+
+    parents = find_parent_runs(cl, search) if search else all_parent_runs(cl, max_results=1)
+    if not parents:
+        return None
+    parent = parents[0]
+    eid = parent.info.experiment_id
+    children = [r for r in child_runs(cl, parent) if tags.SUPERSEDED not in r.data.tags]
+    state = view_state(parent, children)
+    key = publish_view(cl, eid, state)
+    base = base_url.rstrip("/")
+    ml = "workflowType=machine_learning"
+    metric, mode = objectives_of(parent)[0]
+    scored = [r for r in children if f"best_{metric}" in r.data.metrics and r.data.tags.get(tags.STATUS) != "diverged"]
+    scored.sort(key=lambda r: r.data.metrics[f"best_{metric}"], reverse=mode == "max")
+    top = [r.info.run_id for r in scored[: max(top_k, 0)]]
+    compare = None
+    if len(top) >= 2:
+        compare = (f"{base}/#/compare-runs?runs={quote(json.dumps(top), safe='')}"
+                   f"&experiments={quote(json.dumps([eid]), safe='')}&{ml}")
+    return SearchLinks(
+        search=parent.data.tags.get(tags.SEARCH, parent.info.run_name), experiment_id=eid,
+        parent_run_id=parent.info.run_id,
+        runs=f"{base}/#/experiments/{eid}/runs?viewStateShareKey={key}&{ml}",
+        parent=f"{base}/#/experiments/{eid}/runs/{parent.info.run_id}?{ml}",
+        compare=compare, models=f"{base}/#/models?{ml}", logged_models=f"{base}/#/experiments/{eid}/models?{ml}",
+        top=top)

@@ -1,0 +1,203 @@
+"""What a researcher reads after a search: the status scheme, the summary metrics, the results table and
+parent description, the plots, and the MLflow UI view state (no Ray, no MLflow server)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from scoretune.search.ranking import divergence, status_label
+from scoretune.search.space import SearchSpace
+from scoretune.search.summary import (SearchSummary, TrialSummary, aa_reranks, aa_se, format_report, format_table,
+                                      trial_summary_metrics)
+
+
+def rows(accs, losses, kls=None):
+    kls = kls or [1.0] * len(accs)
+    return [{"epoch": float(i + 1), "val_clean_acc": a, "val_pgd_acc": a / 2, "train_loss": l, "train_madry_kl": k}
+            for i, (a, l, k) in enumerate(zip(accs, losses, kls))]
+
+
+# -- status scheme
+def test_status_label_says_what_stopped_the_trial_and_when():
+    assert status_label("stopped_asha", 3) == "[asha@3]"
+    assert status_label("stopped_floor", 7) == "[floor@7]"
+    assert status_label("completed", 12) == "[done@12]"
+    assert status_label("diverged", 4) == "[diverged]"
+    assert status_label("failed", 2) == "[failed]"
+
+
+def test_a_trial_at_chance_accuracy_has_diverged():
+    why = divergence(rows([0.3, 0.12, 0.10], [2.0, 2.3, 2.3]), num_classes=10)
+    assert why is not None and "chance (1/10)" in why and "epoch 3" in why and "not falling" in why
+    why = divergence(rows([0.10], [1.7], kls=[94.0]), num_classes=10)  # one epoch, confidently wrong
+    assert why == "val_clean_acc=0.100 at epoch 1 is chance (1/10), train_madry_kl=94"
+
+
+def test_a_slow_trial_at_chance_after_one_epoch_has_not_diverged():
+    assert divergence(rows([0.11], [2.3], kls=[2.3]), num_classes=10) is None  # near uniform: ln 10
+    assert divergence(rows([0.11, 0.12], [2.3, 2.25], kls=[2.3, 2.3]), num_classes=10) is None  # still learning
+
+
+def test_a_learning_trial_has_not_diverged():
+    assert divergence(rows([0.3, 0.5, 0.7], [2.0, 1.5, 1.1]), num_classes=10) is None
+    assert divergence([], num_classes=10) is None
+
+
+def test_an_exploding_or_non_finite_loss_is_divergence_whatever_the_accuracy():
+    assert "exploded from 1.5 to 4.6" in divergence(rows([0.3, 0.5, 0.5], [2.0, 1.5, 4.6]), num_classes=10)
+    assert "became nan" in divergence(rows([0.3, 0.5], [2.0, math.nan]))
+    assert divergence(rows([0.3, 0.5, 0.5], [2.0, 1.5, 4.4]), num_classes=10) is None  # under 3x
+
+
+def test_chance_needs_the_class_count():
+    assert divergence(rows([0.3, 0.1], [2.0, 2.1]), num_classes=None) is None
+
+
+# -- summary metrics
+def test_summary_metrics_are_the_best_epoch_values_first_on_a_tie():
+    objs = [SimpleNamespace(metric="val_pgd_acc", mode="max")]
+    r = rows([0.4, 0.8, 0.8, 0.6], [2, 1.5, 1.4, 1.3])
+    assert trial_summary_metrics(r, objs) == {"best_val_pgd_acc": 0.4, "best_epoch": 2.0, "epochs_run": 4.0}
+    assert trial_summary_metrics([], objs) == {"epochs_run": 0.0}
+
+
+def test_autoattack_standard_error_is_binomial():
+    assert aa_se(0.5, 100) == pytest.approx(0.05)
+    assert aa_se(0.0, 10) == 0.0
+
+
+# -- the table, the report, the parent description
+@pytest.fixture
+def space():
+    return SearchSpace.model_validate({
+        "name": "rep", "base": {"data": {"name": "digits"}, "epochs": 4},
+        "params": {"lr": {"loguniform": [0.01, 1.0]}, "loss": {"choice": ["se", "kl"]}, "beta": {"uniform": [1, 8]}},
+        "objective": {"metric": "val_pgd_acc", "mode": "max"}, "num_samples": 4, "top_k": 2,
+        "stoppers": {"floor": {"value": 0.2, "patience": 2}}})
+
+
+def trial(tid, status, lr, acc, *, aa=None, ep=4, best_ep=3, loss="se", beta=4.0):
+    best = {} if acc is None else {"best_val_pgd_acc": acc, "best_epoch": float(best_ep)}
+    return TrialSummary(trial_id=tid, run_id=f"run{tid}" + "0" * 24, status=status,
+                        point={"lr": lr, "loss": loss, "beta": beta}, epochs=ep, best=best,
+                        reason={"stopped_asha": "ASHA stopped it after epoch 1 of 4",
+                                "diverged": "val_clean_acc=0.100 at epoch 2 is chance (1/10)"}.get(status, ""),
+                        aa_acc=aa, aa_se=None if aa is None else aa_se(aa, 200))
+
+
+@pytest.fixture
+def summary(space):
+    ts = [trial("aaaa1111", "completed", 0.1, 0.46, aa=0.30), trial("bbbb2222", "completed", 0.3, 0.44, aa=0.35),
+          trial("cccc3333", "stopped_asha", 0.02, 0.20, ep=1, best_ep=1),
+          trial("dddd4444", "diverged", 0.9, 0.10, ep=2, best_ep=1)]
+    return SearchSummary(name="rep", trials=ts, pareto=[], parent_run_id="p" * 32, experiment_id="7",
+                         tracking_uri="sqlite:///x.db", ray_path="/tmp/r", objectives=list(space.objective), space=space)
+
+
+def test_table_has_aa_acc_best_epoch_and_run_id(summary, space):
+    lines = format_table(summary, list(space.params)).splitlines()
+    assert lines[0].split() == ["trial", "status", "ep", "best_ep", "lr", "loss", "beta", "val_pgd_acc(max)",
+                                "aa_acc", "run"]
+    first = lines[1].split()
+    assert first[:4] == ["aaaa1111", "completed", "4", "3"]
+    assert first[-2] == "0.3000+-0.0324" and first[-1] == summary.trials[0].run_id
+    assert lines[3].split()[-2] == "-"
+
+
+def test_report_says_when_autoattack_reranks_and_gives_the_aa_promote_command(summary, space):
+    assert aa_reranks(summary).trial_id == "bbbb2222"
+    text = format_report(summary, space)
+    assert "AutoAttack ranks the top trials differently" in text
+    assert "scoretune promote --search rep --metric aa_acc" in text
+
+
+def test_report_keeps_the_plain_promote_command_when_autoattack_agrees(summary, space):
+    summary.trials[1].aa_acc = 0.2
+    assert aa_reranks(summary) is None
+    assert "--metric aa_acc" not in format_report(summary, space)
+
+
+def test_parent_description_is_a_markdown_table_with_links_reasons_and_the_aa_line(summary, space):
+    from scoretune.search.finalize import parent_description
+
+    md = parent_description(summary, space)
+    assert "**Best: [aaaa1111](#/experiments/7/runs/runaaaa1111" in md
+    assert "| trial | status | ep | best_ep | lr | loss | beta | val_pgd_acc(max) | aa_acc | run |" in md
+    assert md.count("\n| [") == 4  # one linked row per trial
+    assert "dddd4444 **diverged**: val_clean_acc=0.100" in md
+    assert "Stopped: completed 2, diverged 1, stopped_asha 1." in md
+    assert "`scoretune promote --search rep --metric aa_acc`" in md
+
+
+# -- plots
+def test_plots_exist_with_labelled_axes_and_the_floor_on_the_clipped_loss_panel(summary, space, tmp_path):
+    from scoretune.search.plots import Curves, draw_plots
+
+    c = Curves()
+    for i, t in enumerate(summary.trials):
+        n = t.epochs
+        c.objective[t.trial_id] = ([float(e) for e in range(1, n + 1)], [0.1 + 0.1 * e * (i < 2) for e in range(n)])
+        c.loss[t.trial_id] = ([float(e) for e in range(1, n + 1)],
+                              [50.0 * e for e in range(1, n + 1)] if t.status == "diverged" else [0.6 - 0.1 * e for e in range(n)])
+    figs = draw_plots(summary, space, c, floor=0.2)
+    assert set(figs) == {"plots/learning_curves.png", "plots/objective_vs_params.png",
+                         "plots/param_importance.png", "plots/parallel_coordinates.png"}
+    obj, loss = figs["plots/learning_curves.png"].axes[:2]
+    assert obj.get_xlabel() == "epoch" and obj.get_ylabel() == "val_pgd_acc"
+    assert loss.get_ylabel().startswith("R_Madry")
+    labels = [t.get_text() for t in obj.get_legend().get_texts()]
+    assert labels[0].startswith("#2 bbbb2222") or labels[0].startswith("#1 aaaa1111")
+    assert any(lab.startswith("#1 aaaa1111  0.460") for lab in labels)
+    assert any("floor" in lab for lab in [t.get_text() for t in loss.get_legend().get_texts()])
+    lo, hi = loss.get_ylim()
+    assert hi < 1.0 and lo <= 0.2  # the diverged trial's 200 is clipped away, the floor is on the panel
+    dashed = [ln for ln in obj.get_lines() if ln.get_linestyle() == "--" and len(ln.get_xdata()) == 1]
+    assert dashed  # the ASHA-stopped trial (one epoch) is dashed
+    axes = figs["plots/objective_vs_params.png"].axes
+    assert [a.get_xlabel() for a in axes] == ["lr (log scale)", "loss", "beta"]
+    ticks = [t.get_text() for t in axes[0].get_xticklabels()]
+    assert not any("10^" in t or "$" in t for t in ticks)
+    for name, fig in figs.items():
+        path = tmp_path / name.split("/")[-1]
+        fig.savefig(path)
+        assert path.stat().st_size > 5000
+
+
+# -- the MLflow UI view state
+def test_view_state_sorts_by_the_best_objective_with_params_and_summary_columns():
+    from scoretune.tracking.ui_links import view_state
+
+    parent = SimpleNamespace(info=SimpleNamespace(run_id="P1"), data=SimpleNamespace(params={"search.objective": "val_pgd_acc:max"}))
+    child = SimpleNamespace(data=SimpleNamespace(params={"beta": "3", "lr": "0.1", "method": "trades", "eps": "0.2",
+                                                         "floor": "0.2"}))
+    st = view_state(parent, [child])
+    assert st["orderByKey"] == "metrics.`best_val_pgd_acc`" and st["orderByAsc"] is False
+    assert st["searchFilter"] == "tags.`mlflow.parentRunId` = 'P1'"
+    assert st["selectedColumns"][:3] == ["params.`beta`", "params.`lr`", "metrics.`best_val_pgd_acc`"]
+    assert "metrics.`aa_acc`" in st["selectedColumns"] and "tags.`scoretune.stop_reason`" in st["selectedColumns"]
+
+
+# -- the best checkpoint outlives Ray's pruning
+def test_preserved_checkpoint_survives_the_deletion_of_the_original(tmp_path):
+    import shutil
+
+    from trainables.ray_checkpoint import preserve_checkpoint
+
+    src = tmp_path / "trial" / "checkpoint_000002"
+    src.mkdir(parents=True)
+    (src / "state.pt").write_bytes(b"weights-2")
+    (src / "history.json").write_text("[]")
+    kept = preserve_checkpoint(str(src))
+    assert kept == str(tmp_path / "trial" / "best_checkpoint")
+    shutil.rmtree(src)  # what Ray's num_to_keep pruning does
+    assert (tmp_path / "trial" / "best_checkpoint" / "state.pt").read_bytes() == b"weights-2"
+    newer = tmp_path / "trial" / "checkpoint_000005"
+    newer.mkdir()
+    (newer / "state.pt").write_bytes(b"weights-5")
+    preserve_checkpoint(str(newer))  # a new best replaces the copy as a whole
+    assert sorted(p.name for p in (tmp_path / "trial" / "best_checkpoint").iterdir()) == ["state.pt"]
+    assert (tmp_path / "trial" / "best_checkpoint" / "state.pt").read_bytes() == b"weights-5"
+    assert sorted(p.name for p in (tmp_path / "trial").iterdir()) == ["best_checkpoint", "checkpoint_000005"]
