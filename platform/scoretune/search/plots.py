@@ -7,7 +7,7 @@
   (:func:`floor_value`) stays readable.
 * ``plots/objective_vs_params.png``: the objective against each searched param (plain tick labels on
   log axes), the best trial starred.
-* ``plots/param_importance.png``: Optuna's parameter importances (fANOVA) over the finished trials.
+* ``plots/param_importance.png``: Optuna's parameter importances (PED-ANOVA, as :mod:`.importance`) over this search's finished trials.
 * ``plots/parallel_coordinates.png``: every trial as a line through its (normalised) params and score.
 * ``plots/pareto_front.png`` (multi-objective).
 
@@ -238,7 +238,8 @@ def draw_objective_vs_params(plt: Any, summary: SearchSummary, space: SearchSpac
 
 
 def importances(summary: SearchSummary, space: SearchSpace) -> dict[str, float]:
-    """Optuna's fANOVA parameter importances of the trials with a score (empty when fewer than 2)."""
+    """Optuna's PED-ANOVA parameter importances of this search's trials with a score (empty when fewer than 3);
+    the study's ``importance.png`` also counts warm-start trials."""
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -263,9 +264,11 @@ def importances(summary: SearchSummary, space: SearchSpace) -> dict[str, float]:
             n += 1
         except ValueError:  # a value outside the space (a points_to_evaluate entry): leave it out
             continue
-    if n < 2:
+    if n < 3:
         return {}
-    return dict(optuna.importance.get_param_importances(study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)))
+    from .importance import param_importances  # the same PED-ANOVA as the study's importance.png
+
+    return param_importances(study, [primary]).get(primary.metric, {})
 
 
 def draw_importance(plt: Any, summary: SearchSummary, space: SearchSpace, imp: Mapping[str, float]):
@@ -274,7 +277,7 @@ def draw_importance(plt: Any, summary: SearchSummary, space: SearchSpace, imp: M
     ax.barh(names, [imp[n] for n in names], color="C0")
     for i, n in enumerate(names):
         ax.text(imp[n], i, f" {imp[n]:.2f}", va="center", fontsize=8)
-    ax.set(xlabel="importance (Optuna fANOVA, sums to 1)", ylabel="param",
+    ax.set(xlabel="importance (Optuna PED-ANOVA, sums to 1)", ylabel="param",
            title=f"what drives {space.primary.metric} ({len(summary.trials)} trials)")
     ax.set_xlim(0, max(list(imp.values()) + [0.01]) * 1.2)
     fig.tight_layout()
