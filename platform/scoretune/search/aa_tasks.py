@@ -31,6 +31,7 @@ class AutoAttackJob:
     run_id: str
     checkpoint: Any
     epoch: int
+    model_id: str | None = None  # the trial's LoggedModel: aa_acc is attached to it too (the Models tab ranks by it)
 
 
 def attack_checkpoint(checkpoint: Any, space: SearchSpace, threads: int | None = None):
@@ -92,16 +93,19 @@ def run_autoattack_jobs(cl: Any, tracking_uri: str, jobs: list[AutoAttackJob], s
                 outcomes[j.trial_id] = attack_checkpoint(j.checkpoint, space, threads)
             except Exception as e:
                 outcomes[j.trial_id] = e
-    return {j.trial_id: _log_outcome(cl, tracking_uri, j, outcomes[j.trial_id]) for j in jobs}
+    return {j.trial_id: _log_outcome(cl, tracking_uri, j, outcomes[j.trial_id], space.autoattack.n_ex) for j in jobs}
 
 
-def _log_outcome(cl: Any, tracking_uri: str, job: AutoAttackJob, outcome: Any) -> float | None:
+def _log_outcome(cl: Any, tracking_uri: str, job: AutoAttackJob, outcome: Any, n_ex: int) -> float | None:
     from ..evaluate import LoadedModel, log_result
+    from .summary import aa_se
 
     if isinstance(outcome, BaseException):
         cl.set_tag(job.run_id, tags.AUTOATTACK_ERROR, f"{type(outcome).__name__}: {str(outcome)[:300]}")
         return None
     loaded = LoadedModel(net=None, ref=outcome.settings.get("model", "model"), kind="module")
     outcome.logged = log_result(outcome, loaded, outcome.settings, tracking_uri, run_id=job.run_id)
-    log_metrics(cl, job.run_id, {"aa_acc": outcome.robust_acc}, step=job.epoch)
+    se = aa_se(outcome.robust_acc, n_ex)
+    log_metrics(cl, job.run_id, {"aa_acc": outcome.robust_acc, "aa_acc_se": se}, step=job.epoch,
+                model_id=job.model_id)
     return outcome.robust_acc

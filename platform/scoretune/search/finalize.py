@@ -119,10 +119,6 @@ def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri
             t = by_id.get(tid)
             if aa is not None and t is not None:
                 t.aa_acc, t.aa_se = aa, aa_se(aa, space.autoattack.n_ex)
-                # aa_acc again with the LoggedModel's id (the run got it from .aa_tasks): the Models tab ranks by it
-                epoch = next((j.epoch for j in aa_jobs if j.trial_id == tid), int(t.best_epoch or 0))
-                log_metrics(cl, t.run_id, {"aa_acc": aa, "aa_acc_se": t.aa_se}, step=epoch,
-                            model_id=model_id_of(t.model_uri or ""))
             out(f"[{time.strftime('%H:%M:%S')}]   trial {tid}: " + (f"aa_acc={format_aa(t)}" if aa is not None and t
                                                                    else "failed (see the run's scoretune.autoattack_error tag)")
                 + f"  ({time.time() - start:.0f} s)")
@@ -221,7 +217,8 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
     log_metrics(cl, t.run_id, {f"model_{k}": v for k, v in row.items() if k in ENGINE_METRICS}, step=epoch,
                 model_id=model_id_of(uri))
     if space.autoattack.version != "none" and aa_jobs is not None:
-        aa_jobs.append(AutoAttackJob(trial_id=t.trial_id, run_id=t.run_id, checkpoint=ckpt, epoch=epoch))
+        aa_jobs.append(AutoAttackJob(trial_id=t.trial_id, run_id=t.run_id, checkpoint=ckpt, epoch=epoch,
+                                     model_id=model_id_of(uri)))
     elif space.autoattack.version != "none":
         try:
             autoattack_trial(cl, tracking_uri, t.run_id, net, _cfg, space, epoch)
