@@ -34,20 +34,14 @@ class AutoAttackJob:
     model_id: str | None = None  # the trial's LoggedModel: aa_acc is attached to it too (the Models tab ranks by it)
 
 
-def attack_checkpoint(checkpoint: Any, space: SearchSpace, threads: int | None = None):
-    """AutoAttack (``space.autoattack``) of the network in ``checkpoint`` on its held-out split at its own
-    eps and norm; returns the :class:`~scoretune.robustness.EvalResult` (nothing is logged)."""
-    import torch
-
-    from trainables.ray_checkpoint import load_state
-
+def autoattack_net(net: Any, cfg: Any, space: SearchSpace, **log_to: Any):
+    """AutoAttack (``space.autoattack``) of ``net`` (trained with ``cfg``) on its held-out split at its own
+    eps and norm, through :func:`scoretune.evaluate.benchmark`; ``log_to`` is passed on to it
+    (``tracking_uri=..., log_to=run_id`` logs the result). Returns the
+    :class:`~scoretune.robustness.EvalResult`."""
     from ..data import load_dataset
-    from ..engine import model_from_checkpoint
     from ..evaluate import benchmark
 
-    if threads:
-        torch.set_num_threads(max(1, int(threads)))
-    net, cfg = model_from_checkpoint(load_state(checkpoint))
     aa = space.autoattack
     ds = load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size, seed=cfg.seed,
                       **cfg.data.options)
@@ -56,7 +50,21 @@ def attack_checkpoint(checkpoint: Any, space: SearchSpace, threads: int | None =
                          "(set autoattack.version: none in the search space)")
     split = aa.split if aa.split == "test" or len(ds.val) else "test"
     return benchmark(net, data=ds, split=split, n_ex=aa.n_ex, attack=f"aa-{aa.version}", eps=cfg.attack.eps,
-                     norm=cfg.attack.norm, batch_size=aa.batch_size, device="auto", seed=cfg.seed)
+                     norm=cfg.attack.norm, batch_size=aa.batch_size, device="auto", seed=cfg.seed, **log_to)
+
+
+def attack_checkpoint(checkpoint: Any, space: SearchSpace, threads: int | None = None):
+    """:func:`autoattack_net` of the network in ``checkpoint`` (nothing is logged)."""
+    import torch
+
+    from trainables.ray_checkpoint import load_state
+
+    from ..engine import model_from_checkpoint
+
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+    net, cfg = model_from_checkpoint(load_state(checkpoint))
+    return autoattack_net(net, cfg, space)
 
 
 def _remote_attack(checkpoint: Any, space_dump: dict[str, Any], threads: int):
@@ -93,10 +101,10 @@ def run_autoattack_jobs(cl: Any, tracking_uri: str, jobs: list[AutoAttackJob], s
                 outcomes[j.trial_id] = attack_checkpoint(j.checkpoint, space, threads)
             except Exception as e:
                 outcomes[j.trial_id] = e
-    return {j.trial_id: _log_outcome(cl, tracking_uri, j, outcomes[j.trial_id], space.autoattack.n_ex) for j in jobs}
+    return {j.trial_id: _log_outcome(cl, tracking_uri, j, outcomes[j.trial_id]) for j in jobs}
 
 
-def _log_outcome(cl: Any, tracking_uri: str, job: AutoAttackJob, outcome: Any, n_ex: int) -> float | None:
+def _log_outcome(cl: Any, tracking_uri: str, job: AutoAttackJob, outcome: Any) -> float | None:
     from ..evaluate import LoadedModel, log_result
     from .summary import aa_se
 
@@ -105,7 +113,7 @@ def _log_outcome(cl: Any, tracking_uri: str, job: AutoAttackJob, outcome: Any, n
         return None
     loaded = LoadedModel(net=None, ref=outcome.settings.get("model", "model"), kind="module")
     outcome.logged = log_result(outcome, loaded, outcome.settings, tracking_uri, run_id=job.run_id)
-    se = aa_se(outcome.robust_acc, n_ex)
+    se = aa_se(outcome.robust_acc, outcome.n)
     log_metrics(cl, job.run_id, {"aa_acc": outcome.robust_acc, "aa_acc_se": se}, step=job.epoch,
                 model_id=job.model_id)
     return outcome.robust_acc

@@ -23,7 +23,7 @@ from ..engine import ENGINE_METRICS
 from ..tracking import client as mlflow_client
 from ..tracking import tags
 from ..tracking.runs import child_runs
-from .aa_tasks import AutoAttackJob, run_autoattack_jobs
+from .aa_tasks import AutoAttackJob, autoattack_net, run_autoattack_jobs
 from .feasibility import feasible_first, mark_feasibility
 from .mlflow_io import log_metrics
 from .plots import log_plots
@@ -234,19 +234,7 @@ def autoattack_trial(cl: Any, tracking_uri: str, run_id: str, net: Any, cfg: Any
     norm, through :func:`scoretune.evaluate.benchmark` (the call ``scoretune evaluate`` makes, with its tag
     scheme ``eval.aa_<version>_acc.*`` and ``aa_check.*``) logged into the trial's run; plus ``aa_acc`` (the
     version-independent name ``promote --metric aa_acc`` ranks by) at the model's epoch."""
-    from ..data import load_dataset
-    from ..evaluate import benchmark
-
-    aa = space.autoattack
-    ds = load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size, seed=cfg.seed,
-                      **cfg.data.options)
-    if ds.info.pixel_range is None:
-        raise ValueError(f"AutoAttack needs inputs in [0, 1]; {cfg.data.name} has unbounded inputs "
-                         "(set autoattack.version: none in the search space)")
-    split = aa.split if aa.split == "test" or len(ds.val) else "test"
-    result = benchmark(net, data=ds, split=split, n_ex=aa.n_ex, attack=f"aa-{aa.version}", eps=cfg.attack.eps,
-                       norm=cfg.attack.norm, batch_size=aa.batch_size, device="auto", seed=cfg.seed,
-                       tracking_uri=tracking_uri, log_to=run_id)
+    result = autoattack_net(net, cfg, space, tracking_uri=tracking_uri, log_to=run_id)
     se = aa_se(result.robust_acc, result.n)
     metrics = {**result.metrics(), "aa_acc": result.robust_acc, "aa_acc_se": se}
     log_metrics(cl, run_id, {"aa_acc": result.robust_acc, "aa_acc_se": se}, step=epoch, model_id=model_id)
