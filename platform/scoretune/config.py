@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+from pydantic_core import PydanticCustomError
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
@@ -124,6 +125,14 @@ class ObjectiveConfig(_Strict):
     # a number, or 'auto': the clip c whose per-sample bound is the floor, -log(1 - c) = (C^l1)^2/2
     # (scoretune.floor_estimate.clip_for_floor); resolved, with clip_mode 'smoothing', before training
     clip: Union[float, Literal["auto"]] = 0.0
+
+    @field_validator("clip", mode="before")
+    @classmethod
+    def _clip_finite(cls, v: Any) -> Any:
+        """inf/NaN is refused as one error on the field (not one per branch of the union)."""
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
+            raise PydanticCustomError("finite_number", "Input should be a finite number")
+        return v
 
     def build(self) -> Objective:
         if self.clip == "auto":
