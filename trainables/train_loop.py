@@ -29,7 +29,7 @@ from typing import Any, Callable
 SCORE_KEY = "selection_score"
 """Reported every epoch: val_pgd_acc (val_clean_acc when no PGD evaluation runs); ranks checkpoints."""
 
-TIME_KEYS = ("train_time", "epoch_time")
+TIME_KEYS = ("train_time", "probe_time", "epoch_time")
 
 
 # ----------------------------------------------------------------------------- worker side
