@@ -251,21 +251,13 @@ DIGITS_PGDAT_SE = {
 
 def test_resuming_a_default_pgdat_run_reproduces_it_exactly(tmp_path):
     """The running statistics the attack updates are in the checkpoint: a resumed run matches bit for bit."""
-    from scoretune.engine import Trainer
+    from resume_check import assert_same_weights, straight_and_resumed
 
     cfg = build_config({**DIGITS_PGDAT_SE, "epochs": 2, "attack": {"eps": 0.2, "steps": 2},
                         "eval": {"pgd_steps": 2, "test": False, "max_samples": 32}})
-    straight = Trainer(cfg)
-    for _ in range(2):
-        straight.train_one_epoch()
-    first = Trainer(cfg)
-    first.train_one_epoch()
-    first.save(tmp_path / "ckpt.pt")
-    resumed = Trainer(cfg)
-    resumed.resume(tmp_path / "ckpt.pt")
+    straight, resumed = straight_and_resumed(cfg, tmp_path / "ckpt.pt", 2)
     resumed.train_one_epoch()
-    for k, v in straight.net.state_dict().items():
-        torch.testing.assert_close(resumed.net.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert_same_weights(straight.net, resumed.net)
 
 
 @pytest.mark.slow

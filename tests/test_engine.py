@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from resume_check import assert_same_weights, straight_and_resumed
 from scoretune.config import build_config
 from scoretune.engine import (
     CheckpointError,
@@ -76,20 +77,11 @@ def test_checkpoint_round_trip_gives_identical_accuracy(trained):
 def test_resuming_reproduces_an_uninterrupted_run_exactly(tmp_path):
     raw = {**DIGITS_TRADES_SE, "epochs": 3, "attack": {"eps": 0.2, "steps": 2}, "eval": {"pgd_steps": 2, "test": False}}
     cfg = build_config(raw)
-    straight = Trainer(cfg)
-    for _ in range(3):
-        straight.train_one_epoch()
-
-    first = Trainer(cfg)
-    first.train_one_epoch()
-    first.save(tmp_path / "ckpt.pt")
-    resumed = Trainer(cfg)
-    resumed.resume(tmp_path / "ckpt.pt")
+    straight, resumed = straight_and_resumed(cfg, tmp_path / "ckpt.pt", 3)
     assert resumed.epoch == 1
     for _ in range(2):
         resumed.train_one_epoch()
-    for k, v in straight.net.state_dict().items():
-        torch.testing.assert_close(resumed.net.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert_same_weights(straight.net, resumed.net)
     assert [r["epoch"] for r in resumed.history] == [1.0, 2.0, 3.0]
 
 

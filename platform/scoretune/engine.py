@@ -354,7 +354,8 @@ def robust_ce(
 ) -> torch.Tensor:
     """Per-sample cross-entropy at the cross-entropy maximiser in B(x): the summand of R_Madry
     (Pang et al. 2022, one-hot p_d), max_{x' in B(x)} CE(p_theta(.|x'), y), found by CE-PGD
-    (``restarts`` restarts keep the larger loss per sample; a lower bound of the true maximum). Eval mode."""
+    (:func:`~scoretune.attacks.pgd_ce`: of ``restarts`` restarts it keeps the first that fools the model;
+    a lower bound of the true maximum). Eval mode."""
     with eval_mode(net):
         x_adv = pgd_ce(net, x, y, attack, restarts=restarts, generator=generator)
         with torch.no_grad():
