@@ -329,6 +329,82 @@ def test_the_study_lives_in_sqlite_beside_the_mlflow_store_and_survives_tunes_se
         refuse_existing(storage, url, "crafted")
 
 
+def test_a_searcher_restored_from_a_save_older_than_its_study_neither_fails_nor_leaves_a_trial_running(tmp_path):
+    """A kill lands between Tune's searcher save and the study's newer writes: one trial finished in the
+    database after the save, another was asked for and never saved by Tune."""
+    from optuna.trial import TrialState
+
+    from scoretune.search.searcher import abandon_running, build_searcher
+    from scoretune.search.study_storage import open_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = crafted_space(num_samples=4, max_concurrent=2)
+    killed = build_searcher(space, storage=open_storage(url), study_name="crafted").searcher
+    first = killed.suggest("a")
+    killed.suggest("b")
+    killed.save(str(tmp_path / "searcher.pkl"))  # Tune's last save before the kill
+    pgd, clean = objective(first)
+    killed.on_trial_result("a", {"epoch": 1, "training_iteration": 1, "val_pgd_acc": pgd, "val_clean_acc": clean})
+    killed.on_trial_complete("a", {"epoch": 1, "val_pgd_acc": pgd, "val_clean_acc": clean})  # "a" done in the DB
+    asked = killed.suggest("c")  # sampled, never saved by Tune
+
+    resumed = build_searcher(space).searcher
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    # Tune restarts "a" from its checkpoint: its result and completion arrive again, and are not told twice
+    resumed.on_trial_result("a", {"epoch": 1, "training_iteration": 1, "val_pgd_acc": pgd, "val_clean_acc": clean})
+    resumed.on_trial_complete("a", {"epoch": 1, "val_pgd_acc": pgd, "val_clean_acc": clean})
+    assert resumed.suggest("d") == asked  # the next trial Tune asks for runs what the killed attempt sampled
+    for tid in ("b", "d"):
+        point = resumed._ot_trials[tid].params
+        resumed.on_trial_complete(tid, {"epoch": 1, "val_pgd_acc": objective(point)[0],
+                                        "val_clean_acc": objective(point)[1]})
+    storage = open_storage(url)
+    assert abandon_running(storage, "crafted") == 0
+    trials = storage.get_all_trials(storage.get_study_id_from_name("crafted"))
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert trials[0].values[0] == pytest.approx(pgd)
+
+
+def test_a_trial_a_killed_attempt_asked_for_and_nobody_ran_is_failed_when_the_search_ends(tmp_path):
+    from optuna.trial import TrialState
+
+    from scoretune.search.searcher import ABANDONED_ATTR, abandon_running, build_searcher
+    from scoretune.search.study_storage import open_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    build_searcher(crafted_space(), storage=open_storage(url), study_name="crafted").searcher.suggest("x")
+    storage = open_storage(url)
+    assert abandon_running(storage, "crafted") == 1
+    (t,) = storage.get_all_trials(storage.get_study_id_from_name("crafted"))
+    assert t.state == TrialState.FAIL and "killed" in t.user_attrs[ABANDONED_ATTR]
+
+
+def test_searches_that_share_a_storage_path_and_start_at_once_all_open_the_new_study_file(tmp_path):
+    """Four clients create Optuna's tables in one fresh optuna.db at the same moment (a team's searches
+    sharing a storage_path; without the lock one of them fails on `table already exists`)."""
+    import threading
+
+    from scoretune.search.study_storage import open_storage
+
+    for n in range(3):
+        url = f"sqlite:///{tmp_path / str(n) / 'optuna.db'}"
+        barrier, errors = threading.Barrier(4), []
+
+        def open_it():
+            barrier.wait()
+            try:
+                open_storage(url)
+            except Exception as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+
+
 # ----------------------------------------------------------------------------- scoretune dashboard
 
 

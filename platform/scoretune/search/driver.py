@@ -34,7 +34,7 @@ from .finalize import finalize_search
 from .floor import apply_floor, log_floor, resolve_floor_estimate
 from .mlflow_io import experiment_id_for, start_parent_run
 from .resume import attempt_label, end_superseded, saved_trials
-from .searcher import build_scheduler, build_searcher, build_stoppers, combined_stopper, n_startup_trials
+from .searcher import abandon_running, build_scheduler, build_searcher, build_stoppers, combined_stopper, n_startup_trials
 from .space import SearchSpace
 from .state import read_state, write_state
 from .study_storage import no_storage_note, open_storage, refuse_existing, study_storage_url
@@ -185,6 +185,9 @@ def _fit(tuner: Any, space: SearchSpace, *, name: str, uri: str, parent_run_id: 
     summary = finalize_search(space, results, name=name, tracking_uri=uri, parent_run_id=parent_run_id,
                               ray_path=ray_path, superseded_by=superseded_by, out=out)
     if study_url:
+        stuck = abandon_running(open_storage(study_url), name)
+        if stuck:
+            out(f"{stuck} Optuna trial(s) a killed attempt had asked for were never run: marked FAIL in the study")
         summary.importance = study_importance(study_url, name, space, uri, parent_run_id, out)
     else:
         out("parameter importance not computed: the study has no storage (set study_storage: in the space)")

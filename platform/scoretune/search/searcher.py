@@ -30,6 +30,17 @@ class BestEpochOptunaSearch(OptunaSearch):
     objective) instead of its last reported epoch; everything else is Ray's ``OptunaSearch``.
 
     The remembered rows are part of the searcher's pickled state, so they survive a resume.
+
+    With an RDB study the database runs ahead of that pickle (Tune saves the searcher every few
+    seconds; a kill lands in between), so :meth:`restore` reconciles the two:
+
+    * a trial the database already finished that Tune still runs (it completed after the last save;
+      Tune restarts it from its checkpoint) is not reported or told again (Optuna would refuse:
+      ``UpdateFinishedTrialError``);
+    * a trial the killed attempt asked for that Tune never saved (RUNNING in the database, in no
+      Tune trial) is handed, params and all, to the next trial Tune asks for, so the study holds no
+      trial stuck RUNNING and the resumed search runs what the killed one had sampled; one left
+      over when the search ends is failed by :func:`abandon_running`.
     """
 
     def __init__(self, *args: Any, objectives: list[Any], constraints: list[Any] = (),
@@ -38,6 +49,8 @@ class BestEpochOptunaSearch(OptunaSearch):
         self._constraints = list(constraints)
         self._warm_trials = list(warm_trials)
         self._rows: dict[str, list[dict[str, float]]] = {}
+        self._told_before: set[str] = set()  # Tune trial ids the database finished before the last save
+        self._orphans: list[int] = []  # Optuna trial ids asked by a killed attempt, in no Tune trial
         super().__init__(*args, **kwargs)
 
     def _setup_study(self, mode: Any) -> None:
@@ -55,13 +68,52 @@ class BestEpochOptunaSearch(OptunaSearch):
             if all(r["epoch"] != row["epoch"] for r in rows):
                 rows.append(row)
 
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self.__dict__.setdefault("_told_before", set())
+        self.__dict__.setdefault("_orphans", [])
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        """Match the restored searcher with its RDB study (see the class docstring)."""
+        import optuna
+        from optuna.trial import TrialState
+
+        if isinstance(getattr(self._ot_study, "_storage", None), optuna.storages.InMemoryStorage):
+            return  # the pickle is the study
+        frozen = {t._trial_id: t for t in self._ot_study.get_trials(deepcopy=False)}
+        mapped = {t._trial_id for t in self._ot_trials.values()}
+        self._told_before |= {tid for tid, t in self._ot_trials.items()
+                              if tid not in self._completed_trials and frozen[t._trial_id].state.is_finished()}
+        storage = self._ot_study._storage
+        for t in sorted(frozen.values(), key=lambda t: t.number):
+            if t.state != TrialState.RUNNING or t._trial_id in mapped or t._trial_id in self._orphans:
+                continue
+            if set(t.params) == set(self._space):
+                self._orphans.append(t._trial_id)
+            else:  # killed while its params were being sampled: nothing to hand on
+                storage.set_trial_user_attr(t._trial_id, ABANDONED_ATTR, "killed while it was being sampled")
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if trial_id not in self._ot_trials and self._orphans and not callable(self._space):
+            import optuna
+
+            self._ot_trials[trial_id] = optuna.Trial(self._ot_study, self._orphans.pop(0))
+        return super().suggest(trial_id)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._remember(trial_id, result)
-        super().on_trial_result(trial_id, result)
+        if trial_id not in self._told_before:
+            super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self._remember(trial_id, result)
         rows = self._rows.pop(trial_id, [])
+        if trial_id in self._told_before:  # the database has its values from before the kill
+            self._told_before.discard(trial_id)
+            self._completed_trials.add(trial_id)
+            return
         if result and not error:
             best = best_values(rows, [ObjectiveSpec(metric=m, mode=mode) for m, mode in self._objectives])
             result = {**result, **{m: best[f"best_{m}"] for m, _ in self._objectives if f"best_{m}" in best}}
@@ -76,6 +128,20 @@ class BestEpochOptunaSearch(OptunaSearch):
 
 
 CONSTRAINT_ATTR = "scoretune.constraint_metrics"  # user attr: the constraint metrics at the best epoch
+ABANDONED_ATTR = "scoretune.abandoned"  # user attr: why a trial was failed without running
+
+
+def abandon_running(storage: Any, study_name: str) -> int:
+    """Fail the trials of ``study_name`` still RUNNING once its search has ended (asked by an attempt
+    that was killed, never run): the dashboard shows no trial stuck running. Returns how many."""
+    from optuna.trial import TrialState
+
+    sid = storage.get_study_id_from_name(study_name)
+    stuck = storage.get_all_trials(sid, deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stuck:
+        storage.set_trial_user_attr(t._trial_id, ABANDONED_ATTR, "asked by a killed search attempt, never run")
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return len(stuck)
 
 
 def _num(v: Any) -> float | None:

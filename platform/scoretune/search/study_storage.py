@@ -22,6 +22,9 @@ name that is already there (delete it or pick another name).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import time
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
@@ -64,15 +67,38 @@ def open_storage(url: str):
     """An ``optuna.storages.RDBStorage`` for ``url`` (the SQLite folder is created); one line on failure."""
     import optuna
 
-    if url.startswith("sqlite:///"):
-        Path(unquote(url[len("sqlite:///"):])).parent.mkdir(parents=True, exist_ok=True)
+    sqlite = url.startswith("sqlite:///")
+    lock = Path(unquote(url[len("sqlite:///"):]) + ".lock") if sqlite else None
+    if lock is not None:
+        lock.parent.mkdir(parents=True, exist_ok=True)
     try:
-        _create_schema(url)
-        return optuna.storages.RDBStorage(url, heartbeat_interval=None,
-                                          engine_kwargs={"connect_args": {"timeout": 30}} if url.startswith("sqlite") else None)
+        for attempt in range(3):
+            try:
+                with _file_lock(lock):  # two searches sharing a storage_path start at once: one creates the tables
+                    _create_schema(url)
+                    return optuna.storages.RDBStorage(url, heartbeat_interval=None,
+                                                      engine_kwargs={"connect_args": {"timeout": 30}} if sqlite else None)
+            except Exception as e:  # another client (host) created the tables in between: they are there now
+                if attempt == 2 or not any(k in f"{type(e).__name__} {e}" for k in ("IntegrityError", "already exists")):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     except Exception as e:  # bad URL, missing driver, unreachable server
         raise StudyStorageError(f"study_storage: cannot open {url}: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
                                 "(check the URL, or leave study_storage out for a SQLite file beside the MLflow store)") from None
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path | None):
+    """An exclusive ``flock`` on ``path`` (None: no lock) for the block."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _create_schema(url: str) -> None:
