@@ -66,12 +66,15 @@ def test_checkpoint_round_trip_gives_identical_accuracy(trained):
     net, cfg = model_from_checkpoint(path)
     assert cfg.objective.loss == "se"
     a = _test_accuracy(trainer.eval_model, trainer, seed=1)
-    b = _test_accuracy(net, trainer, seed=1)
-    # accuracies identical; the mean CE at the PGD point (test_r_madry) up to float summation order
-    # (the rebuilt network runs in the contiguous layout, the trainer's in channels_last)
-    r_a, r_b = a.pop("test_r_madry"), b.pop("test_r_madry")
-    assert a == b and a["test_clean_acc"] > 0.85
-    assert r_a == pytest.approx(r_b, rel=1e-4)
+    # in the trainer's layout (channels_last) the rebuilt network runs the same kernels: identical numbers
+    same = _test_accuracy(net.to(memory_format=trainer.memory_format), trainer, seed=1)
+    assert same == a and a["test_clean_acc"] > 0.85
+    # in the contiguous layout only the float summation order differs: the loss at the PGD point agrees
+    # to 1e-4, and a PGD step that lands on a decision boundary may flip one or two examples
+    contiguous = _test_accuracy(net.to(memory_format=torch.contiguous_format), trainer, seed=1)
+    assert contiguous["test_clean_acc"] == a["test_clean_acc"]
+    assert contiguous["test_pgd_acc"] == pytest.approx(a["test_pgd_acc"], abs=2.5 / 449)  # 449 test digits
+    assert contiguous["test_r_madry"] == pytest.approx(a["test_r_madry"], rel=1e-4)
 
 
 def test_resuming_reproduces_an_uninterrupted_run_exactly(tmp_path):
