@@ -122,19 +122,21 @@ def stop_search(proc: subprocess.Popen) -> None:
         proc.wait(timeout=60)
 
 
-def wait_for_first_epoch(cl, experiment: str, timeout: float, procs=()) -> None:
-    """Until some trial of ``experiment`` has logged an epoch (the search is under way)."""
+def wait_for_first_epoch(cl, experiment: str, name: str, timeout: float, procs=()) -> None:
+    """Until some trial of search ``name`` in ``experiment`` has logged an epoch (that search is under way;
+    the experiment holds other searches' runs too)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert all(p.poll() is None for p in procs), "a search ended before its first epoch"
         try:
             exp = cl.get_experiment_by_name(experiment)
-            if exp and cl.search_runs([exp.experiment_id], "metrics.epoch >= 1", max_results=1):
+            if exp and cl.search_runs([exp.experiment_id], f"tags.`scoretune.search_name` = '{name}' and "
+                                      "metrics.epoch >= 1", max_results=1):
                 return
         except Exception:
             pass
         time.sleep(0.3)
-    raise TimeoutError(f"no epoch of {experiment} logged within {timeout:.0f} s")
+    raise TimeoutError(f"no epoch of search {name} in {experiment} logged within {timeout:.0f} s")
 
 
 def search_runs(cl, experiment: str, name: str):

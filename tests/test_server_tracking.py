@@ -176,10 +176,10 @@ def outage(stack, tmp_path_factory):
              "outage-gone": S.start_search(gone, logs["outage-gone"], stack.client_env, SCORETUNE_TRACKING_DRAIN_S="5")}
     fresh = None
     try:
-        S.wait_for_first_epoch(stack.client(stack.main), S.EXPERIMENT, 600, procs.values())
+        S.wait_for_first_epoch(stack.client(stack.main), S.EXPERIMENT, "outage-back", 600, procs.values())
         stack.main.kill()
         killed = time.monotonic()
-        S.wait_for_first_epoch(stack.client(stack.doomed), S.EXPERIMENT, 600, procs.values())
+        S.wait_for_first_epoch(stack.client(stack.doomed), S.EXPERIMENT, "outage-gone", 600, procs.values())
         stack.doomed.kill()
         fresh = stack.launch("mlflow_fresh")
         time.sleep(max(0.0, 25 - (time.monotonic() - killed)))

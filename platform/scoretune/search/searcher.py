@@ -84,7 +84,8 @@ class BestEpochOptunaSearch(OptunaSearch):
         frozen = {t._trial_id: t for t in self._ot_study.get_trials(deepcopy=False)}
         mapped = {t._trial_id for t in self._ot_trials.values()}
         self._told_before |= {tid for tid, t in self._ot_trials.items()
-                              if tid not in self._completed_trials and frozen[t._trial_id].state.is_finished()}
+                              if tid not in self._completed_trials and t._trial_id in frozen
+                              and frozen[t._trial_id].state.is_finished()}
         storage = self._ot_study._storage
         for t in sorted(frozen.values(), key=lambda t: t.number):
             if t.state != TrialState.RUNNING or t._trial_id in mapped or t._trial_id in self._orphans:
