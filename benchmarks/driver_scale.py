@@ -90,6 +90,7 @@ class Meter:
         self.calls: dict[str, int] = {}
         self.cpu: dict[str, float] = {}
         self.results = 0
+        self.inside = False
 
     def add(self, name: str, cpu: float) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -109,10 +110,14 @@ METER = Meter()
 
 def _timed(name: str, fn):
     def wrapper(*a, **k):
+        if METER.inside:  # a client method calling another (log_text -> log_artifact) counts once
+            return fn(*a, **k)
+        METER.inside = True
         t = time.thread_time()
         try:
             return fn(*a, **k)
         finally:
+            METER.inside = False
             METER.add(name, time.thread_time() - t)
 
     wrapper.__wrapped__ = fn
@@ -129,9 +134,28 @@ def instrument_mlflow() -> None:
             setattr(MlflowClient, n, _timed(f"mlflow.{n}", fn))
 
 
+def _thread_timed(name: str, fn):
+    def wrapper(self, *a, **k):
+        t = time.thread_time()
+        try:
+            return fn(self, *a, **k)
+        finally:
+            METER.add(name, time.thread_time() - t)
+
+    return wrapper
+
+
+def timed_subclass(cls: type, part: str, methods: tuple[str, ...], extra: dict | None = None) -> type:
+    """A subclass of ``cls`` whose ``methods`` add their thread CPU to ``part`` (swapped in with
+    ``__class__`` on the object ``build_tuner`` made, so nothing else about it changes)."""
+    body = {m: _thread_timed(part, getattr(cls, m)) for m in methods if hasattr(cls, m)}
+    body.update(extra or {})
+    return type(f"Timed{cls.__name__}", (cls,), body)
+
+
 def timed_searcher_class():
-    """A subclass of the search's Optuna searcher whose suggest/tell are timed and results counted
-    (swapped in with ``__class__`` on the searcher ``build_searcher`` made, so nothing else changes)."""
+    """The search's Optuna searcher with suggest (``optuna.suggest``), the per-result report to the study
+    (``optuna.report``) and tell (``optuna.tell``) timed, and results counted."""
     from scoretune.search.searcher import BestEpochOptunaSearch
 
     class TimedOptunaSearch(BestEpochOptunaSearch):
@@ -144,7 +168,11 @@ def timed_searcher_class():
 
         def on_trial_result(self, trial_id, result):
             METER.results += 1
-            super().on_trial_result(trial_id, result)
+            t = time.thread_time()
+            try:
+                super().on_trial_result(trial_id, result)
+            finally:
+                METER.add("optuna.report", time.thread_time() - t)
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             t = time.thread_time()
@@ -154,6 +182,27 @@ def timed_searcher_class():
                 METER.add("optuna.tell", time.thread_time() - t)
 
     return TimedOptunaSearch
+
+
+_HOOKS = ("on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error", "on_step_end",
+          "on_checkpoint", "on_experiment_end")
+
+
+def instrument_tuner(tuner) -> None:
+    """Time each part of the driver the search is made of: searcher (above), the MLflow callback, the
+    progress callback, the scheduler (ASHA) and the stoppers; the rest of the driver is Tune and Ray."""
+    local = tuner._local_tuner
+    limiter = local._tune_config.search_alg
+    limiter.searcher.__class__ = timed_searcher_class()
+    sched = local._tune_config.scheduler
+    sched.__class__ = timed_subclass(type(sched), "asha", ("on_trial_result", "on_trial_add", "on_trial_complete",
+                                                           "choose_trial_to_run"))
+    for cb in local._run_config.callbacks or ():
+        part = "callback.mlflow" if "Mlflow" in type(cb).__name__ else "callback.progress"
+        cb.__class__ = timed_subclass(type(cb), part, _HOOKS)
+    stop = local._run_config.stop
+    if stop is not None:
+        stop.__class__ = timed_subclass(type(stop), "stoppers", ("__call__", "stop_all"))
 
 
 # ----------------------------------------------------------------------------- one size
@@ -183,12 +232,20 @@ def _silent(text: str) -> None:
     """The progress callback's sink (module-level, so Tune can pickle the callback)."""
 
 
-def run_size(trials: int, concurrent: int, epochs: int, work: Path, tracking_uri: str | None) -> dict[str, Any]:
+PARTS = (("Optuna suggest", "optuna.suggest"), ("Optuna report", "optuna.report"), ("Optuna tell", "optuna.tell"),
+         ("MLflow callback", "callback.mlflow"), ("progress callback", "callback.progress"), ("ASHA", "asha"),
+         ("stoppers", "stoppers"))
+
+
+def run_size(trials: int, concurrent: int, epochs: int, work: Path, tracking_uri: str | None,
+             study_url: str | None, server: Any = None) -> dict[str, Any]:
     from ray import tune
 
     import scoretune.search.driver as driver
     from scoretune.search.floor import resolve_floor
     from scoretune.search.mlflow_io import start_parent_run
+    from scoretune.search.study_storage import open_storage, study_storage_url
+    from scoretune.tracking.buffer import journal_path, settle
 
     d = work / f"{trials}x{concurrent}"
     d.mkdir(parents=True)
@@ -196,39 +253,137 @@ def run_size(trials: int, concurrent: int, epochs: int, work: Path, tracking_uri
     space = space_for(trials, concurrent, epochs, str(d / "ray"), uri)
     name = space.name
     storage, ray_path = driver.experiment_path(space.storage_path, name)
+    # the study where `scoretune search` keeps it (optuna.db beside a SQLite store; a schema of the server's
+    # PostgreSQL when --server); "memory": in memory, as before the study had a storage
+    url = None if study_url == "memory" else (study_url or study_storage_url(uri, space.storage_path))
+    study_storage = open_storage(url) if url else None
     floor = resolve_floor(space, _silent)
     parent = start_parent_run(space, name=name, ray_path=ray_path, tracking_uri=uri)
     original = driver.trainable_for
     driver.trainable_for = lambda _space: tune.with_resources(standin_trial, {"cpu": 1})
     try:
         tuner = driver.build_tuner(space, name=name, storage=storage, ray_path=ray_path, tracking_uri=uri,
-                                   parent_run_id=parent.run_id, floor=floor, out=_silent)
+                                   parent_run_id=parent.run_id, floor=floor, out=_silent,
+                                   study_storage=study_storage)
     finally:
         driver.trainable_for = original
-    limiter = tuner._local_tuner._tune_config.search_alg
-    limiter.searcher.__class__ = timed_searcher_class()
+    instrument_tuner(tuner)
     METER.reset()
+    server_cpu0 = server_cpu(server)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with driver._quiet_tune():
         results = tuner.fit()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    srv_cpu = server_cpu(server) - server_cpu0 if server is not None else None
     n_results = METER.results
     writes, mlflow_write_cpu = METER.total([f"mlflow.{n}" for n in _WRITES])
     reads, mlflow_read_cpu = METER.total([f"mlflow.{n}" for n in _READS])
     n_suggest, suggest_cpu = METER.total(["optuna.suggest"])
     n_tell, tell_cpu = METER.total(["optuna.tell"])
+    parts = {key: METER.cpu.get(key, 0.0) for _, key in PARTS}
+    parts["rest (Tune, Ray)"] = cpu - sum(parts.values())
+    settle(driver.open_writer(uri, journal_path(ray_path, name)), what=name, timeout=60)
     errors = sum(1 for r in results if r.error)
     return {
         "trials": trials, "concurrent": concurrent, "epochs": epochs, "results": n_results, "errors": errors,
+        "tracking_uri": uri.split("@")[-1], "study_storage": (url or "memory").split("@")[-1],
         "wall_s": wall, "driver_cpu_s": cpu, "driver_ms_per_result": 1000 * cpu / max(1, n_results),
         "optuna_suggest_ms": 1000 * suggest_cpu / max(1, n_suggest), "optuna_suggest_cpu_s": suggest_cpu,
         "optuna_tell_ms": 1000 * tell_cpu / max(1, n_tell), "optuna_tell_cpu_s": tell_cpu,
+        "optuna_report_cpu_s": parts["optuna.report"],
         "mlflow_writes": writes, "mlflow_writes_per_s": writes / wall, "mlflow_reads": reads,
         "mlflow_cpu_s": mlflow_write_cpu + mlflow_read_cpu,
         "mlflow_ms_per_result": 1000 * (mlflow_write_cpu + mlflow_read_cpu) / max(1, n_results),
+        "mlflow_callback_cpu_s": parts["callback.mlflow"], "tune_rest_cpu_s": parts["rest (Tune, Ray)"],
+        "server_cpu_s": srv_cpu,
+        "part_ms_per_result": {k: round(1000 * v / max(1, n_results), 3) for k, v in parts.items()},
         "calls": dict(sorted(METER.calls.items())),
         "call_cpu_s": {k: round(v, 4) for k, v in sorted(METER.cpu.items())},
     }
+
+
+# ----------------------------------------------------------------------------- a PostgreSQL-backed server
+
+
+class ServerStack:
+    """PostgreSQL (initdb + pg_ctl in a temp dir, a free loopback port) and ``mlflow server --app-name
+    basic-auth`` on it, through :mod:`scoretune.tracking.server` (what ``scoretune server`` runs), as
+    ``tests/server_stack.py`` starts it; one fresh database and server per size; stopped by pid."""
+
+    def __init__(self, workers: int) -> None:
+        import secrets
+
+        from scoretune.tracking.server import Postgres
+
+        self.workers = workers
+        self.root = Path(tempfile.mkdtemp(prefix="st-scale-", dir="/tmp"))  # PostgreSQL's socket path must be short
+        os.chmod(self.root, 0o711)
+        self.pg = Postgres(self.root / "pg" / "data")
+        self.pg.init()
+        self.pg.start(fast=True)
+        self.password = secrets.token_urlsafe(18)
+        self.env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": self.password,
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
+        os.environ.update({"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self.password})
+        self.server = None
+        self.database = None
+
+    def fresh(self, database: str):
+        from scoretune.tracking.server import MlflowServer, free_port
+
+        self.stop_server()
+        for db in (database, f"{database}_auth"):
+            self.pg.create_database(db)
+        self.database = database
+        self.server = MlflowServer(self.pg.uri(database), self.pg.uri(f"{database}_auth"), self.root / database,
+                                   port=free_port(), workers=self.workers)
+        self.server.start(self.env, self.pg.env(), wait=300)
+        return self.server
+
+    def study_url(self) -> str:
+        """The study in the server's PostgreSQL, its own schema (what a cluster space gives as study_storage)."""
+        from urllib.parse import quote
+
+        return f"{self.pg.uri(self.database)}?options={quote('-csearch_path=optuna')}"
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def stop(self) -> None:
+        import shutil
+
+        self.stop_server()
+        self.pg.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def server_cpu(stack: ServerStack | None) -> float:
+    """CPU seconds so far of the MLflow server's process tree and PostgreSQL's (0 without a stack)."""
+    if stack is None:
+        return 0.0
+    import psutil
+
+    pids = []
+    if stack.server is not None and stack.server.proc is not None:
+        pids.append(stack.server.proc.pid)
+    pg_pid = stack.pg.pid()
+    if pg_pid:
+        pids.append(pg_pid)
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    t = p.cpu_times()
+                    total += t.user + t.system + t.children_user + t.children_system
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+    return total
 
 
 def growth_exponent(xs: list[float], ys: list[float]) -> float | None:
@@ -242,8 +397,10 @@ def growth_exponent(xs: list[float], ys: list[float]) -> float | None:
 
 
 GROWTH = (("driver CPU", "driver_cpu_s"), ("Optuna suggest CPU", "optuna_suggest_cpu_s"),
-          ("Optuna tell CPU", "optuna_tell_cpu_s"), ("MLflow CPU", "mlflow_cpu_s"),
-          ("MLflow writes", "mlflow_writes"), ("wall", "wall_s"))
+          ("Optuna report CPU", "optuna_report_cpu_s"), ("Optuna tell CPU", "optuna_tell_cpu_s"),
+          ("MLflow callback CPU", "mlflow_callback_cpu_s"), ("MLflow client CPU", "mlflow_cpu_s"),
+          ("MLflow writes", "mlflow_writes"), ("Tune/Ray rest CPU", "tune_rest_cpu_s"), ("results", "results"),
+          ("wall", "wall_s"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,6 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus", type=int, default=64, help="logical CPUs of the local Ray (default 64)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: a fresh SQLite store per size)")
+    p.add_argument("--server", action="store_true",
+                   help="log to a fresh PostgreSQL-backed MLflow server per size (basic-auth, loopback), the study "
+                        "in a schema of the same PostgreSQL")
+    p.add_argument("--server-workers", type=int, default=2, help="the server's uvicorn workers (default 2)")
+    p.add_argument("--study-storage", default=None, metavar="URL",
+                   help="the Optuna study's storage (default: where scoretune search puts it: optuna.db beside a "
+                        "SQLite store, PostgreSQL with --server); 'memory' keeps it in memory")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write all results to OUT")
     args = p.parse_args(argv)
     sizes = [(int(n), int(c)) for c in args.concurrent.split(",") for n in args.trials.split(",")]
@@ -267,22 +431,37 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine_info()
     print(f"machine: {info}")
-    print(f"load: {os.getloadavg()}")
+    print(f"load: {os.getloadavg()}", flush=True)
     instrument_mlflow()
+    stack = ServerStack(args.server_workers) if args.server else None
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="driver-scale-") as work:
             for n, c in sizes:
-                r = run_size(n, c, args.epochs, Path(work), args.tracking_uri)
+                uri, study = args.tracking_uri, args.study_storage
+                if stack is not None:
+                    uri = stack.fresh(f"scale_{n}x{c}").url
+                    study = study or stack.study_url()
+                load0 = os.getloadavg()
+                r = run_size(n, c, args.epochs, Path(work), uri, study, stack)
+                r["load"] = [load0, os.getloadavg()]
                 rows.append(r)
+                srv = (f", server+PostgreSQL {1000 * r['server_cpu_s'] / max(1, r['results']):6.2f} ms CPU/result"
+                       if r["server_cpu_s"] is not None else "")
                 print(f"trials {n:5d} x concurrent {c:3d}: {r['results']:6d} results, "
                       f"driver {r['driver_ms_per_result']:6.2f} ms CPU/result, "
                       f"Optuna {r['optuna_suggest_ms']:6.2f} ms/suggest {r['optuna_tell_ms']:5.2f} ms/tell, "
                       f"MLflow {r['mlflow_writes_per_s']:6.1f} writes/s ({r['mlflow_ms_per_result']:5.2f} ms "
-                      f"CPU/result), wall {r['wall_s']:6.1f} s, errors {r['errors']}", flush=True)
+                      f"CPU/result){srv}, wall {r['wall_s']:6.1f} s, errors {r['errors']}, "
+                      f"load {load0[0]:.1f}->{os.getloadavg()[0]:.1f}", flush=True)
+                print("    ms CPU per result by part: " + ", ".join(
+                    f"{label} {r['part_ms_per_result'][key]:.2f}" for label, key in PARTS)
+                    + f", rest (Tune, Ray) {r['part_ms_per_result']['rest (Tune, Ray)']:.2f}", flush=True)
     finally:
         ray.shutdown()
+        if stack is not None:
+            stack.stop()
     growth: dict[str, dict[str, float | None]] = {}
     for c in sorted({c for _, c in sizes}):
         sel = [r for r in rows if r["concurrent"] == c]
@@ -292,8 +471,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"growth with the trial count at concurrent {c} (total ~ trials^k, linear k = 1): "
                   + ", ".join(f"{label} {g[key]:.2f}" for label, key in GROWTH if g[key] is not None))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"machine": info, "load": os.getloadavg(), "sizes": rows,
-                                                   "growth": growth}, indent=2))
+        Path(args.json_out).write_text(json.dumps({"machine": info, "load": os.getloadavg(), "argv": sys.argv[1:],
+                                                   "sizes": rows, "growth": growth}, indent=2))
     largest = max(rows, key=lambda r: (r["trials"], r["concurrent"]))
     print(f"driver_ms_per_result {largest['driver_ms_per_result']:.2f}")
     return 0

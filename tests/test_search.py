@@ -332,7 +332,11 @@ def test_killed_search_resumes_without_running_a_trial_twice(ray_local, tmp_path
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     ids = [r.data.tags["scoretune.trial_id"] for r in children]
     assert len(ids) == len(set(ids)) == 6  # every trial once, six in all
-    assert all(r.data.tags["scoretune.status"] == "completed" for r in children)
+    statuses = {r.data.tags["scoretune.trial_id"]: r.data.tags["scoretune.status"] for r in children}
+    # every trial ran its 3 epochs; which params each got depends on the kill's timing (TPE, constant liar), and
+    # an lr near 0.3 may diverge: judged so on its epochs, it ends "diverged", never stopped, superseded or failed
+    assert set(statuses.values()) <= {"completed", "diverged"} and "completed" in statuses.values(), (
+        statuses, buf.getvalue()[-3000:])
     for r in children:  # no epoch logged twice
         steps = [s for s, _ in history(cl, r, "val_pgd_acc")]
         assert steps == [1, 2, 3]
