@@ -51,18 +51,18 @@ OBJECTIVES = {
 
 def base_config(args: argparse.Namespace, objective: str, seed: int) -> dict:
     data = {"name": args.data, "val_size": args.val_size}
-    model = {"name": "small_cnn", "options": {"channels": [16, 32, 64]}}
+    model = {"name": "small_cnn", "options": {"channels": list(args.channels)}}
     if args.data == "mnist5k":
         model["options"]["stem_stride"] = 2
-        if args.n_train:
-            data["options"] = {"n_train": args.n_train}
+    if args.n_train:
+        data["options"] = {"n_train": args.n_train}
     return {
         "name": f"floorbench-{objective}-{seed}", "data": data, "model": model,
         "objective": dict(OBJECTIVES[objective]),
         "attack": {"eps": args.eps, "norm": "linf", "steps": args.steps},
         "eval": {"pgd_steps": args.eval_steps, "test": False},
-        "optim": {"name": "sgd", "lr": args.lr, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "piecewise",
-                  "milestones": [0.5, 0.75], "gamma": 0.1},
+        "optim": {"name": "sgd", "lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay,
+                  "schedule": "piecewise", "milestones": list(args.milestones), "gamma": 0.1},
         "early_stop": {"probe_fraction": 0.1},
         "epochs": args.epochs, "batch_size": args.batch_size, "device": "cpu", "seed": seed,
     }
@@ -108,7 +108,7 @@ def aa_accuracy(cfg: ExperimentConfig, state: dict, x: torch.Tensor, y: torch.Te
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="digits", choices=["digits", "mnist5k"])
-    p.add_argument("--n-train", type=int, default=None, help="mnist5k: training digits kept (stratified)")
+    p.add_argument("--n-train", type=int, default=None, help="training examples kept (a fixed stratified subset)")
     p.add_argument("--val-size", type=float, default=0.1)
     p.add_argument("--objectives", nargs="+", default=["pgdat_se", "trades_se"], choices=sorted(OBJECTIVES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -118,6 +118,10 @@ def main() -> int:
     p.add_argument("--eval-steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--milestones", type=float, nargs="+", default=[0.5, 0.75],
+                   help="piecewise LR decay (x0.1) at these fractions of --epochs")
+    p.add_argument("--channels", type=int, nargs=3, default=[16, 32, 64], help="small_cnn channels")
     p.add_argument("--patience", type=int, default=2, help="floor rule patience")
     p.add_argument("--plateau", type=int, default=5, help="plateau rule patience (Rice et al. 2020)")
     p.add_argument("--proxy-epochs", type=int, default=10)

@@ -10,7 +10,8 @@ the other:
 * ``random`` (always first: the reference): Optuna's RandomSampler, no scheduler, no stopper: every
   trial trains ``--epochs``;
 * ``tpe_asha_floor``: seeded multivariate TPE, ASHA on epochs (``--grace``, ``--reduction-factor`` 2)
-  and SCORE's floor stopper (``--floor``, patience 2) -- scoretune's default kind of search, cold;
+  and SCORE's floor stopper (``--floor``: the automatic floor by default, patience 2) -- scoretune's
+  default kind of search, cold;
 * ``startup4`` / ``grace2``: the same with TPE's random start-up cut to 4 trials / ASHA's grace period 2;
 * ``warm``: ``tpe_asha_floor`` warm-started (``warm_start: {from: ...}``) from the same seed's
   ``tpe_asha_floor`` search that ran just before it: the second search of a user who searches the same
@@ -102,6 +103,13 @@ METHODS = {
 }
 
 
+def floor_stopper(floor: str) -> dict[str, Any]:
+    """The floor stopper of the TPE searches: the automatic floor (``auto``, as the quickstart) or a fixed value."""
+    if floor == "auto":
+        return {"estimate": "auto", "patience": 2}
+    return {"value": float(floor), "patience": 2}
+
+
 def method_space(args: argparse.Namespace, method: str, seed: int, root: Path, names: dict[str, str] | None = None):
     """The validated :class:`SearchSpace` of ``method`` (a key of :data:`METHODS`) for ``seed``; ``names``:
     the search names run so far for this seed (``warm`` starts from ``tpe_asha_floor``'s)."""
@@ -113,7 +121,7 @@ def method_space(args: argparse.Namespace, method: str, seed: int, root: Path, n
         return build_space(raw, list(args.set or []), source=f"{method} space")
     raw.update(num_samples=args.samples_b or args.samples, sampler={"type": "tpe"},
                scheduler={"type": "asha", "grace_period": args.grace, "reduction_factor": args.reduction_factor},
-               stoppers={"floor": {"value": args.floor, "patience": 2}})
+               stoppers={"floor": floor_stopper(args.floor)})
     if method == "startup4":
         raw["sampler"]["n_startup_trials"] = 4
     elif method == "grace2":
@@ -208,6 +216,19 @@ def run_methods(args: argparse.Namespace, methods: tuple[str, ...], root: Path, 
     return runs
 
 
+def _floor_arg(text: str) -> str:
+    """--floor: 'auto' or a finite number >= 0."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--floor must be 'auto' or a finite number >= 0, got {text!r}")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grace", type=int, default=1, help="ASHA grace period in epochs (default 1)")
     ap.add_argument("--reduction-factor", type=float, default=2.0,
                     help="ASHA reduction factor (default 2, the search spaces' default; 3 stops more trials)")
-    ap.add_argument("--floor", type=float, default=0.2, help="floor (C^l1)^2/2 of the stopper (default 0.2)")
+    ap.add_argument("--floor", type=_floor_arg, default="auto",
+                    help="floor (C^l1)^2/2 of the stopper: 'auto' (estimated by a cached proxy, as the quickstart; "
+                         "default) or a number (the runs before 2026-12-02 used a fixed 0.2)")
     ap.add_argument("--within", type=float, default=0.01, help="target = best of (a) minus this (default 0.01)")
     ap.add_argument("--concurrent", type=int, default=2, help="trials at a time (default 2)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for both spaces (repeatable)")

@@ -51,15 +51,31 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return bunch.data, bunch.target
 
 
+def _keep_n_train(train: Split, n_train: int | None, name: str, subset_seed: int) -> Split:
+    """A fixed stratified subset of ``n_train`` training examples (all of them when None)."""
+    if n_train is None:
+        return train
+    if isinstance(n_train, bool) or not isinstance(n_train, (int, np.integer)) or not 0 < n_train <= len(train):
+        raise ValueError(f"{name} option n_train must be an integer in [1, {len(train)}], got {n_train!r}")
+    if n_train == len(train):
+        return train
+    _, sub = _stratified_holdout(train.y.numpy(), int(n_train), subset_seed)
+    sub_t = torch.from_numpy(sub)
+    return Split(train.x.index_select(0, sub_t), train.y.index_select(0, sub_t))
+
+
 @register_dataset("digits")
-def _load_digits(root: Path, *, val_size: float | int, seed: int) -> Dataset:
-    """sklearn's 8x8 digits: 1797 images, float32 pixel/16 in [0,1], (N,1,8,8); fixed stratified 25% test."""
+def _load_digits(root: Path, *, val_size: float | int, seed: int, n_train: int | None = None) -> Dataset:
+    """sklearn's 8x8 digits: 1797 images, float32 pixel/16 in [0,1], (N,1,8,8); fixed stratified 25% test.
+
+    ``n_train`` keeps a fixed stratified subset of that many training digits (after the val carve)."""
     pixels, target = _digits_arrays()
     x = (pixels.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
     y = target.astype(np.int64)
     n_test = int(round(_DIGITS_TEST_FRACTION * len(y)))
     keep, hold = _stratified_holdout(y, n_test, _DIGITS_TEST_SEED)
     train, val = _carve_val(_split(x[keep], y[keep]), val_size, seed)
+    train = _keep_n_train(train, n_train, "digits", _DIGITS_TEST_SEED + 1)
     info = DatasetInfo(
         name="digits",
         num_classes=10,
@@ -122,13 +138,7 @@ def _load_mnist5k(root: Path, *, val_size: float | int, seed: int, n_train: int 
     x, y = _mnist5k_arrays()
     keep, hold = _stratified_holdout(y, _MNIST5K_TEST, _MNIST5K_TEST_SEED)
     train, val = _carve_val(_split(x[keep], y[keep]), val_size, seed)
-    if n_train is not None:
-        if isinstance(n_train, bool) or not isinstance(n_train, (int, np.integer)) or not 0 < n_train <= len(train):
-            raise ValueError(f"mnist5k option n_train must be an integer in [1, {len(train)}], got {n_train!r}")
-        if n_train < len(train):
-            _, sub = _stratified_holdout(train.y.numpy(), int(n_train), _MNIST5K_TEST_SEED + 1)
-            sub_t = torch.from_numpy(sub)
-            train = Split(train.x.index_select(0, sub_t), train.y.index_select(0, sub_t))
+    train = _keep_n_train(train, n_train, "mnist5k", _MNIST5K_TEST_SEED + 1)
     info = DatasetInfo(
         name="mnist5k",
         num_classes=10,
