@@ -146,7 +146,9 @@ def main() -> int:
         load = (float("nan"),) * 3
     print(f"machine: {os.cpu_count()} cores, load {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, torch "
           f"{torch.__version__}, 1 thread; data {args.data}, eps {args.eps}, {args.epochs} epochs piecewise "
-          f"(x0.1 at 50%/75%), seeds {args.seeds}; AutoAttack '{args.aa}' on the test split", flush=True)
+          f"(x0.1 at {'/'.join(f'{100 * m:g}%' for m in args.milestones)}), n_train {args.n_train}, channels "
+          f"{args.channels}, weight decay {args.weight_decay:g}, floor patience {args.patience}, plateau patience "
+          f"{args.plateau}, seeds {args.seeds}; AutoAttack '{args.aa}' on the test split", flush=True)
     results: dict = {"args": vars(args), "load": load, "runs": []}
     for objective in args.objectives:
         # one floor for every seed (the search's way: estimated once, at the space's seed): the proxy is

