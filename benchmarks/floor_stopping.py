@@ -15,8 +15,11 @@ Every method selects, among the epochs it trained, the one of best validation PG
 is attacked with AutoAttack (``--aa fast``: APGD-CE + APGD-T, or ``standard``) on the test split.
 Printed per method: epochs spent, stop epoch vs the peak epoch of val robust accuracy, and AA accuracy.
 
-    nice -n 10 python benchmarks/floor_stopping.py                       # digits, 3 seeds, ~15 min on 2 cores
-    nice -n 10 python benchmarks/floor_stopping.py --data mnist5k --n-train 1000
+    # the measured regime (benchmarks/README.md; one objective per process, ~25 min each on a busy 2-core box):
+    nice -n 10 python benchmarks/floor_stopping.py --data digits --n-train 300 --val-size 0.2 --channels 32 64 128 \
+        --eps 0.1 --epochs 80 --batch-size 32 --weight-decay 0 --milestones 0.25 0.9 --patience 3 --plateau 10 \
+        --objectives pgdat_se --seeds 0 1 2 --json p.json
+    python benchmarks/floor_stopping.py --summarize p.json t.json
 """
 
 from __future__ import annotations
