@@ -185,7 +185,11 @@ def _fit(tuner: Any, space: SearchSpace, *, name: str, uri: str, parent_run_id: 
     summary = finalize_search(space, results, name=name, tracking_uri=uri, parent_run_id=parent_run_id,
                               ray_path=ray_path, superseded_by=superseded_by, out=out)
     if study_url:
-        stuck = abandon_running(open_storage(study_url), name)
+        try:  # bookkeeping of the study only: the finished search is already recorded
+            stuck = abandon_running(open_storage(study_url), name)
+        except Exception as e:
+            out(f"note: could not check the Optuna study for trials left RUNNING: {type(e).__name__}: {e}")
+            stuck = 0
         if stuck:
             out(f"{stuck} Optuna trial(s) a killed attempt had asked for were never run: marked FAIL in the study")
         summary.importance = study_importance(study_url, name, space, uri, parent_run_id, out)
