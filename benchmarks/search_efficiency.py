@@ -58,6 +58,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import machine_info  # noqa: E402  (also puts platform/ on sys.path)
+from scoretune.commands.train import floor_arg  # noqa: E402
 from scoretune.drivers.ray_session import ray_session  # noqa: E402
 from scoretune.search import build_space, run_search  # noqa: E402
 from scoretune.tracking import client as mlflow_client  # noqa: E402
@@ -216,19 +217,6 @@ def run_methods(args: argparse.Namespace, methods: tuple[str, ...], root: Path, 
     return runs
 
 
-def _floor_arg(text: str) -> str:
-    """--floor: 'auto' or a finite number >= 0."""
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"--floor must be 'auto' or a finite number >= 0, got {text!r}")
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -241,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grace", type=int, default=1, help="ASHA grace period in epochs (default 1)")
     ap.add_argument("--reduction-factor", type=float, default=2.0,
                     help="ASHA reduction factor (default 2, the search spaces' default; 3 stops more trials)")
-    ap.add_argument("--floor", type=_floor_arg, default="auto",
+    ap.add_argument("--floor", type=floor_arg, default="auto",
                     help="floor (C^l1)^2/2 of the stopper: 'auto' (estimated by a cached proxy, as the quickstart; "
                          "default) or a number (the runs before 2026-12-02 used a fixed 0.2)")
     ap.add_argument("--within", type=float, default=0.01, help="target = best of (a) minus this (default 0.01)")

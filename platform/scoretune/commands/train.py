@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="early-stopping rule (overrides early_stop.rule): 'floor' stops once train_r_madry "
                         "(the robust CE at the CE-PGD point) stays below --floor for --patience epochs "
                         "(SCORE Corollary 1)")
-    p.add_argument("--floor", type=_floor_arg, default=None, metavar="F|auto",
+    p.add_argument("--floor", type=floor_arg, default=None, metavar="F|auto",
                    help="the floor (C^l1)^2/2 (overrides early_stop.floor): a number from `scoretune bound`, or "
                         "'auto': estimated before training (exact for the toy, else a short proxy training at "
                         "this eps, cached under OUTPUT_DIR/floor_cache)")
@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="epochs below the floor before stopping (overrides early_stop.patience)")
 
 
-def _floor_arg(text: str) -> str:
+def floor_arg(text: str) -> str:
+    """--floor: 'auto' or a finite number >= 0 (argparse type)."""
     import math
 
     if text == "auto":
