@@ -342,9 +342,9 @@ class ServerStack:
 
     def study_url(self) -> str:
         """The study in the server's PostgreSQL, its own schema (what a cluster space gives as study_storage)."""
-        from urllib.parse import quote
+        from scoretune.search.study_storage import study_storage_url
 
-        return f"{self.pg.uri(self.database)}?options={quote('-csearch_path=optuna')}"
+        return study_storage_url(self.pg.uri(self.database), str(self.root))
 
     def stop_server(self) -> None:
         if self.server is not None:

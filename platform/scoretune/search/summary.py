@@ -69,8 +69,7 @@ class SearchSummary:
 
     @property
     def best(self) -> TrialSummary | None:
-        ranked = [t for t in self.trials if t.value(self.objectives[0].metric) is not None and t.feasible is not False
-                  and t.status != "diverged"]
+        ranked = [t for t in self.trials if ranks(t, self.objectives[0].metric) and t.feasible is not False]
         return ranked[0] if ranked else None
 
     def counts(self) -> dict[str, int]:
@@ -80,11 +79,16 @@ class SearchSummary:
         return out
 
 
+def ranks(t: TrialSummary, metric: str) -> bool:
+    """``t`` takes a place by ``metric``: it has a value, and it did not diverge."""
+    return t.value(metric) is not None and t.status != "diverged"
+
+
 def rank_trials(trials: list[TrialSummary], objectives: Sequence[Any]) -> list[TrialSummary]:
     """Trials with a value first, best primary objective first; then the others by status. A diverged
     trial is never ranked above a healthy one, whatever its PGD accuracy (it gets no model)."""
     primary = objectives[0]
-    with_value = [t for t in trials if t.value(primary.metric) is not None and t.status != "diverged"]
+    with_value = [t for t in trials if ranks(t, primary.metric)]
     without = [t for t in trials if t not in with_value]
     sign = -1.0 if primary.mode == "max" else 1.0
     with_value.sort(key=lambda t: sign * float(t.value(primary.metric)))  # type: ignore[arg-type]
