@@ -42,9 +42,10 @@ def split_phases(lines: list[tuple[float, str]], t_end: float) -> dict[str, floa
     t_start = first(r"\]\s+start\s")
     t_models = first(r"^logged model of trial|^could not log the model")
     aa = 0.0
-    t_par = first(r"^AutoAttack \(.*models in parallel")
+    stamp = r"^(\[[\d:]+\] )?"  # the search stamps its AutoAttack lines with the time of day
+    t_par = first(stamp + r"AutoAttack \(.*models in parallel")
     if t_par is not None:
-        aa_lines = [t for t, ln in lines if re.match(r"^\s+trial \S+: (aa_acc=|failed)", ln)]
+        aa_lines = [t for t, ln in lines if re.match(stamp + r"\s+trial \S+: (aa_acc=|failed)", ln)]
         aa = (max(aa_lines) - t_par) if aa_lines else 0.0
     else:  # sequential: each "logged model" line is followed by its "  AutoAttack" result line
         prev = None

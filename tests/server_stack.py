@@ -91,10 +91,10 @@ EPOCHS = 3
 EXPERIMENT = "team"
 
 
-def space_file(tmp: Path, name: str, url: str, *, trials: int, concurrent: int) -> Path:
+def space_file(tmp: Path, name: str, url: str, *, trials: int, concurrent: int, **fields) -> Path:
     """A tiny search: digits, small CNN, 1-step attacks, ``EPOCHS`` epochs, half a CPU per trial (so 4 run
-    at once on the 2 CPUs of a local Ray), no models or AutoAttack at the end; every search of the tests logs
-    into one experiment, as a team's searches do."""
+    at once on the 2 CPUs of a local Ray), no models or AutoAttack at the end (unless ``fields``, top-level
+    space fields, say otherwise); every search of the tests logs into one experiment, as a team's searches do."""
     raw = {"name": name, "experiment": EXPERIMENT,
            "base": {"data": {"name": "digits", "val_size": 0.1}, "model": {"name": "small_cnn"},
                     "attack": {"eps": 0.1, "steps": 1}, "eval": {"pgd_steps": 1, "max_samples": 64, "test": False},
@@ -102,7 +102,7 @@ def space_file(tmp: Path, name: str, url: str, *, trials: int, concurrent: int) 
            "params": {"lr": {"loguniform": [0.05, 0.3]}, "beta": {"uniform": [1.0, 6.0]}},
            "num_samples": trials, "max_concurrent": concurrent, "top_k": 0, "scheduler": {"type": "none"},
            "resources": {"workers": 1, "cpus": 0.5, "gpus": 0},
-           "autoattack": {"version": "none"}, "storage_path": str(tmp / "ray"), "tracking_uri": url}
+           "autoattack": {"version": "none"}, "storage_path": str(tmp / "ray"), "tracking_uri": url, **fields}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -122,21 +122,33 @@ def stop_search(proc: subprocess.Popen) -> None:
         proc.wait(timeout=60)
 
 
-def wait_for_first_epoch(cl, experiment: str, name: str, timeout: float, procs=()) -> None:
-    """Until some trial of search ``name`` in ``experiment`` has logged an epoch (that search is under way;
-    the experiment holds other searches' runs too)."""
+def has_epoch(cl, experiment: str, name: str) -> bool:
+    """Whether some trial of search ``name`` in ``experiment`` has logged an epoch (the experiment holds
+    other searches' runs too); False while the server does not answer."""
+    try:
+        exp = cl.get_experiment_by_name(experiment)
+        return bool(exp and cl.search_runs([exp.experiment_id], f"tags.`scoretune.search_name` = '{name}' and "
+                                           "metrics.epoch >= 1", max_results=1))
+    except Exception:
+        return False
+
+
+def kill_at_first_epoch(servers: dict, experiment: str, timeout: float, procs=()) -> dict[str, float]:
+    """``servers``: search name -> (client, MLflowServer). Kill each server as soon as its own search has
+    logged an epoch, watching them all at once (one search must not run to its end while the test waits
+    for another); returns search name -> time.monotonic() of the kill."""
+    killed: dict[str, float] = {}
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert all(p.poll() is None for p in procs), "a search ended before its first epoch"
-        try:
-            exp = cl.get_experiment_by_name(experiment)
-            if exp and cl.search_runs([exp.experiment_id], f"tags.`scoretune.search_name` = '{name}' and "
-                                      "metrics.epoch >= 1", max_results=1):
-                return
-        except Exception:
-            pass
+    while len(killed) < len(servers):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no epoch of {sorted(set(servers) - set(killed))} logged within {timeout:.0f} s")
+        assert all(p.poll() is None for p in procs), "a search ended before its server was killed"
+        for name, (cl, srv) in servers.items():
+            if name not in killed and has_epoch(cl, experiment, name):
+                srv.kill()
+                killed[name] = time.monotonic()
         time.sleep(0.3)
-    raise TimeoutError(f"no epoch of search {name} in {experiment} logged within {timeout:.0f} s")
+    return killed
 
 
 def search_runs(cl, experiment: str, name: str):

@@ -233,3 +233,21 @@ def test_progress_callback_pickles_after_a_library_patched_print():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+
+def test_a_server_gone_while_finalizing_says_to_resume_and_other_errors_pass_through(monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from scoretune.tracking.server import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(Exception) as gone:
+        MlflowClient(uri).get_run("0" * 32)  # the real error a dead server gives
+    e = driver.summary_unfinished(gone.value, "s1", uri)
+    assert isinstance(e, driver.SummaryUnfinished) and isinstance(e, UserError)
+    assert str(e).startswith(f"search 's1' finished and its trials are in MLflow, but MLflow at {uri} went away")
+    assert "rerun the same command with --resume" in str(e) and "\n" not in str(e)
+    bug = KeyError("best_val_pgd_acc")
+    assert driver.summary_unfinished(bug, "s1", uri) is bug

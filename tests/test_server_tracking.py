@@ -176,11 +176,9 @@ def outage(stack, tmp_path_factory):
              "outage-gone": S.start_search(gone, logs["outage-gone"], stack.client_env, SCORETUNE_TRACKING_DRAIN_S="5")}
     fresh = None
     try:
-        S.wait_for_first_epoch(stack.client(stack.main), S.EXPERIMENT, "outage-back", 600, procs.values())
-        stack.main.kill()
-        killed = time.monotonic()
-        S.wait_for_first_epoch(stack.client(stack.doomed), S.EXPERIMENT, "outage-gone", 600, procs.values())
-        stack.doomed.kill()
+        killed = S.kill_at_first_epoch({"outage-back": (stack.client(stack.main), stack.main),
+                                        "outage-gone": (stack.client(stack.doomed), stack.doomed)},
+                                       S.EXPERIMENT, 600, procs.values())["outage-back"]
         fresh = stack.launch("mlflow_fresh")
         time.sleep(max(0.0, 25 - (time.monotonic() - killed)))
         stack.main = stack.restart(stack.main)
@@ -217,3 +215,42 @@ def test_when_the_server_never_returns_the_journal_replays_into_a_fresh_server(s
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"({GONE_TRIALS + 1} runs)" in r.stdout and not journal.exists()
     _assert_every_epoch_once(stack.client(fresh), "outage-gone", GONE_TRIALS)
+
+
+def test_a_server_lost_while_the_summary_is_written_leaves_a_search_that_resume_finishes(stack, tmp_path):
+    """Every trial has ended and the best one's model is logged when MLflow dies (its AutoAttack, the plots
+    and the parent run's summary are still to come): the search ends with one line saying to resume, and
+    --resume, once the server is back, trains nothing again and writes the rest, the model once."""
+    space = S.space_file(tmp_path, "cut-summary", stack.main.url, trials=2, concurrent=2, top_k=1,
+                         autoattack={"version": "fast", "n_ex": 32, "batch_size": 32})
+    log = tmp_path / "cut-summary.log"
+    proc = S.start_search(space, log, stack.client_env)
+    try:
+        deadline = time.monotonic() + 600
+        while "logged model of trial" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        stack.main.kill()
+        rc = proc.wait(timeout=600)
+    finally:
+        S.stop_search(proc)
+    text = log.read_text()
+    assert rc == 2, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert "search 'cut-summary' finished and its trials are in MLflow" in last and "with --resume" in last, last
+    stack.main = stack.restart(stack.main)
+    stack.main.wait_healthy(300)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    r = subprocess.run([sys.executable, "-m", "scoretune.cli", "search", str(space), "--resume"], cwd=tmp_path,
+                       capture_output=True, text=True, env={**env, **stack.client_env}, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert not re.search(r"\] start ", r.stdout) and "logged model" not in r.stdout, r.stdout  # nothing trained or logged again
+    cl = stack.client(stack.main)
+    parents, children = S.search_runs(cl, S.EXPERIMENT, "cut-summary")
+    parent = cl.get_run(parents[0].info.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_trials"] == 2
+    assert {f.path for f in cl.list_artifacts(parent.info.run_id)} >= {"plots", "trials.txt"}
+    best = cl.get_run(parent.data.tags["scoretune.best_run_id"])
+    assert 0.0 <= best.data.metrics["aa_acc"] <= 1.0  # the AutoAttack the cut run owed
+    models = cl.search_logged_models([parent.info.experiment_id], filter_string=f"source_run_id = '{best.info.run_id}'")
+    assert len(models) == 1

@@ -27,8 +27,8 @@ from ..config import ExperimentConfig, pin_data_paths
 from ..drivers.ray_session import ray_session
 from ..errors import UserError
 from ..names import inside, validate_name
-from ..tracking import client, resolve_tracking_uri, tags
-from ..tracking.buffer import journal_path, open_writer, replay_leftover, settle
+from ..tracking import TrackingUnreachable, client, mlflow_error, resolve_tracking_uri, tags
+from ..tracking.buffer import is_transient, journal_path, masked, open_writer, replay_leftover, settle
 from .callback import MlflowSearchCallback, ProgressCallback
 from .finalize import finalize_search
 from .floor import apply_floor, log_floor, resolve_floor_estimate
@@ -182,8 +182,11 @@ def _fit(tuner: Any, space: SearchSpace, *, name: str, uri: str, parent_run_id: 
         out(f"search '{name}' interrupted; continue it with --resume")
         return None
     settle(writer, what=f"search '{name}'", parent_run_id=parent_run_id)
-    summary = finalize_search(space, results, name=name, tracking_uri=uri, parent_run_id=parent_run_id,
-                              ray_path=ray_path, superseded_by=superseded_by, out=out)
+    try:
+        summary = finalize_search(space, results, name=name, tracking_uri=uri, parent_run_id=parent_run_id,
+                                  ray_path=ray_path, superseded_by=superseded_by, out=out)
+    except Exception as e:
+        raise summary_unfinished(e, name, uri) from None
     if study_url:
         try:  # bookkeeping of the study only: the finished search is already recorded
             stuck = abandon_running(open_storage(study_url), name)
@@ -196,6 +199,24 @@ def _fit(tuner: Any, space: SearchSpace, *, name: str, uri: str, parent_run_id: 
     else:
         out("parameter importance not computed: the study has no storage (set study_storage: in the space)")
     return summary
+
+
+class SummaryUnfinished(UserError):
+    """Every trial ended and is in MLflow, but MLflow went away while the search's summary was written."""
+
+
+def summary_unfinished(e: Exception, name: str, uri: str) -> Exception:
+    """What to raise when finalizing search ``name`` failed with ``e``: a server that went away (a
+    transient error) is one :class:`SummaryUnfinished` line that says how to finish the summary (finalizing
+    is idempotent, so ``--resume`` of the finished search only writes what is missing); anything else is
+    ``e`` itself."""
+    if not (is_transient(e) or isinstance(e, TrackingUnreachable)):
+        return e
+    return SummaryUnfinished(
+        f"search '{name}' finished and its trials are in MLflow, but MLflow at {masked(uri)} went away while "
+        f"the summary (models, AutoAttack, plots, parent run) was written ({type(e).__name__}: "
+        f"{mlflow_error(e)}); once it is up, rerun the same command with --resume to finish it (no trial is "
+        "trained again)")
 
 
 def study_importance(study_url: str, name: str, space: SearchSpace, uri: str, parent_run_id: str,

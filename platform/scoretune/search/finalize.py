@@ -9,7 +9,8 @@ trials the search did not continue (see :mod:`.resume`), logs the best checkpoin
 (:func:`parent_description`) on the parent run. Models are named ``trial-<id>`` with their metrics
 attached; a trial run keeps the end time its training ended at (logging its model and AutoAttack
 afterwards do not reopen it), and a ``scoretune.best_checkpoint`` tag is dropped when its files are gone.
-Idempotent: a rerun logs nothing twice.
+Idempotent: a rerun logs nothing twice, and writes what a run that MLflow cut short left out (a logged
+model without its AutoAttack gets it); ``search --resume`` of a finished search is that rerun.
 """
 
 from __future__ import annotations
@@ -101,7 +102,14 @@ def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri
                                                      and t.status != "diverged"])
     aa_jobs: list[AutoAttackJob] = []
     for t in chosen[: space.top_k]:
-        if t.model_uri or t.run_id is None:
+        if t.run_id is None:
+            continue
+        if t.model_uri:  # logged by an earlier finalize; one that MLflow cut short may still owe its AutoAttack
+            if t.aa_acc is None and space.autoattack.version != "none":
+                try:
+                    aa_jobs.append(owed_autoattack(cl, t, result_of[t.trial_id], space))
+                except Exception as e:
+                    out(f"could not AutoAttack the model of trial {t.trial_id}: {type(e).__name__}: {e}")
             continue
         try:
             t.model_uri = log_trial_model(cl, tracking_uri, t, result_of[t.trial_id], space, aa_jobs=aa_jobs)
@@ -226,6 +234,15 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
             cl.set_tag(t.run_id, tags.AUTOATTACK_ERROR, f"{type(e).__name__}: {str(e)[:300]}")
     restore()
     return uri
+
+
+def owed_autoattack(cl: Any, t: TrialSummary, result: Any, space: SearchSpace) -> AutoAttackJob:
+    """The AutoAttack job of a trial whose model an earlier finalize logged but did not get to attack
+    (MLflow went away): the checkpoint :func:`log_trial_model` picked, at the model's epoch."""
+    run = cl.get_run(t.run_id)
+    ckpt, _ = _checkpoint_for(run.data.tags, result, space.primary.metric, space.primary.mode, t.best_epoch)
+    return AutoAttackJob(trial_id=t.trial_id, run_id=t.run_id, checkpoint=ckpt,
+                         epoch=int(run.data.tags.get(tags.MODEL_EPOCH, 0)), model_id=model_id_of(t.model_uri or ""))
 
 
 def autoattack_trial(cl: Any, tracking_uri: str, run_id: str, net: Any, cfg: Any, space: SearchSpace,
