@@ -238,7 +238,8 @@ class MlflowSearchCallback(Callback):
         return rec
 
     # -- writes: a trial's metrics and tags wait in its record and go to MLflow in one log_batch at most
-    # every FLUSH_S seconds (the first result at once, the rest by on_step_end), and with how it ended
+    # every FLUSH_S seconds (by on_step_end, at the end of the Tune step that queued them; the first at
+    # once), and with how it ended
     FLUSH_S = 1.0
 
     def _queue(self, rec: dict[str, Any], metrics: Mapping[str, Any] | None = None, step: int = 0,
@@ -247,9 +248,8 @@ class MlflowSearchCallback(Callback):
             rec.setdefault("pending_metrics", []).append([int(step), int(time.time() * 1000), finite_metrics(metrics)])
         if run_tags:
             rec.setdefault("pending_tags", {}).update({k: str(v)[:5000] for k, v in run_tags.items()})
-        self._dirty.add(rec["run_id"])
-        if time.monotonic() - rec.get("flushed_at", float("-inf")) >= self.FLUSH_S:
-            self._flush(rec)
+        self._dirty.add(rec["run_id"])  # sent by on_step_end, after Tune has handled the whole event: a
+        # result's metrics and the best-checkpoint tag its checkpoint brings go in one log_batch, not two
 
     def _flush(self, rec: dict[str, Any]) -> None:
         """Write the record's waiting metrics (each at its own step and time) and tags in one call (MLflow
