@@ -306,45 +306,34 @@ def run_size(trials: int, concurrent: int, epochs: int, work: Path, tracking_uri
 
 
 class ServerStack:
-    """PostgreSQL (initdb + pg_ctl in a temp dir, a free loopback port) and ``mlflow server --app-name
-    basic-auth`` on it, through :mod:`scoretune.tracking.server` (what ``scoretune server`` runs), as
-    ``tests/server_stack.py`` starts it; one fresh database and server per size; stopped by pid."""
+    """The team stack of the tests (``tests/server_stack.py``: PostgreSQL in a temp dir on a free loopback
+    port, ``mlflow server --app-name basic-auth`` on it through :mod:`scoretune.tracking.server`, what
+    ``scoretune server`` runs), with one fresh database and server per size; stopped by pid."""
 
     def __init__(self, workers: int) -> None:
-        import secrets
-
-        from scoretune.tracking.server import Postgres
+        sys.path.insert(0, str(ROOT / "tests"))
+        import server_stack
 
         self.workers = workers
-        self.root = Path(tempfile.mkdtemp(prefix="st-scale-", dir="/tmp"))  # PostgreSQL's socket path must be short
-        os.chmod(self.root, 0o711)
-        self.pg = Postgres(self.root / "pg" / "data")
-        self.pg.init()
-        self.pg.start(fast=True)
-        self.password = secrets.token_urlsafe(18)
-        self.env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": self.password,
-                    "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
-        os.environ.update({"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self.password})
+        self.stack = server_stack.start_stack()
+        self.pg = self.stack.pg
+        os.environ.update(self.stack.client_env)  # this process logs to the servers as the admin
         self.server = None
         self.database = None
+        self._remove = server_stack.remove
 
     def fresh(self, database: str):
-        from scoretune.tracking.server import MlflowServer, free_port
-
         self.stop_server()
-        for db in (database, f"{database}_auth"):
-            self.pg.create_database(db)
         self.database = database
-        self.server = MlflowServer(self.pg.uri(database), self.pg.uri(f"{database}_auth"), self.root / database,
-                                   port=free_port(), workers=self.workers)
-        self.server.start(self.env, self.pg.env(), wait=300)
+        self.server = self.stack.launch(database, workers=self.workers)
+        self.server.wait_healthy(300)
         return self.server
 
     def study_url(self) -> str:
         """The study in the server's PostgreSQL, its own schema (what a cluster space gives as study_storage)."""
         from scoretune.search.study_storage import study_storage_url
 
-        return study_storage_url(self.pg.uri(self.database), str(self.root))
+        return study_storage_url(self.pg.uri(self.database), str(self.stack.root))
 
     def stop_server(self) -> None:
         if self.server is not None:
@@ -352,11 +341,8 @@ class ServerStack:
             self.server = None
 
     def stop(self) -> None:
-        import shutil
-
         self.stop_server()
-        self.pg.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        self._remove(self.stack)
 
 
 def server_cpu(stack: ServerStack | None) -> float:

@@ -178,35 +178,32 @@ def _single_writer_class():
                 t = self._cached(trial_id)
             return t if t is not None else self._backend.get_trial(trial_id)
 
+        def _merge(self, trial_id: int, **fields: dict[Any, Any]) -> None:
+            """Add the entries of each of ``fields`` (params, user_attrs, ...) to the cached trial, at once,
+            once the database has them."""
+            with self._lock:
+                t = self._cached(trial_id)
+                if t is not None:
+                    for field, entries in fields.items():
+                        setattr(t, field, {**getattr(t, field), **entries})
+
         def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                             distribution: Any) -> None:
             super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
-            with self._lock:
-                t = self._cached(trial_id)
-                if t is not None:
-                    t.params = {**t.params, param_name: distribution.to_external_repr(param_value_internal)}
-                    t.distributions = {**t.distributions, param_name: distribution}
+            self._merge(trial_id, params={param_name: distribution.to_external_repr(param_value_internal)},
+                        distributions={param_name: distribution})
 
         def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
             super().set_trial_intermediate_value(trial_id, step, intermediate_value)
-            with self._lock:
-                t = self._cached(trial_id)
-                if t is not None:
-                    t.intermediate_values = {**t.intermediate_values, step: intermediate_value}
+            self._merge(trial_id, intermediate_values={step: intermediate_value})
 
         def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
             super().set_trial_user_attr(trial_id, key, value)
-            with self._lock:
-                t = self._cached(trial_id)
-                if t is not None:
-                    t.user_attrs = {**t.user_attrs, key: value}
+            self._merge(trial_id, user_attrs={key: value})
 
         def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
             super().set_trial_system_attr(trial_id, key, value)
-            with self._lock:
-                t = self._cached(trial_id)
-                if t is not None:
-                    t.system_attrs = {**t.system_attrs, key: value}
+            self._merge(trial_id, system_attrs={key: value})
 
         def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
             changed = super().set_trial_state_values(trial_id, state, values)
