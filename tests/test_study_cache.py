@@ -126,3 +126,11 @@ def test_an_unpickled_storage_reads_what_was_written_while_it_was_saved(tmp_path
 def test_storages_without_a_database_are_left_as_they_are(storage):
     s = None if storage is None else optuna.storages.InMemoryStorage()
     assert single_writer_storage(s) is s
+
+
+def test_the_pickled_storage_carries_no_trial(tmp_path):
+    cached = single_writer_storage(open_storage(_url(tmp_path, "a.db")))
+    study = optuna.create_study(study_name="s", storage=cached, sampler=_sampler(), direction="maximize")
+    small = len(pickle.dumps(cached))
+    _drive(study, rounds=4)
+    assert len(pickle.dumps(cached)) == small  # Tune's snapshot of the searcher does not grow with the study

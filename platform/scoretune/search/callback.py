@@ -335,11 +335,11 @@ class MlflowSearchCallback(Callback):
         summary = trial_summary_metrics(rec["rows"], self.space.objective)
         summary["epochs_run"] = float(last)
         rec.setdefault("pending_metrics", []).append([int(last), int(time.time() * 1000), finite_metrics(summary)])
-        rec.setdefault("pending_tags", {}).update({k: str(v)[:5000] for k, v in {tags.STATUS: status, **extra_tags}.items()})
-        self._flush(rec)
-        self.client.update_run(rec["run_id"], status=run_status,
-                               name=trial_run_name(trial.trial_id, rec.get("point") or {}, status, last))
-        self.client.set_terminated(rec["run_id"], status=run_status)
+        name = trial_run_name(trial.trial_id, rec.get("point") or {}, status, last)
+        rec.setdefault("pending_tags", {}).update({k: str(v)[:5000] for k, v in {
+            tags.STATUS: status, tags.RUN_NAME: name, **extra_tags}.items()})
+        self._flush(rec)  # the name rides in the last log_batch (MLflow renames the run for that tag):
+        self.client.set_terminated(rec["run_id"], status=run_status)  # 2 writes, not 4 (update_run reads the run)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         rec = self.record(trial)

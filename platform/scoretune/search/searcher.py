@@ -158,6 +158,13 @@ def _single_writer_class():
             super().__init__(backend)
             self._loaded: set[int] = set()
 
+        _CACHE = ("_studies", "_trial_id_to_study_id_and_number", "_study_id_and_number_to_trial_id", "_loaded")
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune snapshots the searcher every few seconds: not the cache, which grows with the study (a
+            # restored one reads the database again anyway)
+            return {k: v for k, v in super().__getstate__().items() if k not in self._CACHE}
+
         def __setstate__(self, state: dict[str, Any]) -> None:
             super().__setstate__(state)  # a restored searcher: the database may be ahead, read it again
             self._studies, self._trial_id_to_study_id_and_number = {}, {}

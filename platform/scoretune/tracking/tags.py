@@ -43,6 +43,7 @@ FLOOR_STOP_VALUE = "scoretune.floor.stop_value"  # ... the watched metric's valu
 FLOOR_VALUE = "scoretune.floor.value"          # ... the floor (C^l1)^2/2 it was compared with
 FLOOR_METRIC = "scoretune.floor.metric"        # ... the metric watched (train_r_madry)
 PARENT = "mlflow.parentRunId"
+RUN_NAME = "mlflow.runName"                # MLflow's own: a log_batch or set_tag of it renames the run
 NOTE = "mlflow.note.content"            # a run's / experiment's markdown description in the MLflow UI
 EVAL_PREFIX = "eval."                   # eval.<metric>.<setting>: how an evaluation metric was measured
 AA_CHECK_PREFIX = "aa_check."           # aa_check.<name>: an AutoAttack check that fired (EvalResult.check_tags)
