@@ -317,7 +317,8 @@ class ServerStack:
         self.workers = workers
         self.stack = server_stack.start_stack()
         self.pg = self.stack.pg
-        os.environ.update(self.stack.client_env)  # this process logs to the servers as the admin
+        os.environ.update(self.stack.client_env)  # this process logs to the servers as the admin, and
+        os.environ.update(self.pg.env())  # opens the study in their PostgreSQL with its password file
         self.server = None
         self.database = None
         self._remove = server_stack.remove
