@@ -235,7 +235,6 @@ def test_progress_callback_pickles_after_a_library_patched_print():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
-
 def test_a_server_gone_while_finalizing_says_to_resume_and_other_errors_pass_through(monkeypatch):
     from mlflow.tracking import MlflowClient
 

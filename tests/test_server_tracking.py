@@ -246,7 +246,7 @@ def test_a_server_lost_while_the_summary_is_written_leaves_a_search_that_resume_
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert not re.search(r"\] start ", r.stdout) and "logged model" not in r.stdout, r.stdout  # nothing trained or logged again
     cl = stack.client(stack.main)
-    parents, children = S.search_runs(cl, S.EXPERIMENT, "cut-summary")
+    parents, _ = S.search_runs(cl, S.EXPERIMENT, "cut-summary")
     parent = cl.get_run(parents[0].info.run_id)
     assert parent.info.status == "FINISHED" and parent.data.metrics["n_trials"] == 2
     assert {f.path for f in cl.list_artifacts(parent.info.run_id)} >= {"plots", "trials.txt"}

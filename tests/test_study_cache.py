@@ -23,7 +23,7 @@ SPACE = {"lr": optuna.distributions.FloatDistribution(0.01, 0.5, log=True),
 def _view(trials):
     """What a sampler or the dashboard reads of each trial."""
     return [(t.number, t.state, t.values, t.params, t.intermediate_values, t.user_attrs,
-             {k: v for k, v in t.system_attrs.items()}) for t in trials]
+             dict(t.system_attrs)) for t in trials]
 
 
 def _sampler():
