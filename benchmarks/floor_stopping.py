@@ -8,14 +8,16 @@ memory) and three rules are replayed on its rows -- exactly what they would have
 * ``plateau``    Rice et al. (2020): stop when val PGD accuracy has not improved for ``--plateau`` epochs.
 * ``floor``      SCORE's floor rule: stop after ``--patience`` epochs with ``train_r_madry`` (robust CE at
                  the CE-PGD point on 10% of the training split) below the automatic floor (C^l1)^2/2.
+* ``refined``    the floor rule with the floor refined from the best model so far (``early_stop.refine``:
+                 min(floor, val_c_l1^2/2), val_c_l1 = C^l1 of the model of best val PGD accuracy so far).
 * ``floor+clip`` a second training with ``objective.clip: auto`` (the label-smoothing clip whose bound is
-                 the floor) and the floor rule on, stopped when the rule fires.
+                 the automatic floor) and the refined floor rule on, stopped when the rule fires.
 
 Every method selects, among the epochs it trained, the one of best validation PGD accuracy; that model
 is attacked with AutoAttack (``--aa fast``: APGD-CE + APGD-T, or ``standard``) on the test split.
 Printed per method: epochs spent, stop epoch vs the peak epoch of val robust accuracy, and AA accuracy.
 
-    # the measured regime (benchmarks/README.md; one objective per process, ~25 min each on a busy 2-core box):
+    # the measured regime (benchmarks/README.md; one objective per process, ~26 min each, two side by side):
     nice -n 10 python benchmarks/floor_stopping.py --data digits --n-train 300 --val-size 0.2 --channels 32 64 128 \
         --eps 0.1 --epochs 80 --batch-size 32 --weight-decay 0 --milestones 0.25 0.9 --patience 3 --plateau 10 \
         --objectives pgdat_se --seeds 0 1 2 --json p.json
@@ -44,7 +46,7 @@ from scoretune.data import load_dataset, to_float  # noqa: E402
 from scoretune.engine import Trainer  # noqa: E402
 from scoretune.floor_estimate import clip_for_floor, estimate_floor  # noqa: E402
 from scoretune.robustness import autoattack_accuracy  # noqa: E402
-from scoretune.stopping import FloorRule, PlateauRule  # noqa: E402
+from scoretune.stopping import FloorRefiner, FloorRule, PlateauRule  # noqa: E402
 
 OBJECTIVES = {
     "pgdat_se": {"method": "pgdat", "loss": "se"},
@@ -66,7 +68,7 @@ def base_config(args: argparse.Namespace, objective: str, seed: int) -> dict:
         "eval": {"pgd_steps": args.eval_steps, "test": False},
         "optim": {"name": "sgd", "lr": args.lr, "momentum": 0.9, "weight_decay": args.weight_decay,
                   "schedule": "piecewise", "milestones": list(args.milestones), "gamma": 0.1},
-        "early_stop": {"probe_fraction": 0.1},
+        "early_stop": {"probe_fraction": 0.1, "refine": True},
         "epochs": args.epochs, "batch_size": args.batch_size, "device": "cpu", "seed": seed,
     }
 
@@ -79,7 +81,9 @@ def train_recorded(cfg: ExperimentConfig, stop_rule=None, tag: str = "") -> tupl
         row = trainer.train_one_epoch()
         print(f"  {tag} epoch {int(row['epoch']):>3} lr {row['lr']:.4f} train_r_madry {row['train_r_madry']:.3f} "
               f"train_attack_ce {row['train_attack_ce']:.3f} val_r_madry {row['val_r_madry']:.3f} "
-              f"val_pgd {row['val_pgd_acc']:.3f} ({row['epoch_time']:.1f} s)", flush=True)
+              f"val_pgd {row['val_pgd_acc']:.3f}"
+              + (f" val_c_l1 {row['val_c_l1']:.3f}" if "val_c_l1" in row else "")
+              + f" ({row['epoch_time']:.1f} s)", flush=True)
         rows.append(row)
         states.append(copy.deepcopy(trainer.eval_model.state_dict()))
         if stop_rule is not None and stop_rule.should_stop(row):
@@ -177,12 +181,13 @@ def main() -> int:
                 "best-ckpt": n,
                 "plateau": replay(PlateauRule("val_pgd_acc", "max", args.plateau), rows),
                 "floor": replay(FloorRule(est.floor, args.patience, "train_r_madry"), rows),
+                "refined": replay(FloorRule(est.floor, args.patience, "train_r_madry", refine=True), rows),
             }
-            fired = {"best-ckpt": False, "plateau": stops["plateau"] < n, "floor": stops["floor"] < n}
+            fired = {m: m != "best-ckpt" and stops[m] < n for m in stops}
             # floor + clip: its own training, stopped online by the floor rule
             clip_cfg = ExperimentConfig.model_validate({**base_config(args, objective, seed), "objective": {
                 **OBJECTIVES[objective], "clip_mode": "smoothing", "clip": clip}})
-            rule = FloorRule(est.floor, args.patience, "train_r_madry")
+            rule = FloorRule(est.floor, args.patience, "train_r_madry", refine=True)
             t1 = time.perf_counter()
             crow, cstates = train_recorded(clip_cfg, rule, tag=f"[{objective} seed {seed} clip {clip:.3f}]")
             t_clip = time.perf_counter() - t1
@@ -198,19 +203,25 @@ def main() -> int:
             selected["floor+clip"] = best_epoch(crow, len(crow))
             aa["floor+clip"] = aa_accuracy(clip_cfg, cstates[selected["floor+clip"] - 1], x_test, y_test, args.aa)
             below = [int(r["epoch"]) for r in rows if r.get("train_r_madry", 1e9) < est.floor]
+            refiner = FloorRefiner(est.floor)
+            refined_floor = [refiner.observe(r) for r in rows]  # the floor in force at each epoch
             rec = {"objective": objective, "seed": seed, "epochs": n, "peak_epoch": peak, "peak_val_pgd": peak_acc,
                    "final_val_pgd": final_acc, "overfit_drop": peak_acc - final_acc, "stops": stops, "fired": fired,
                    "selected": selected, "aa": aa, "floor": est.floor, "c_l1": est.c_l1, "c_l1_se": est.c_l1_se,
                    "first_below_floor": below[0] if below else None, "clip": clip,
+                   "refined_floor": refined_floor, "clip_refined_floor": rule.floor,
                    "seconds_full": t_full, "seconds_clip": t_clip,
                    "probe_share": sum(r.get("probe_time", 0) for r in rows) / sum(r["epoch_time"] for r in rows),
+                   "c_l1_share": sum(r.get("c_l1_time", 0) for r in rows) / sum(r["epoch_time"] for r in rows),
                    "curve": [{k: r.get(k) for k in ("epoch", "train_r_madry", "train_attack_ce", "val_r_madry",
-                                                  "val_pgd_acc")} for r in rows],
+                                                  "val_pgd_acc", "val_c_l1")} for r in rows],
                    "clip_curve": [{k: r.get(k) for k in ("epoch", "train_r_madry", "val_pgd_acc")} for r in crow]}
             results["runs"].append(rec)
             print(f"[{objective} seed {seed}] val PGD peak {peak_acc:.3f} at epoch {peak}, final {final_acc:.3f} "
                   f"(drop {peak_acc - final_acc:+.3f}); first epoch below the floor: {rec['first_below_floor']}; "
-                  f"{t_full:.0f}+{t_clip:.0f} s, probe {100 * rec['probe_share']:.0f}% of epoch time", flush=True)
+                  f"{t_full:.0f}+{t_clip:.0f} s, probe {100 * rec['probe_share']:.0f}% and val_c_l1 "
+                  f"{100 * rec['c_l1_share']:.0f}% of epoch time; refined floor at the end {refined_floor[-1]:.4g}",
+                  flush=True)
             for m in stops:
                 print(f"    {m:<11} epochs {stops[m]:>3}  {'stopped' if fired[m] else 'ran out':<8} "
                       f"selected epoch {selected[m]:>3}  AA({args.aa}) {100 * aa[m]:5.1f}%", flush=True)
@@ -228,7 +239,7 @@ def summarize(runs: list[dict], objectives: list[str]) -> list[dict]:
     summary = []
     for objective in objectives:
         recs = [r for r in runs if r["objective"] == objective]
-        for m in ("best-ckpt", "plateau", "floor", "floor+clip"):
+        for m in ("best-ckpt", "plateau", "floor", "refined", "floor+clip"):
             ep = statistics.median(r["stops"][m] for r in recs)
             saved = statistics.median(1 - r["stops"][m] / r["epochs"] for r in recs)
             aa = statistics.median(100 * r["aa"][m] for r in recs)

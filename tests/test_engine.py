@@ -204,3 +204,25 @@ def test_channels_last_changes_only_rounding_of_the_training_loss():
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
     for a, b in zip(nhwc.net.parameters(), nchw.net.parameters()):  # and the same SGD update
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_refine_measures_c_l1_at_each_epoch_that_improves_val_pgd_and_only_then():
+    from scoretune.bounds import InnerMax, estimate_C
+    from scoretune.data import to_float
+
+    raw = {**DIGITS_TRADES_SE, "epochs": 5, "attack": {"eps": 0.2, "steps": 2}, "eval": {"pgd_steps": 2, "test": False},
+           "early_stop": {"refine": True, "refine_samples": 64}}
+    trainer = Trainer(build_config(raw))
+    first = trainer.train_one_epoch()  # the first epoch always improves on nothing
+    gen = torch.Generator().manual_seed(0 * 1000 + 31 + 0)  # seed 0, epoch index 0
+    inner = InnerMax(eps=0.2, steps=20, restarts=2, pixel_range=trainer.dataset.info.pixel_range, generator=gen)
+    again = estimate_C(trainer.eval_model, to_float(trainer.dataset.val.x[:64]), inner, "l1", logits=True)
+    assert first["val_c_l1"] == pytest.approx(again.mean, rel=1e-5)
+    assert first["val_c_l1_se"] == pytest.approx(again.stderr, rel=1e-4)
+    rows = [first] + [trainer.train_one_epoch() for _ in range(4)]
+    best = -1.0
+    for row in rows:
+        improves = row["val_pgd_acc"] > best
+        best = max(best, row["val_pgd_acc"])
+        assert ("val_c_l1" in row) == improves, row
+    assert all(0.0 <= r["val_c_l1"] <= 2.0 for r in rows if "val_c_l1" in r)

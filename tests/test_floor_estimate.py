@@ -279,3 +279,50 @@ def test_search_floor_value_is_used_as_given():
 
     assert resolve_floor(toy_space(stoppers={"floor": {"value": 0.25}}), out=quiet) == 0.25
     assert resolve_floor(toy_space(stoppers={}), out=quiet) is None
+
+
+def test_floor_stop_tags_give_the_refined_floor_a_trial_fell_below():
+    from scoretune.search.callback import floor_stop_tags
+    from scoretune.tracking import tags
+
+    stopper = SimpleNamespace(floor=0.3, metric="train_r_madry", reasons={"t1": "floor: ..."},
+                              stopped_epochs={"t1": 9}, stop_values={"t1": 0.04}, stop_floors={"t1": 0.05})
+    assert floor_stop_tags("t1", [stopper])[tags.FLOOR_VALUE] == "0.05"
+
+
+def test_refine_in_a_space_makes_every_trial_measure_c_l1_and_shares_one_refiner():
+    from scoretune.search.searcher import build_stoppers
+    from scoretune.search.trials import trial_settings
+    from trainables.tune_trainable import SETTINGS_KEY, trial_experiment
+
+    space = toy_space(stoppers={"floor": {"estimate": "auto", "patience": 2, "refine": True}})
+    assert space.base_config().early_stop.refine is True
+    assert "refine=best" in space.summary()["search.stopper.floor"]
+    cfg = trial_experiment({SETTINGS_KEY: trial_settings(space, name="toyfloor", ray_path="/tmp/r"), "lr": 0.05}, "t1")
+    assert cfg.early_stop.refine is True and cfg.early_stop.rule == "none"  # measured in the trial, judged by Tune
+    (stopper,) = build_stoppers(space, 0.3)
+    assert stopper.refiner is not None and stopper.refiner.base == 0.3
+    assert toy_space().base_config().early_stop.refine is False
+    (plain,) = build_stoppers(toy_space(), 0.3)
+    assert plain.refiner is None
+
+
+def test_the_search_logs_each_refinement_of_the_floor_on_the_parent_run():
+    from scoretune.search.callback import MlflowSearchCallback
+    from scoretune.tracking import tags
+    from trainables.stoppers import FloorStopper
+
+    stopper = FloorStopper(floor=0.3, patience=2, refine=True)
+    cb = MlflowSearchCallback(toy_space(), tracking_uri="sqlite:///unused.db", parent_run_id="P", experiment_id="1",
+                              stoppers=[stopper], floor=0.3)
+    cb._log_refined_floor()
+    assert "pending_metrics" not in cb.parent_rec  # nothing measured yet: nothing to log
+    stopper("a", {"epoch": 1, "val_pgd_acc": 0.5, "val_c_l1": 0.6, "train_r_madry": 1.0})
+    cb._log_refined_floor()
+    cb._log_refined_floor()  # unchanged: logged once
+    stopper("a", {"epoch": 2, "val_pgd_acc": 0.7, "val_c_l1": 0.4, "train_r_madry": 0.8})
+    cb._log_refined_floor()
+    logged = [(step, values["floor_refined"]) for step, _, values in cb.parent_rec["pending_metrics"]]
+    assert logged == [(1, pytest.approx(0.18)), (2, pytest.approx(0.08))]
+    assert "C^l1 0.4 of the model of best val_pgd_acc 0.7, epoch 2" in cb.parent_rec["pending_tags"][tags.FLOOR_REFINED]
+    assert "P" in cb._dirty

@@ -201,3 +201,17 @@ def test_preserved_checkpoint_survives_the_deletion_of_the_original(tmp_path):
     assert sorted(p.name for p in (tmp_path / "trial" / "best_checkpoint").iterdir()) == ["state.pt"]
     assert (tmp_path / "trial" / "best_checkpoint" / "state.pt").read_bytes() == b"weights-5"
     assert sorted(p.name for p in (tmp_path / "trial").iterdir()) == ["best_checkpoint", "checkpoint_000005"]
+
+
+def test_the_refined_floor_is_drawn_beside_the_estimated_one_and_kept_on_the_panel(summary, space):
+    from scoretune.search.plots import Curves, draw_plots
+
+    c = Curves()
+    for t in summary.trials:
+        c.objective[t.trial_id] = ([1.0, 2.0], [0.1, 0.2])
+        c.loss[t.trial_id] = ([1.0, 2.0], [0.6, 0.5])
+    figs = draw_plots(summary, space, c, floor=0.2, refined=0.05)
+    loss = figs["plots/learning_curves.png"].axes[1]
+    labels = [t.get_text() for t in loss.get_legend().get_texts()]
+    assert "floor (C^l1)^2/2 = 0.2" in labels and "floor refined from the best model = 0.05" in labels
+    assert loss.get_ylim()[0] <= 0.05

@@ -213,3 +213,89 @@ def test_floor_rule_on_a_metric_that_is_not_measured_is_refused():
 def test_build_stopper_refuses_an_unresolved_auto_floor():
     with pytest.raises(ValueError, match="early_stop.floor: 'auto'"):
         build_stopper({"rule": "floor", "floor": "auto"})
+
+
+# ----------------------------------------------------------------------------- the floor refined from the best model
+
+
+def rows(accs, cs, losses):
+    """Epoch rows with val_pgd_acc, val_c_l1 (None: not measured) and train_r_madry."""
+    out = []
+    for epoch, (acc, c, loss) in enumerate(zip(accs, cs, losses), start=1):
+        row = {"epoch": epoch, "val_pgd_acc": acc, "train_r_madry": loss}
+        if c is not None:
+            row["val_c_l1"] = c
+        out.append(row)
+    return out
+
+
+def test_refiner_takes_c_l1_of_the_best_model_so_far_and_never_rises_above_the_start():
+    from scoretune.stopping import FloorRefiner
+
+    refiner = FloorRefiner(0.2)
+    floors = [refiner.observe(r) for r in rows(
+        accs=[0.5, 0.7, 0.6, 0.8, 0.75, 0.8],
+        cs=[0.9, 0.6, 0.1, 0.5, 0.05, 0.01],
+        losses=[1.0] * 6)]
+    # epoch 1: 0.9^2/2 = 0.405 > 0.2 keeps 0.2; epochs 3, 5 and 6 do not improve val_pgd_acc (6 only ties)
+    assert floors == pytest.approx([0.2, 0.18, 0.18, 0.125, 0.125, 0.125])
+    assert refiner.epoch == 4 and refiner.c_l1 == 0.5 and refiner.best == 0.8
+    assert "C^l1 0.5 of the model of best val_pgd_acc 0.8, epoch 4; started at 0.2" in refiner.describe()
+
+
+def test_refiner_ignores_rows_without_a_finite_c_l1():
+    from scoretune.stopping import FloorRefiner
+
+    refiner = FloorRefiner(0.2)
+    for r in rows(accs=[0.5, 0.9, 0.95], cs=[0.4, None, float("nan")], losses=[1.0] * 3):
+        refiner.observe(r)
+    assert refiner.floor == pytest.approx(0.08) and refiner.epoch == 1
+
+
+def test_refined_floor_rule_waits_for_the_lower_floor_of_the_best_model():
+    # the proxy's floor 0.2 is crossed at epoch 3; the best model's C^l1 0.4 puts the floor at 0.08
+    data = rows(accs=[0.5, 0.8, 0.79, 0.78, 0.77, 0.76, 0.75],
+                cs=[0.2, 0.4, None, None, None, None, None],
+                losses=[1.0, 0.3, 0.15, 0.12, 0.07, 0.06, 0.05])
+    assert feed_rows(FloorRule(0.2, patience=2), data) == 4
+    refined = FloorRule(0.2, patience=2, refine=True)
+    assert feed_rows(refined, data) == 6
+    assert refined.stopped_floor == pytest.approx(0.08)
+    assert refined.reason.startswith("floor: train_r_madry below (C^l1)^2/2=0.08 (C^l1 0.4 of the model of best "
+                                     "val_pgd_acc 0.8, epoch 2; started at 0.2) for 2 epochs since epoch 5")
+
+
+def feed_rows(rule, data):
+    for row in data:
+        if rule.should_stop(row):
+            return int(row["epoch"])
+    return None
+
+
+def test_build_stopper_passes_refine():
+    rule = build_stopper({"rule": "floor", "floor": 0.05, "refine": True})
+    assert rule.refiner is not None and rule.refiner.base == 0.05
+    assert build_stopper({"rule": "floor", "floor": 0.05}).refiner is None
+
+
+def test_tune_floor_stopper_refines_every_trial_from_the_best_trial_so_far():
+    from trainables.stoppers import FloorStopper
+
+    stopper = FloorStopper(floor=0.2, patience=1, refine=True)
+    # trial a is the better one (val PGD 0.9) and its model's C^l1 is 0.3: the floor of both is 0.045
+    assert stopper("a", {"epoch": 1, "val_pgd_acc": 0.9, "val_c_l1": 0.3, "train_r_madry": 0.5}) is False
+    assert stopper("b", {"epoch": 1, "val_pgd_acc": 0.6, "val_c_l1": 0.5, "train_r_madry": 0.1}) is False
+    assert stopper("b", {"epoch": 2, "val_pgd_acc": 0.6, "train_r_madry": 0.04}) is True
+    assert stopper.stop_floors["b"] == pytest.approx(0.045)
+    assert stopper.rule("a").refiner is stopper.rule("b").refiner
+    clone = pickle.loads(pickle.dumps(stopper))
+    assert clone.rule("a").refiner is clone.rule("b").refiner is clone.refiner
+    assert clone.refiner.floor == pytest.approx(0.045)
+
+
+def test_refine_without_a_validation_split_is_refused():
+    from scoretune.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["early_stop.refine=true", "data.val_size=0"])
+    assert "early_stop.refine" in str(e.value) and "data.val_size" in str(e.value)

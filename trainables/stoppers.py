@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from ray.tune import Stopper
 
-from scoretune.stopping import FloorRule, Rule
+from scoretune.stopping import FloorRefiner, FloorRule, Rule
 
 __all__ = ["RuleStopper", "FloorStopper"]
 
@@ -36,6 +36,7 @@ class RuleStopper(Stopper):
         self.reasons: dict[str, str] = {}
         self.stopped_epochs: dict[str, int | None] = {}
         self.stop_values: dict[str, float | None] = {}  # the watched metric at the stopping epoch
+        self.stop_floors: dict[str, float | None] = {}  # the floor in force then (floor rules)
 
     def rule(self, trial_id: str) -> Rule:
         """The rule watching ``trial_id`` (created on first use)."""
@@ -52,6 +53,7 @@ class RuleStopper(Stopper):
             metric = getattr(rule, "metric", None)
             value = result.get(metric) if metric else None
             self.stop_values[trial_id] = float(value) if isinstance(value, (int, float)) else None
+            self.stop_floors[trial_id] = getattr(rule, "stopped_floor", None)
         return stop
 
     def stop_all(self) -> bool:
@@ -61,9 +63,12 @@ class RuleStopper(Stopper):
 class FloorStopper(RuleStopper):
     """SCORE's floor rule per trial: stop after ``patience`` epochs with ``metric`` (``train_r_madry``,
     the robust cross-entropy at the CE-PGD maximiser: R_Madry) below ``floor`` = (C^l1)^2/2 (Pang et
-    al. 2022, Corollary 1)."""
+    al. 2022, Corollary 1). ``refine``: one :class:`~scoretune.stopping.FloorRefiner` shared by every
+    trial's rule, so the floor is refined from the best trial so far (its ``val_c_l1`` at its best
+    ``val_pgd_acc``); ``stop_floors[trial_id]`` is the floor a stopped trial fell below."""
 
-    def __init__(self, floor: float, patience: int = 2, metric: str = "train_r_madry"):
+    def __init__(self, floor: float, patience: int = 2, metric: str = "train_r_madry", refine: bool = False):
         FloorRule(floor, patience, metric)  # validate now, not at the first result
-        super().__init__(functools.partial(FloorRule, float(floor), int(patience), metric))
+        self.refiner = FloorRefiner(float(floor)) if refine else None
+        super().__init__(functools.partial(FloorRule, float(floor), int(patience), metric, self.refiner or False))
         self.floor, self.patience, self.metric = float(floor), int(patience), metric

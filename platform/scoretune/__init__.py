@@ -32,7 +32,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
                          "theorem1_check", "corollary1_check"),
     "scoretune.data": ("load_dataset", "available_datasets", "DatasetError"),
     "scoretune.models": ("build_model", "available_models"),
-    "scoretune.stopping": ("FloorRule", "PlateauRule"),
+    "scoretune.stopping": ("FloorRule", "FloorRefiner", "PlateauRule"),
     "scoretune.engine": ("Trainer", "selection_metric", "model_from_checkpoint", "CheckpointError",
                          "NonFiniteLossError", "robust_ce"),
     "scoretune.floor_estimate": ("estimate_floor", "FloorEstimate", "FloorEstimateError", "clip_for_floor",

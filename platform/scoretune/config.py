@@ -225,13 +225,18 @@ class EarlyStopConfig(_Strict):
     """``rule: floor`` stops after ``patience`` epochs with ``metric`` below ``floor`` = (C^l1)^2/2:
     a number, or ``auto`` (estimated before training by :mod:`scoretune.floor_estimate`: the exact
     posterior for the toy, else a cached proxy trained at the run's eps). ``probe_fraction``: the
-    share of the training split on which ``train_r_madry`` is measured each epoch (CE-PGD)."""
+    share of the training split on which ``train_r_madry`` is measured each epoch (CE-PGD).
+    ``refine``: measure ``val_c_l1`` (C^l1 of the model on ``refine_samples`` validation points) at
+    each epoch that improves ``val_pgd_acc``, and let the rule's floor fall to (val_c_l1)^2/2 of the
+    best model so far (:class:`scoretune.stopping.FloorRefiner`)."""
 
     rule: Literal["none", "floor"] = "none"
     floor: Union[float, Literal["auto"], None] = Field(None, validate_default=True)
     patience: int = Field(2, ge=1)
     metric: str = "train_r_madry"
     probe_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    refine: bool = False
+    refine_samples: int = Field(256, ge=1)
 
     @field_validator("floor")
     @classmethod
@@ -304,6 +309,10 @@ class ExperimentConfig(_Strict):
                 self.eval.pgd_steps == 0 or (es.metric == "train_r_madry" and es.probe_fraction == 0)):
             raise ValueError(f"early_stop.metric: the floor rule watches {es.metric}, measured by the evaluation "
                              "attack: set eval.pgd_steps > 0 (and early_stop.probe_fraction > 0)")
+        if es.refine and (self.eval.pgd_steps == 0 or self.data.val_size == 0):
+            raise ValueError("early_stop.refine: the floor is refined from the model of best val_pgd_acc, which "
+                             "needs a validation split and its PGD: set data.val_size > 0 and eval.pgd_steps > 0, "
+                             "or refine: false")
         return self
 
     def eval_attack(self, pixel_range: tuple[float, float] | None,

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "this eps, cached under OUTPUT_DIR/floor_cache)")
     p.add_argument("--patience", type=int, default=None, metavar="N",
                    help="epochs below the floor before stopping (overrides early_stop.patience)")
+    p.add_argument("--refine-floor", dest="refine", action="store_const", const="true", default=None,
+                   help="refine the floor during training from the model of best val_pgd_acc so far: "
+                        "min(floor, val_c_l1^2/2) (sets early_stop.refine)")
 
 
 def floor_arg(text: str) -> str:
@@ -57,9 +60,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def early_stop_overrides(args: argparse.Namespace) -> list[str]:
-    """``--early-stop/--floor/--patience`` as ``--set`` overrides (applied after the user's ``--set``)."""
+    """``--early-stop/--floor/--patience/--refine-floor`` as ``--set`` overrides (applied after the user's
+    ``--set``)."""
     out = []
-    for flag, key in (("early_stop", "rule"), ("floor", "floor"), ("patience", "patience")):
+    for flag, key in (("early_stop", "rule"), ("floor", "floor"), ("patience", "patience"), ("refine", "refine")):
         value = getattr(args, flag, None)
         if value is not None:
             out.append(f"early_stop.{key}={value}")

@@ -59,7 +59,9 @@ def floor_stop_tags(trial_id: str, stoppers: Sequence[Any]) -> dict[str, Any]:
     for s in stoppers or ():
         if getattr(s, "floor", None) is not None and trial_id in getattr(s, "reasons", {}):
             value = getattr(s, "stop_values", {}).get(trial_id)
-            return {tags.FLOOR_STOP_EPOCH: str(s.stopped_epochs.get(trial_id)), tags.FLOOR_VALUE: f"{s.floor:.6g}",
+            floor = getattr(s, "stop_floors", {}).get(trial_id)
+            floor = s.floor if floor is None else floor
+            return {tags.FLOOR_STOP_EPOCH: str(s.stopped_epochs.get(trial_id)), tags.FLOOR_VALUE: f"{floor:.6g}",
                     tags.FLOOR_STOP_VALUE: "" if value is None else f"{value:.6g}", tags.FLOOR_METRIC: s.metric}
     return {}
 RENAMED = {"lr": "lr_sched"}  # per-epoch metric -> its MLflow name (the `lr` param keeps the name `lr`)
@@ -131,6 +133,7 @@ class MlflowSearchCallback(Callback):
         self.experiment_id = experiment_id
         self.stoppers = list(stoppers)
         self.floor = floor
+        self.refined: tuple[float, int] | None = None  # the refined floor last logged on the parent, and its step
         self.trials: dict[str, dict[str, Any]] = {}
         self.classes: dict[str, int | None] = {}
         self._client = None
@@ -142,6 +145,7 @@ class MlflowSearchCallback(Callback):
         state["_client"] = None
         state["_children"] = None
         state["_dirty"] = set()
+        state["_parent_rec"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -267,6 +271,7 @@ class MlflowSearchCallback(Callback):
     def _flush_due(self, every: float) -> None:
         now = time.monotonic()
         by_run = {rec.get("run_id"): rec for rec in self.trials.values()}
+        by_run[self.parent_run_id] = self.parent_rec
         for run_id in list(self._dirty):
             rec = by_run.get(run_id)
             if rec is None:
@@ -308,6 +313,31 @@ class MlflowSearchCallback(Callback):
                 extra["R_Madry"] = metrics[src]
             self._queue(rec, {**{RENAMED.get(k, k): v for k, v in metrics.items()}, **extra}, step=epoch)
             rec["logged_epoch"] = epoch
+        self._log_refined_floor()
+
+    def _log_refined_floor(self) -> None:
+        """A floor stopper with ``refine`` that has just lowered the floor (the stoppers saw the result
+        first): ``floor_refined`` / ``floor_refined_c_l1`` on the parent run (step: the n-th change) and
+        the tag ``scoretune.floor.refined`` saying which trial's model it came from."""
+        for s in self.stoppers:
+            refiner = getattr(s, "refiner", None)
+            if refiner is None or refiner.c_l1 is None:
+                continue
+            last = getattr(self, "refined", None)
+            if last is not None and last[0] == refiner.floor:
+                return
+            step = 1 if last is None else last[1] + 1
+            self.refined = (refiner.floor, step)
+            self._queue(self.parent_rec, {"floor_refined": refiner.floor, "floor_refined_c_l1": refiner.c_l1},
+                        step=step, run_tags={tags.FLOOR_REFINED: refiner.describe()})
+            return
+
+    @property
+    def parent_rec(self) -> dict[str, Any]:
+        """The parent run's write queue (not part of the snapshot: the refined floor is logged again on change)."""
+        if getattr(self, "_parent_rec", None) is None:
+            self._parent_rec = {"run_id": self.parent_run_id}
+        return self._parent_rec
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         rec = self.record(trial)

@@ -87,6 +87,16 @@ def floor_value(cl: Any, summary: SearchSummary) -> float | None:
     return None
 
 
+def refined_floor_value(cl: Any, summary: SearchSummary) -> float | None:
+    """The floor refined from the best trial (``stoppers.floor.refine``): the parent's last
+    ``floor_refined``; None when it was never refined."""
+    try:
+        v = float(cl.get_run(summary.parent_run_id).data.metrics["floor_refined"])
+    except Exception:
+        return None
+    return v if math.isfinite(v) else None
+
+
 def _plain(v: float, _pos: Any = None) -> str:
     """Tick label without powers of ten: 0.05, 0.2, 1, 10."""
     if v == 0:
@@ -136,7 +146,7 @@ def loss_clip(curves: Curves, summary: SearchSummary, floor: float | None) -> tu
 
 
 def draw_learning_curves(plt: Any, summary: SearchSummary, space: SearchSpace, curves: Curves,
-                         floor: float | None):
+                         floor: float | None, refined: float | None = None):
     primary = space.primary
     scores = _scores(summary, primary.metric)
     colour, mappable = _colour(plt, scores, primary.mode)
@@ -175,7 +185,10 @@ def draw_learning_curves(plt: Any, summary: SearchSummary, space: SearchSpace, c
                 title="R_Madry estimate and SCORE's floor")
     if floor is not None:
         ax_loss.axhline(floor, color="crimson", ls="--", lw=1.4, label=f"floor (C^l1)^2/2 = {floor:.3g}")
-    clip = loss_clip(curves, summary, floor)
+    if refined is not None and refined != floor:
+        ax_loss.axhline(refined, color="darkorange", ls="-.", lw=1.4,
+                        label=f"floor refined from the best model = {refined:.3g}")
+    clip = loss_clip(curves, summary, floor if refined is None or floor is None else min(floor, refined))
     if clip is not None:
         ax_loss.set_ylim(*clip)
         hidden = [t.trial_id for t in summary.trials if any(v > clip[1] for v in curves.loss.get(t.trial_id, ([], []))[1])]
@@ -352,10 +365,11 @@ def draw_pareto(plt: Any, summary: SearchSummary, space: SearchSpace):
     return fig
 
 
-def draw_plots(summary: SearchSummary, space: SearchSpace, curves: Curves, floor: float | None) -> dict[str, Any]:
+def draw_plots(summary: SearchSummary, space: SearchSpace, curves: Curves, floor: float | None,
+               refined: float | None = None) -> dict[str, Any]:
     """Artifact name -> Matplotlib figure, for every plot of the search (the caller closes them)."""
     plt = _pyplot()
-    figs = {"plots/learning_curves.png": draw_learning_curves(plt, summary, space, curves, floor),
+    figs = {"plots/learning_curves.png": draw_learning_curves(plt, summary, space, curves, floor, refined),
             "plots/objective_vs_params.png": draw_objective_vs_params(plt, summary, space)}
     try:
         imp = importances(summary, space)
@@ -374,7 +388,8 @@ def log_plots(cl: Any, summary: SearchSummary, space: SearchSpace) -> list[str]:
     """Draw the plots (see the module docstring) and log them as PNG artifacts of the parent run;
     returns the artifact names."""
     plt = _pyplot()
-    figs = draw_plots(summary, space, read_curves(cl, summary, space.primary.metric), floor_value(cl, summary))
+    figs = draw_plots(summary, space, read_curves(cl, summary, space.primary.metric), floor_value(cl, summary),
+                      refined_floor_value(cl, summary))
     for name, fig in figs.items():
         cl.log_figure(summary.parent_run_id, fig, name)
         plt.close(fig)

@@ -329,7 +329,7 @@ def build_stoppers(space: SearchSpace, floor: float | None) -> list[Any]:
         from trainables.stoppers import FloorStopper
 
         f = space.stoppers.floor
-        out.append(FloorStopper(floor=floor, patience=f.patience, metric=f.metric))
+        out.append(FloorStopper(floor=floor, patience=f.patience, metric=f.metric, refine=f.refine))
     if space.stoppers.plateau is not None:
         from trainables.stoppers import RuleStopper
 

@@ -181,7 +181,10 @@ class FloorSpec(_Strict):
     or ``estimate: auto``: the exact posterior for the toy; other data a short proxy training at the
     search's eps, cached under ``storage_path/floor_cache`` (``proxy_epochs``, ``proxy_beta``; see
     :mod:`scoretune.floor_estimate`), or ``proxy_checkpoint``: a trained scoretune checkpoint whose
-    posterior stands in for p_d. ``samples``: points of the validation split C^l1 is averaged over."""
+    posterior stands in for p_d. ``samples``: points of the validation split C^l1 is averaged over.
+    ``refine``: the floor falls, during the search, to (C^l1)^2/2 of the best trial's best model so
+    far (every trial measures ``val_c_l1`` at its best epochs: ``base.early_stop.refine``; see
+    :class:`scoretune.stopping.FloorRefiner`); never above the estimated or given floor."""
 
     value: Optional[float] = None
     estimate: Union[Literal["auto"], bool] = False
@@ -191,6 +194,7 @@ class FloorSpec(_Strict):
     patience: int = Field(2, ge=1)
     metric: str = "train_r_madry"
     samples: int = Field(512, ge=1)
+    refine: bool = False
 
     @field_validator("value")
     @classmethod
@@ -321,6 +325,16 @@ class SearchSpace(_Strict):
                 raise ValueError("give at least one objective, e.g. {metric: val_pgd_acc, mode: max}")
         return v
 
+    @model_validator(mode="after")
+    def _trials_measure_c_l1(self) -> "SearchSpace":
+        f = self.stoppers.floor
+        if f is not None and f.refine:
+            early_stop = self.base.get("early_stop") or {}
+            if not isinstance(early_stop, dict):
+                raise ValueError("base.early_stop must be a mapping")
+            self.base = {**self.base, "early_stop": {**early_stop, "refine": True}}
+        return self
+
     # -- derived views
     @property
     def targets(self) -> dict[str, str]:
@@ -399,7 +413,7 @@ class SearchSpace(_Strict):
         if self.stoppers.floor is not None:
             f = self.stoppers.floor
             out["search.stopper.floor"] = (f"value={f.value:g}" if f.value is not None else "estimate=auto") + \
-                f" patience={f.patience} metric={f.metric}"
+                f" patience={f.patience} metric={f.metric}" + (" refine=best" if f.refine else "")
         if self.warm_start is not None:
             out["search.warm_start"] = self.warm_start.from_ + (
                 f" (max_trials={self.warm_start.max_trials})" if self.warm_start.max_trials else "")

@@ -42,6 +42,7 @@ FLOOR_STOP_EPOCH = "scoretune.floor.stop_epoch"  # a trial the floor stopped: th
 FLOOR_STOP_VALUE = "scoretune.floor.stop_value"  # ... the watched metric's value at that epoch
 FLOOR_VALUE = "scoretune.floor.value"          # ... the floor (C^l1)^2/2 it was compared with
 FLOOR_METRIC = "scoretune.floor.metric"        # ... the metric watched (train_r_madry)
+FLOOR_REFINED = "scoretune.floor.refined"      # search parent: the refined floor now and where it came from
 PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"                # MLflow's own: a log_batch or set_tag of it renames the run
 NOTE = "mlflow.note.content"            # a run's / experiment's markdown description in the MLflow UI
