@@ -217,6 +217,30 @@ def crafted(ray_local, cache, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_a_refined_floor_search_logs_each_floor_from_the_best_trials_c_l1(ray_local, tmp_path):
+    from scoretune.search import run_search
+
+    raw = {"name": "refined", "base": {**TINY, "epochs": 3, "early_stop": {"refine_samples": 64}},
+           "params": {"lr": {"choice": [0.1, 0.3]}}, "points_to_evaluate": [{"lr": 0.1}, {"lr": 0.3}],
+           "num_samples": 2, "max_concurrent": 1, "top_k": 0, "sampler": {"type": "random"},
+           "stoppers": {"floor": {"value": 5.0, "patience": 3, "refine": True}}, "storage_path": str(tmp_path / "ray")}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = run_search(build_space(raw), tracking_uri=uri, out=lambda s: None)
+    cl, parents, children = mlflow_children(uri, "refined")
+    # every row that improved its trial's val_pgd_acc carries val_c_l1; the best of them all sets the floor
+    rows = []
+    for r in children:
+        pgd, c = dict(history(cl, r, "val_pgd_acc")), dict(history(cl, r, "val_c_l1"))
+        assert c and set(c) <= set(pgd) and 1 in c
+        rows += [(pgd[e], c[e]) for e in c]
+    logged = [v for _, v in history(cl, parents[0], "floor_refined")]
+    best = max(p for p, _ in rows)  # the refiner keeps the first row to reach it: any of those on a tie
+    assert logged and any(logged[-1] == pytest.approx(min(5.0, c ** 2 / 2), rel=1e-6) for p, c in rows if p == best)
+    assert parents[0].data.tags["scoretune.floor.refined"].startswith(f"(C^l1)^2/2={logged[-1]:.4g}")
+    assert len(summary.trials) == 2
+
+
+@pytest.mark.slow
 def test_trial_that_reaches_its_budget_is_completed(crafted):
     r = crafted.runs["0.1"]
     assert r.data.tags["scoretune.status"] == "completed"
