@@ -57,6 +57,7 @@ __all__ = [
     "PairModule",
     "as_probability_module",
     "estimate_C",
+    "c_l1_pgd",
     "madry_risk",
     "score_risk",
     "standard_risk",
@@ -319,6 +320,14 @@ def _check_xs(xs: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the risks and C
+
+
+def c_l1_pgd(eps: float, norm: str, pixel_range: tuple[float, float] | None,
+             generator: torch.Generator | None) -> InnerMax:
+    """The inner max a model's C^l1 is measured with off the exact grid: PGD-20 with 2 antithetic
+    restarts and a fine run each. The automatic floor's proxy, a ``proxy_checkpoint`` and the engine's
+    ``val_c_l1`` (``early_stop.refine``) all use it, so the refined floor compares with the estimated one."""
+    return InnerMax(eps=float(eps), norm=norm, steps=20, restarts=2, pixel_range=pixel_range, generator=generator)
 
 
 def estimate_C(

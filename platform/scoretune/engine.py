@@ -542,22 +542,21 @@ class Trainer:
 
     def c_l1_at_best(self, row: dict[str, float]) -> dict[str, float]:
         """``val_c_l1`` +- ``val_c_l1_se``: C^l1 of the model on the first ``early_stop.refine_samples``
-        validation points (PGD-20 on the l1 change of its posterior, 2 antithetic restarts + a fine run
-        each, as the automatic floor's proxy is measured: :func:`scoretune.floor_estimate.estimate_floor`; a seeded
-        generator of its own: every rank gets the same value), when ``row`` improves on the best
+        validation points (the inner max the automatic floor's proxy is measured with,
+        :func:`scoretune.bounds.c_l1_pgd`, with a seeded generator of its own: every rank gets
+        the same value), when ``row`` improves on the best
         ``val_pgd_acc`` of the history; {} otherwise. The floor rule's refiner reads it."""
         acc = row.get("val_pgd_acc")
         if acc is None or not len(self.dataset.val) or any(
                 r.get("val_pgd_acc", -1.0) >= acc for r in self.history):
             return {}
-        from .bounds import InnerMax, estimate_C
+        from .bounds import c_l1_pgd, estimate_C
 
         t0 = time.perf_counter()
         info = self.dataset.info
         xs = to_float(self.dataset.val.x[: self.cfg.early_stop.refine_samples]).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(int(self.cfg.seed) * 1000 + 31 + self.epoch)
-        inner = InnerMax(eps=float(self.cfg.attack.eps), norm=self.cfg.attack.norm, steps=20, restarts=2,
-                         pixel_range=info.pixel_range, generator=gen)
+        inner = c_l1_pgd(self.cfg.attack.eps, self.cfg.attack.norm, info.pixel_range, gen)
         with eval_mode(self.eval_model):
             c = estimate_C(self.eval_model, xs, inner, "l1", logits=True, keep_values=False)
         return {"val_c_l1": c.mean, "val_c_l1_se": c.stderr, "c_l1_time": time.perf_counter() - t0}

@@ -106,6 +106,7 @@ def needs_floor(cfg: Any) -> bool:
 # ----------------------------------------------------------------------------- the estimate
 
 
+
 def default_proxy_beta(input_shape: tuple[int, ...]) -> float:
     """The proxy's TRADES beta when none is given: :data:`PROXY_BETA` for images (C, H, W), 0 otherwise."""
     return PROXY_BETA if len(tuple(input_shape)) == 3 else 0.0
@@ -186,7 +187,7 @@ def estimate_floor(
     the proxy estimator against that ground truth). Other data: a proxy (see the module docstring),
     cached under ``cache_dir`` (None: no cache). ``floor_key`` names the config key in errors.
     """
-    from .bounds import InnerMax, estimate_C, madry_floor
+    from .bounds import InnerMax, c_l1_pgd, estimate_C, madry_floor
     from .data import load_dataset, to_float, toy_posterior
 
     t0 = time.perf_counter()
@@ -254,7 +255,7 @@ def estimate_floor(
     if len(ds.info.input_shape) == 1 and ds.info.input_shape[0] == 1:
         inner = InnerMax(eps=eps, norm=norm, grid=_TOY_GRID, pixel_range=ds.info.pixel_range)
     else:
-        inner = InnerMax(eps=eps, norm=norm, steps=20, restarts=2, pixel_range=ds.info.pixel_range, generator=gen)
+        inner = c_l1_pgd(eps, norm, ds.info.pixel_range, gen)
     c = estimate_C(net, xs, inner, "l1", logits=True, keep_values=False)
     _check(floor_key, c.mean, c.stderr)
     floor = madry_floor(c.mean)

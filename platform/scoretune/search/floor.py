@@ -82,7 +82,7 @@ def _from_checkpoint(space: SearchSpace, f: Any) -> FloorEstimate:
 
     import torch
 
-    from ..bounds import InnerMax, estimate_C, madry_floor
+    from ..bounds import c_l1_pgd, estimate_C, madry_floor
     from ..data import load_dataset, to_float
     from ..engine import model_from_checkpoint
 
@@ -96,8 +96,7 @@ def _from_checkpoint(space: SearchSpace, f: Any) -> FloorEstimate:
         raise UserError("stoppers.floor.proxy_checkpoint: the dataset has no samples to measure C^l1 on")
     xs = to_float(split.x[: f.samples])
     gen = torch.Generator().manual_seed(space.seed)
-    inner = InnerMax(eps=base.attack.eps, norm=base.attack.norm, restarts=2, steps=20,
-                     pixel_range=ds.info.pixel_range, generator=gen)
+    inner = c_l1_pgd(base.attack.eps, base.attack.norm, ds.info.pixel_range, gen)
     c = estimate_C(net, xs, inner, "l1", logits=True, keep_values=False)
     floor = madry_floor(c.mean)
     return FloorEstimate(floor, c.mean, c.stderr, c.n, "proxy", f"proxy checkpoint {f.proxy_checkpoint}",

@@ -131,13 +131,12 @@ def _style(t: TrialSummary) -> dict[str, Any]:
     return {"ls": "-", "lw": 1.4, "alpha": 0.95}
 
 
-def loss_clip(curves: Curves, summary: SearchSummary, floor: float | None) -> tuple[float, float] | None:
+def loss_clip(curves: Curves, summary: SearchSummary, *floors: float | None) -> tuple[float, float] | None:
     """The loss panel's y-range: the healthy (not diverged/failed) trials' values with a margin, and the
-    floor; None when there is nothing to clip to."""
+    floor lines (None: not drawn); None when there is nothing to clip to."""
     healthy = {t.trial_id for t in summary.trials if t.status not in ("diverged", "failed")}
     vals = [v for tid, (_, ys) in curves.loss.items() if tid in healthy for v in ys if finite(v)]
-    if floor is not None:
-        vals.append(floor)
+    vals += [f for f in floors if f is not None]
     if not vals:
         return None
     lo, hi = min(vals), max(vals)
@@ -188,7 +187,7 @@ def draw_learning_curves(plt: Any, summary: SearchSummary, space: SearchSpace, c
     if refined is not None and refined != floor:
         ax_loss.axhline(refined, color="darkorange", ls="-.", lw=1.4,
                         label=f"floor refined from the best model = {refined:.3g}")
-    clip = loss_clip(curves, summary, floor if refined is None or floor is None else min(floor, refined))
+    clip = loss_clip(curves, summary, floor, refined)
     if clip is not None:
         ax_loss.set_ylim(*clip)
         hidden = [t.trial_id for t in summary.trials if any(v > clip[1] for v in curves.loss.get(t.trial_id, ([], []))[1])]
