@@ -156,9 +156,9 @@ def timed_subclass(cls: type, part: str, methods: tuple[str, ...], extra: dict |
 def timed_searcher_class():
     """The search's Optuna searcher with suggest (``optuna.suggest``), the per-result report to the study
     (``optuna.report``) and tell (``optuna.tell``) timed, and results counted."""
-    from scoretune.search.searcher import BestEpochOptunaSearch
+    from scoretune.search.tuner import StudySearcher
 
-    class TimedOptunaSearch(BestEpochOptunaSearch):
+    class TimedOptunaSearch(StudySearcher):
         def suggest(self, trial_id):
             t = time.thread_time()
             try:
@@ -242,9 +242,9 @@ def run_size(trials: int, concurrent: int, epochs: int, work: Path, tracking_uri
     from ray import tune
 
     import scoretune.search.driver as driver
-    from scoretune.search.floor import resolve_floor
-    from scoretune.search.mlflow_io import start_parent_run
-    from scoretune.search.study_storage import open_storage, study_storage_url
+    from scoretune.search.driver import resolve_floor
+    from scoretune.search.callback import start_parent_run
+    from scoretune.search.study import open_storage, study_storage_url
     from scoretune.tracking.buffer import journal_path, settle
 
     d = work / f"{trials}x{concurrent}"
@@ -332,7 +332,7 @@ class ServerStack:
 
     def study_url(self) -> str:
         """The study in the server's PostgreSQL, its own schema (what a cluster space gives as study_storage)."""
-        from scoretune.search.study_storage import study_storage_url
+        from scoretune.search.study import study_storage_url
 
         return study_storage_url(self.pg.uri(self.database), str(self.stack.root))
 

@@ -1,4 +1,4 @@
-"""The end-of-search AutoAttack as Ray tasks (scoretune.search.aa_tasks): the top-k models are attacked
+"""The end-of-search AutoAttack as Ray tasks (scoretune.search.finalize): the top-k models are attacked
 side by side, and each gets the number the in-driver AutoAttack gives for the same seed."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 def checkpoint(tmp_path_factory):
     """A 1-epoch TRADES-SE small CNN on digits, saved as a search trial saves it."""
     from ray.tune import Checkpoint
-
     from scoretune.config import build_config
     from scoretune.engine import Trainer
+
     from trainables.ray_checkpoint import write_checkpoint_dir
 
     cfg = build_config({"data": {"name": "digits", "val_size": 0.1}, "model": {"name": "small_cnn"},
@@ -38,8 +38,7 @@ def _space():
 @pytest.mark.slow
 def test_top_k_autoattack_as_ray_tasks_logs_the_in_driver_numbers(ray_local, checkpoint, tmp_path):
     from mlflow.tracking import MlflowClient
-
-    from scoretune.search.aa_tasks import AutoAttackJob, attack_checkpoint, run_autoattack_jobs
+    from scoretune.search.finalize import AutoAttackJob, attack_checkpoint, run_autoattack_jobs
 
     space = _space()
     in_driver = attack_checkpoint(checkpoint, space, threads=1)
@@ -61,8 +60,7 @@ def test_top_k_autoattack_as_ray_tasks_logs_the_in_driver_numbers(ray_local, che
 def test_a_failing_autoattack_task_tags_its_run_and_the_others_are_logged(ray_local, checkpoint, tmp_path):
     from mlflow.tracking import MlflowClient
     from ray.tune import Checkpoint
-
-    from scoretune.search.aa_tasks import AutoAttackJob, run_autoattack_jobs
+    from scoretune.search.finalize import AutoAttackJob, run_autoattack_jobs
     from scoretune.tracking import tags
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from scoretune.config import ConfigError, ExperimentConfig, build_config
 from scoretune.floor_estimate import (
     FloorEstimateError,
@@ -251,7 +250,7 @@ def toy_space(**changes):
 
 
 def test_search_floor_is_estimated_logged_on_the_parent_and_clip_auto_applied(tmp_path):
-    from scoretune.search.floor import apply_floor, floor_cache_dir, log_floor, resolve_floor_estimate
+    from scoretune.search.driver import apply_floor, floor_cache_dir, log_floor, resolve_floor_estimate
     from scoretune.tracking import tags
 
     base = {**json.loads(json.dumps(TOY)), "objective": {"method": "trades", "loss": "se", "clip": "auto"}}
@@ -275,7 +274,7 @@ def test_search_floor_is_estimated_logged_on_the_parent_and_clip_auto_applied(tm
 
 
 def test_search_floor_value_is_used_as_given():
-    from scoretune.search.floor import resolve_floor
+    from scoretune.search.driver import resolve_floor
 
     assert resolve_floor(toy_space(stoppers={"floor": {"value": 0.25}}), out=quiet) == 0.25
     assert resolve_floor(toy_space(stoppers={}), out=quiet) is None
@@ -291,8 +290,8 @@ def test_floor_stop_tags_give_the_refined_floor_a_trial_fell_below():
 
 
 def test_refine_in_a_space_makes_every_trial_measure_c_l1_and_shares_one_refiner():
-    from scoretune.search.searcher import build_stoppers
-    from scoretune.search.trials import trial_settings
+    from scoretune.search.tuner import build_stoppers, trial_settings
+
     from trainables.tune_trainable import SETTINGS_KEY, trial_experiment
 
     space = toy_space(stoppers={"floor": {"estimate": "auto", "patience": 2, "refine": True}})
@@ -310,6 +309,7 @@ def test_refine_in_a_space_makes_every_trial_measure_c_l1_and_shares_one_refiner
 def test_the_search_logs_each_refinement_of_the_floor_on_the_parent_run():
     from scoretune.search.callback import MlflowSearchCallback
     from scoretune.tracking import tags
+
     from trainables.stoppers import FloorStopper
 
     stopper = FloorStopper(floor=0.3, patience=2, refine=True)

@@ -21,8 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 from procs import descendants
-
-from scoretune.search.ranking import best_values, classify_trial, dominates, pareto_front
+from scoretune.search.report import best_values, classify_trial, dominates, pareto_front
 from scoretune.search.space import ObjectiveSpec, build_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,8 +75,8 @@ def cache():
 
 
 def mlflow_children(uri: str, name: str):
-    from scoretune.tracking.runs import child_runs, find_parent_runs
     from scoretune.tracking import client
+    from scoretune.tracking.runs import child_runs, find_parent_runs
 
     cl = client(uri)
     parents = find_parent_runs(cl, name)
@@ -369,7 +368,7 @@ def test_killed_search_resumes_without_running_a_trial_twice(ray_local, tmp_path
     import pickle
 
     state = max((tmp_path / "ray" / "resume").glob("searcher-state-*.pkl"))  # newest by name, as Tune picks
-    study = pickle.loads(state.read_bytes())["_ot_study"]
+    study = pickle.loads(state.read_bytes())["study"]
     assert len(study.trials) == 6 and all(t.state.name == "COMPLETE" for t in study.trials)
     assert sorted(round(t.params["lr"], 10) for t in study.trials) == sorted(
         round(float(r.data.params["lr"]), 10) for r in children)

@@ -21,7 +21,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from scoretune.config import ConfigError
 from scoretune.search.space import build_space
 
@@ -48,7 +47,7 @@ def objective(point):
 
 def drive(space, n=None, storage=None):
     """Run the space's searcher (as Tune would) on the crafted objective; returns its Optuna study."""
-    from scoretune.search.searcher import build_searcher
+    from scoretune.search.tuner import build_searcher
 
     limiter = build_searcher(space, storage=storage, study_name=space.name)
     searcher = limiter.searcher
@@ -60,7 +59,7 @@ def drive(space, n=None, storage=None):
             searcher.on_trial_result(tid, {"epoch": epoch, "training_iteration": epoch, "val_pgd_acc": pgd * f,
                                            "val_clean_acc": clean})
         searcher.on_trial_complete(tid, {"epoch": 2, "val_pgd_acc": pgd, "val_clean_acc": clean})
-    return searcher._ot_study
+    return searcher.study
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +88,7 @@ def test_constraint_on_a_metric_no_trial_reports_is_one_line_naming_the_key():
 
 
 def test_warm_start_from_a_search_that_does_not_exist_is_one_line_naming_the_key(store):
-    from scoretune.search.warm_start import WarmStartError, collect
+    from scoretune.search.study import WarmStartError, collect
     from scoretune.tracking import client
 
     cl = client(store)
@@ -141,7 +140,7 @@ def test_the_best_trial_is_chosen_among_the_feasible_ones(crafted_study):
 
 
 def test_importance_ranks_the_one_parameter_that_decides_the_objective_first(crafted_study):
-    from scoretune.search.importance import format_importance, importance_figure, importance_metrics, param_importances
+    from scoretune.search.study import format_importance, importance_figure, importance_metrics, param_importances
 
     space = crafted_space()
     imp = param_importances(crafted_study, space.objective)
@@ -157,11 +156,18 @@ def test_importance_ranks_the_one_parameter_that_decides_the_objective_first(cra
 
 
 def test_infeasible_trials_are_marked_in_mlflow_and_the_summary_and_promote_refuses_them(store):
-    from scoretune.search.feasibility import feasible_first, mark_feasibility
-    from scoretune.search.summary import SearchSummary, TrialSummary, format_report, format_table, front_of
+    from scoretune.errors import UserError
+    from scoretune.search.report import (
+        SearchSummary,
+        TrialSummary,
+        feasible_first,
+        format_report,
+        format_table,
+        front_of,
+        mark_feasibility,
+    )
     from scoretune.tracking import client, tags
     from scoretune.tracking.promote import pick_best
-    from scoretune.errors import UserError
 
     space = crafted_space(objective=[{"metric": "val_pgd_acc"}, {"metric": "train_loss", "mode": "min"}])
     cl = client(store)
@@ -241,8 +247,7 @@ def snapshot(cl, parent):
 
 def test_warm_start_adds_the_finished_trials_that_fit_and_says_what_it_skipped(store):
     import optuna
-
-    from scoretune.search.warm_start import WARM_ATTR, collect
+    from scoretune.search.study import WARM_ATTR, collect
     from scoretune.tracking import client
 
     cl = client(store)
@@ -268,16 +273,16 @@ def test_warm_start_adds_the_finished_trials_that_fit_and_says_what_it_skipped(s
     assert snapshot(cl, parent) == before  # reading never changes the earlier search's runs
     assert other is not None
 
-    from scoretune.search.searcher import build_searcher
+    from scoretune.search.tuner import build_searcher
 
     searcher = build_searcher(crafted_space(sampler={"type": "tpe", "n_startup_trials": 3}), warm_trials=ws.trials).searcher
-    assert len(searcher._ot_study.trials) == 3  # in the study before the first suggestion
+    assert len(searcher.study.trials) == 3  # in the study before the first suggestion
     searcher.suggest("first")
-    assert searcher._ot_study.trials[-1].number == 3
+    assert searcher.study.trials[-1].number == 3
 
 
 def test_warm_start_from_an_mlflow_experiment_takes_every_search_in_it(store):
-    from scoretune.search.warm_start import collect
+    from scoretune.search.study import collect
     from scoretune.tracking import client
 
     cl = client(store)
@@ -289,8 +294,8 @@ def test_warm_start_from_an_mlflow_experiment_takes_every_search_in_it(store):
 
 
 def test_points_to_evaluate_that_the_warm_start_already_ran_are_not_run_again(store):
-    from scoretune.search.searcher import build_searcher
-    from scoretune.search.warm_start import collect
+    from scoretune.search.study import collect
+    from scoretune.search.tuner import build_searcher
     from scoretune.tracking import client
 
     cl = client(store)
@@ -303,9 +308,8 @@ def test_points_to_evaluate_that_the_warm_start_already_ran_are_not_run_again(st
 
 def test_the_study_lives_in_sqlite_beside_the_mlflow_store_and_survives_tunes_searcher_checkpoint(tmp_path):
     import optuna
-
-    from scoretune.search.searcher import build_searcher
-    from scoretune.search.study_storage import StudyStorageError, open_storage, refuse_existing, study_storage_url
+    from scoretune.search.study import StudyStorageError, open_storage, refuse_existing, study_storage_url
+    from scoretune.search.tuner import build_searcher
 
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     url = study_storage_url(uri, "ray_results")
@@ -322,7 +326,7 @@ def test_the_study_lives_in_sqlite_beside_the_mlflow_store_and_survives_tunes_se
     limiter.searcher.save(str(ckpt))  # what Tune does with the searcher in the experiment folder
     restored = build_searcher(space).searcher
     restored.restore(str(ckpt))
-    assert restored._ot_study.study_name == "crafted" and len(restored._ot_study.trials) == 4
+    assert restored.study.study_name == "crafted" and len(restored.study.trials) == 4
     restored.suggest("more")  # the restored searcher asks in the same RDB study
     assert len(optuna.load_study(study_name="crafted", storage=url).trials) == 5
     with pytest.raises(StudyStorageError, match="^--name: an Optuna study 'crafted' already exists"):
@@ -333,9 +337,8 @@ def test_a_searcher_restored_from_a_save_older_than_its_study_neither_fails_nor_
     """A kill lands between Tune's searcher save and the study's newer writes: one trial finished in the
     database after the save, another was asked for and never saved by Tune."""
     from optuna.trial import TrialState
-
-    from scoretune.search.searcher import abandon_running, build_searcher
-    from scoretune.search.study_storage import open_storage
+    from scoretune.search.study import abandon_running, open_storage
+    from scoretune.search.tuner import build_searcher
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     space = crafted_space(num_samples=4, max_concurrent=2)
@@ -355,7 +358,7 @@ def test_a_searcher_restored_from_a_save_older_than_its_study_neither_fails_nor_
     resumed.on_trial_complete("a", {"epoch": 1, "val_pgd_acc": pgd, "val_clean_acc": clean})
     assert resumed.suggest("d") == asked  # the next trial Tune asks for runs what the killed attempt sampled
     for tid in ("b", "d"):
-        point = resumed._ot_trials[tid].params
+        point = resumed.params_of(tid)
         resumed.on_trial_complete(tid, {"epoch": 1, "val_pgd_acc": objective(point)[0],
                                         "val_clean_acc": objective(point)[1]})
     storage = open_storage(url)
@@ -367,9 +370,8 @@ def test_a_searcher_restored_from_a_save_older_than_its_study_neither_fails_nor_
 
 def test_a_trial_a_killed_attempt_asked_for_and_nobody_ran_is_failed_when_the_search_ends(tmp_path):
     from optuna.trial import TrialState
-
-    from scoretune.search.searcher import ABANDONED_ATTR, abandon_running, build_searcher
-    from scoretune.search.study_storage import open_storage
+    from scoretune.search.study import ABANDONED_ATTR, abandon_running, open_storage
+    from scoretune.search.tuner import build_searcher
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     build_searcher(crafted_space(), storage=open_storage(url), study_name="crafted").searcher.suggest("x")
@@ -384,7 +386,7 @@ def test_searches_that_share_a_storage_path_and_start_at_once_all_open_the_new_s
     sharing a storage_path; without the lock one of them fails on `table already exists`)."""
     import threading
 
-    from scoretune.search.study_storage import open_storage
+    from scoretune.search.study import open_storage
 
     for n in range(3):
         url = f"sqlite:///{tmp_path / str(n) / 'optuna.db'}"
@@ -410,7 +412,6 @@ def test_searches_that_share_a_storage_path_and_start_at_once_all_open_the_new_s
 
 def test_dashboard_serves_the_study_on_localhost(tmp_path):
     import optuna
-
     from conftest import free_port
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -464,8 +465,7 @@ def quickstart(d, uri, *extra):
 @pytest.mark.slow
 def test_a_second_quickstart_warm_starts_from_the_first_and_tpe_begins_at_once(ray_local, tmp_path):
     import optuna
-
-    from scoretune.search.warm_start import WARM_ATTR
+    from scoretune.search.study import WARM_ATTR
     from scoretune.tracking import client, tags
     from scoretune.tracking.runs import child_runs, find_parent_runs
 
@@ -544,8 +544,7 @@ def postgres(tmp_path):
 def test_with_mlflow_in_postgresql_the_study_gets_its_own_schema_in_the_same_database(postgres):
     import optuna
     import sqlalchemy
-
-    from scoretune.search.study_storage import open_storage, study_storage_url
+    from scoretune.search.study import open_storage, study_storage_url
     from scoretune.tracking import client
 
     cl = client(postgres)  # MLflow's tables (and its alembic_version) in schema public

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from scoretune.errors import UserError
 from scoretune.search import driver
 from scoretune.search.space import build_space, load_space
@@ -93,7 +92,7 @@ def test_cifar_search_with_an_empty_data_root_fails_in_one_line_before_ray(no_ra
 
 
 def test_a_search_with_the_default_data_root_hands_trials_an_absolute_root(tmp_path, monkeypatch):
-    from scoretune.search.trials import trial_settings
+    from scoretune.search.tuner import trial_settings
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SCORETUNE_DATA", raising=False)
@@ -107,7 +106,7 @@ def test_a_search_with_the_default_data_root_hands_trials_an_absolute_root(tmp_p
 
 
 def test_state_file_round_trip_and_a_missing_one(tmp_path):
-    from scoretune.search.state import STATE_FILE, read_state, write_state
+    from scoretune.search.resume import STATE_FILE, read_state, write_state
 
     path = str(tmp_path / "ray" / "s1")
     with pytest.raises(UserError, match="not a scoretune search"):
@@ -163,7 +162,7 @@ def test_resume_ends_the_runs_it_will_not_continue(tmp_path):
 
 @pytest.mark.slow
 def test_resumed_search_kills_a_run_whose_trial_tune_never_saved(ray_local, tmp_path):
-    from scoretune.search.state import read_state
+    from scoretune.search.resume import read_state
     from scoretune.tracking import client, tags
 
     raw = {"name": "ghosts", "base": TINY, "params": {"lr": {"choice": [0.1]}}, "num_samples": 1,
@@ -237,7 +236,6 @@ def test_progress_callback_pickles_after_a_library_patched_print():
 
 def test_a_server_gone_while_finalizing_says_to_resume_and_other_errors_pass_through(monkeypatch):
     from mlflow.tracking import MlflowClient
-
     from scoretune.tracking.server import free_port
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

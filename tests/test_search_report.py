@@ -7,11 +7,18 @@ import math
 from types import SimpleNamespace
 
 import pytest
-
-from scoretune.search.ranking import divergence, status_label
+from scoretune.search.report import (
+    SearchSummary,
+    TrialSummary,
+    aa_reranks,
+    aa_se,
+    divergence,
+    format_report,
+    format_table,
+    status_label,
+    trial_summary_metrics,
+)
 from scoretune.search.space import SearchSpace
-from scoretune.search.summary import (SearchSummary, TrialSummary, aa_reranks, aa_se, format_report, format_table,
-                                      trial_summary_metrics)
 
 
 def rows(accs, losses, kls=None):

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from scoretune.config import ConfigError
-from scoretune.config import ALIASES
+from scoretune.config import ALIASES, ConfigError
 from scoretune.search.space import build_space, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,7 +210,7 @@ def test_optuna_distributions_match_the_spec():
 
 
 def test_every_alias_points_at_a_real_experiment_key():
-    from scoretune.search.validate import _field_annotation
+    from scoretune.search.space import _field_annotation
 
     for alias, dotted in ALIASES.items():
         assert _field_annotation(dotted)[0], alias

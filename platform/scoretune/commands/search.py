@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..search import format_report, load_space, run_search
-    from ..search.importance import format_importance
+    from ..search.study import format_importance
 
     overrides = list(args.set)
     if args.num_samples is not None:

@@ -42,7 +42,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
         else:
             private_auth_token()
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1")
+                     _node_ip_address="127.0.0.1")  # no public hook for the node address in ray.init
             where = "local Ray"
     except ConnectionError as e:
         raise UserError(f"cannot connect to the Ray cluster at {address}: {e} (start it with `ray start --head`, "
@@ -82,10 +82,7 @@ def private_auth_token(env: dict[str, str] | None = None) -> Path | None:
 def _start_watchdog() -> subprocess.Popen | None:
     import ray
 
-    try:
-        session = Path(ray._private.worker._global_node.get_session_dir_path()).name
-    except AttributeError:  # not a node this process started
-        return None
+    session = ray.get_runtime_context().get_session_name()  # the name of the session folder Ray passes on
     return subprocess.Popen([sys.executable, "-m", "scoretune.drivers.ray_watchdog", session],
                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

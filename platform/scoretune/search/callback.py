@@ -36,11 +36,20 @@ from typing import Any, Callable, Mapping, Sequence
 from ray.tune import Callback
 
 from ..engine import ENGINE_METRICS
-from ..tracking import PARAM_MAX, finite_metrics, tags
+from ..tracking import PARAM_MAX, RunLogger, finite_metrics, get_or_create_experiment, tags
+from ..tracking import client as mlflow_client
 from ..tracking.buffer import open_writer
-from .ranking import EARLY, best_values, better, classify_trial, divergence, status_label
+from .report import (
+    EARLY,
+    best_values,
+    better,
+    classify_trial,
+    divergence,
+    point_label,
+    status_label,
+    trial_summary_metrics,
+)
 from .space import SearchSpace
-from .summary import point_label, trial_summary_metrics
 
 _SKIP_KEYS = {
     "training_iteration", "time_total_s", "time_this_iter_s", "time_since_restore", "timestamp",
@@ -474,3 +483,34 @@ class ProgressCallback(Callback):
         self.status[trial.trial_id] = "failed"
         self._say(f"failed        {trial.trial_id}  {trial_error_message(trial)}  | {self._counts(trials)}")
         self.out(f"           traceback: {trial.path}/error.txt")
+
+
+# --- from mlflow_io.py: The search's small MLflow writers, shared by the driver, the callback and finalize: the parent run
+def start_parent_run(space: SearchSpace, *, name: str, ray_path: str, tracking_uri: str | None,
+                     space_text: str | None = None) -> RunLogger:
+    """Create the search's parent run (tags ``scoretune.kind=search``, ``scoretune.search_name``,
+    ``scoretune.ray_path``; the space YAML as an artifact; the search settings as params); returns its
+    logger."""
+    logger = RunLogger(tracking_uri, space.experiment_name, run_name=name,
+                       tags={tags.KIND: "search", tags.SEARCH: name, tags.RAY_PATH: ray_path})
+    logger.log_params(space.summary())
+    resolved = json.dumps(space.model_dump(by_alias=True, exclude_none=True), indent=2)
+    logger.log_text(space_text or resolved, "search_space.yaml")
+    logger.log_text(resolved, "search_space_resolved.json")
+    return logger
+
+
+def experiment_id_for(tracking_uri: str, experiment: str) -> str:
+    """The id of MLflow experiment ``experiment`` (created when missing)."""
+    return get_or_create_experiment(mlflow_client(tracking_uri), experiment)
+
+
+def log_metrics(cl: Any, run_id: str, metrics: Mapping[str, Any], step: int, model_id: str | None = None) -> None:
+    """Log the finite numeric entries of ``metrics`` at ``step`` in batches of 500 (attached to the
+    LoggedModel ``model_id`` too when given, so the Models tab shows them)."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, v, ts, int(step), model_id=model_id) for k, v in finite_metrics(metrics).items()]
+    for i in range(0, len(items), 500):
+        cl.log_batch(run_id, metrics=items[i: i + 500])

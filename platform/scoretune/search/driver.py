@@ -9,10 +9,10 @@ folder must stay inside ``storage_path``), loads the base experiment's dataset o
 corrupt dataset is one error line, not one failed trial each) and resolves the floor. Ray is started
 or joined through :func:`scoretune.drivers.ray_session.ray_session`.
 
-* Trials: :func:`trainables.tune_trainable.scoretune_trial` (see :mod:`.trials`). A failing trial (NaN
+* Trials: :func:`trainables.tune_trainable.scoretune_trial` (see :mod:`.tuner`). A failing trial (NaN
   loss, OOM, a bad value) is marked failed with its error and the search goes on.
 * Resume: ``Tuner.restore(path, resume_unfinished=True, restart_errored=True)`` with the space saved in
-  the state file (:mod:`.state`); the MLflow parent run and the child runs are found again by their
+  the state file (:mod:`.resume`); the MLflow parent run and the child runs are found again by their
   tags, so nothing is logged twice, and the runs Tune will not continue are ended (:mod:`.resume`).
 """
 
@@ -21,26 +21,41 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..config import ExperimentConfig, pin_data_paths
 from ..drivers.ray_session import ray_session
 from ..errors import UserError
+from ..floor_estimate import FloorEstimate, clip_for_floor, estimate_floor
 from ..names import inside, validate_name
 from ..tracking import TrackingUnreachable, client, mlflow_error, resolve_tracking_uri, tags
 from ..tracking.buffer import is_transient, journal_path, masked, open_writer, replay_leftover, settle
-from .callback import MlflowSearchCallback, ProgressCallback
+from .callback import MlflowSearchCallback, ProgressCallback, experiment_id_for, log_metrics, start_parent_run
 from .finalize import finalize_search
-from .floor import apply_floor, log_floor, resolve_floor_estimate
-from .mlflow_io import experiment_id_for, start_parent_run
-from .resume import attempt_label, end_superseded, saved_trials
-from .searcher import abandon_running, build_scheduler, build_searcher, build_stoppers, combined_stopper, n_startup_trials
+from .report import SearchSummary
+from .resume import attempt_label, end_superseded, read_state, saved_trials, write_state
 from .space import SearchSpace
-from .state import read_state, write_state
-from .study_storage import no_storage_note, open_storage, refuse_existing, study_storage_url
-from .summary import SearchSummary
-from .trials import trainable_for, trial_name, trial_settings
-from .warm_start import warm_start_trials
+from .study import (
+    abandon_running,
+    importance_figure,
+    importance_metrics,
+    n_startup_trials,
+    no_storage_note,
+    open_storage,
+    param_importances,
+    refuse_existing,
+    study_storage_url,
+    warm_start_trials,
+)
+from .tuner import (
+    build_scheduler,
+    build_searcher,
+    build_stoppers,
+    combined_stopper,
+    trainable_for,
+    trial_name,
+    trial_settings,
+)
 
 
 def experiment_path(storage_path: str, name: str) -> tuple[str, str]:
@@ -225,8 +240,6 @@ def study_importance(study_url: str, name: str, space: SearchSpace, uri: str, pa
     (metrics + ``importance.png``); {} (and one line) when it cannot be computed."""
     import optuna
 
-    from .importance import log_importance, param_importances
-
     try:
         study = optuna.load_study(study_name=name, storage=open_storage(study_url))
         imp = param_importances(study, space.objective)
@@ -308,5 +321,100 @@ def _quiet_tune():
 
 def _interrupted(results: Any) -> bool:
     """True when the Tuner returned before every trial ended (Ctrl-C)."""
-    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
-    return any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    return results.num_terminated + results.num_errors < len(results)
+
+
+# --- from floor.py: The floor (C^l1)^2/2 of SCORE's floor stopper (Corollary 1 of Pang et al. 2022) for a search: the
+def floor_cache_dir(space: SearchSpace) -> Path | None:
+    """Where the proxies of ``estimate: auto`` are cached: ``storage_path/floor_cache`` (local storage
+    only; None for remote storage, where each search trains its own)."""
+    if "://" in space.storage_path:
+        return None
+    return Path(space.storage_path).expanduser().absolute() / "floor_cache"
+
+
+def _base_clip_auto(space: SearchSpace) -> bool:
+    return (space.base.get("objective") or {}).get("clip") == "auto"
+
+
+def resolve_floor_estimate(space: SearchSpace, out: Callable[[str], None] = print) -> FloorEstimate | None:
+    """The floor estimate of the search (None without a floor stopper or ``clip: auto``)."""
+    f = space.stoppers.floor
+    if f is None and not _base_clip_auto(space):
+        return None
+    if f is not None and f.value is not None:
+        return FloorEstimate(float(f.value), float("nan"), float("nan"), 0, "given", "stoppers.floor.value")
+    base = space.base_config()
+    key = "stoppers.floor.estimate" if f is not None else "base.objective.clip"
+    if f is not None and f.proxy_checkpoint is not None:
+        est = _from_checkpoint(space, f)
+    else:
+        est = estimate_floor(base, cache_dir=floor_cache_dir(space), samples=f.samples if f else 512,
+                             proxy_epochs=f.proxy_epochs if f else None, proxy_beta=f.proxy_beta if f else None,
+                             floor_key=key, out=out)
+    out(est.line())
+    return est
+
+
+def resolve_floor(space: SearchSpace, out: Callable[[str], None] = print) -> float | None:
+    """The floor of the floor stopper (None without one)."""
+    if space.stoppers.floor is None:
+        return None
+    est = resolve_floor_estimate(space, out)
+    return None if est is None else est.floor
+
+
+def apply_floor(space: SearchSpace, est: FloorEstimate | None) -> SearchSpace:
+    """``space`` with ``base.objective.clip: auto`` replaced by :func:`clip_for_floor` of the floor
+    (and clip_mode 'smoothing'); unchanged otherwise."""
+    if est is None or not _base_clip_auto(space):
+        return space
+    base = dict(space.base)
+    base["objective"] = {**base["objective"], "clip": clip_for_floor(est.floor), "clip_mode": "smoothing"}
+    return SearchSpace.model_validate({**space.model_dump(by_alias=True, exclude_none=True), "base": base})
+
+
+def log_floor(logger: Any, est: FloorEstimate | None) -> None:
+    """The floor on the search's parent run: params and metrics ``floor``, ``floor_c_l1``,
+    ``floor_c_l1_se``, ``floor_n``; tags ``scoretune.floor.source`` / ``.detail`` / ``.cache``."""
+    if est is None:
+        return
+    values = {"floor": est.floor, "floor_c_l1": est.c_l1, "floor_c_l1_se": est.c_l1_se, "floor_n": est.n}
+    logger.log_params({k: v for k, v in values.items()})
+    logger.log_metrics({k: float(v) for k, v in values.items() if v == v}, step=0)
+    logger.set_tags({tags.FLOOR_SOURCE: est.source, tags.FLOOR_DETAIL: est.detail[:5000],
+                     tags.FLOOR_CACHE: est.cache_path or ""})
+
+
+def _from_checkpoint(space: SearchSpace, f: Any) -> FloorEstimate:
+    import time
+
+    import torch
+
+    from ..bounds import c_l1_pgd, estimate_C, madry_floor
+    from ..data import load_dataset, to_float
+    from ..engine import model_from_checkpoint
+
+    t0 = time.perf_counter()
+    base = space.base_config()
+    net, _ = model_from_checkpoint(f.proxy_checkpoint)
+    ds = load_dataset(base.data.name, root=base.data.root, val_size=base.data.val_size, seed=base.seed,
+                      **base.data.options)
+    split = ds.val if len(ds.val) else ds.train
+    if len(split) == 0:
+        raise UserError("stoppers.floor.proxy_checkpoint: the dataset has no samples to measure C^l1 on")
+    xs = to_float(split.x[: f.samples])
+    gen = torch.Generator().manual_seed(space.seed)
+    inner = c_l1_pgd(base.attack.eps, base.attack.norm, ds.info.pixel_range, gen)
+    c = estimate_C(net, xs, inner, "l1", logits=True, keep_values=False)
+    floor = madry_floor(c.mean)
+    return FloorEstimate(floor, c.mean, c.stderr, c.n, "proxy", f"proxy checkpoint {f.proxy_checkpoint}",
+                         seconds=time.perf_counter() - t0)
+
+def log_importance(cl: Any, parent_run_id: str, imp: Mapping[str, Mapping[str, float]]) -> None:
+    """Metrics ``importance.<metric>.<param>`` and the artifact ``importance.png`` on the parent run."""
+    if not imp:
+        return
+
+    log_metrics(cl, parent_run_id, importance_metrics(imp), step=0)
+    cl.log_figure(parent_run_id, importance_figure(imp), "importance.png")

@@ -7,7 +7,7 @@
   (:func:`floor_value`) stays readable.
 * ``plots/objective_vs_params.png``: the objective against each searched param (plain tick labels on
   log axes), the best trial starred.
-* ``plots/param_importance.png``: Optuna's parameter importances (PED-ANOVA, as :mod:`.importance`) over this search's finished trials.
+* ``plots/param_importance.png``: Optuna's parameter importances (PED-ANOVA, as :mod:`.study`) over this search's finished trials.
 * ``plots/parallel_coordinates.png``: every trial as a line through its (normalised) params and score.
 * ``plots/pareto_front.png`` (multi-objective).
 
@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-from .ranking import finite
+from .report import SearchSummary, TrialSummary, finite
 from .space import SearchSpace
-from .summary import SearchSummary, TrialSummary
 
 LOSS_METRICS = ("R_Madry", "train_r_madry", "train_madry_kl")  # the loss panel's metric: the first one a run has
 FLOOR_NAMES = ("floor", "search.floor", "floor_value", "R_floor")  # where a floor value may be logged
@@ -278,7 +277,7 @@ def importances(summary: SearchSummary, space: SearchSpace) -> dict[str, float]:
             continue
     if n < 3:
         return {}
-    from .importance import param_importances  # the same PED-ANOVA as the study's importance.png
+    from .study import param_importances  # the same PED-ANOVA as the study's importance.png
 
     return param_importances(study, [primary]).get(primary.metric, {})
 

@@ -10,9 +10,13 @@ when the resumed attempt is itself interrupted.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable, Mapping
 
+from trainables.ray_checkpoint import read_json_file, storage_fs
+
+from ..errors import UserError
 from ..tracking import tags
 from ..tracking.runs import child_runs
 
@@ -51,3 +55,32 @@ def end_superseded(cl: Any, parent_run_id: str, saved: Mapping[str, str], label:
         out(f"ended {len(changed)} MLflow run(s) of trials this attempt does not continue "
             f"(tagged {tags.SUPERSEDED}; open ones set to KILLED)")
     return changed
+
+
+# --- from state.py: The search's own state file, ``scoretune_search.json`` in the Ray experiment directory (a local path
+STATE_FILE = "scoretune_search.json"
+
+
+def read_state(ray_path: str) -> dict[str, Any]:
+    """The state of the search at ``ray_path``; a one-line UserError when there is none."""
+    fs, root = storage_fs(ray_path)
+    state = read_json_file(fs, f"{root}/{STATE_FILE}")
+    if not isinstance(state, dict):
+        raise UserError(f"{ray_path} is not a scoretune search (no {STATE_FILE}); start it without --resume")
+    return state
+
+
+def write_state(ray_path: str, state: dict[str, Any]) -> None:
+    """Write ``state`` (replacing the file at once on a local disk: write, then rename)."""
+    fs, root = storage_fs(ray_path)
+    fs.create_dir(root, recursive=True)
+    data = json.dumps(state, indent=1).encode()
+    tmp = f"{root}/{STATE_FILE}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    try:
+        fs.move(tmp, f"{root}/{STATE_FILE}")
+    except (OSError, NotImplementedError):  # object stores without rename: write in place
+        with fs.open_output_stream(f"{root}/{STATE_FILE}") as f:
+            f.write(data)
+        fs.delete_file(tmp)
