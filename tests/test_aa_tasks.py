@@ -41,13 +41,13 @@ def test_top_k_autoattack_as_ray_tasks_logs_the_in_driver_numbers(ray_local, che
     from scoretune.search.finalize import AutoAttackJob, attack_checkpoint, run_autoattack_jobs
 
     space = _space()
-    in_driver = attack_checkpoint(checkpoint, space, threads=1)
+    in_driver = attack_checkpoint(checkpoint, space.autoattack, threads=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cl = MlflowClient(tracking_uri=uri)
     exp = cl.create_experiment("aa")
     runs = [cl.create_run(exp).info.run_id for _ in range(2)]
     jobs = [AutoAttackJob(trial_id=f"t{i}", run_id=r, checkpoint=checkpoint, epoch=1) for i, r in enumerate(runs)]
-    got = run_autoattack_jobs(cl, uri, jobs, space, out=lambda _: None)
+    got = run_autoattack_jobs(cl, uri, jobs, space.autoattack, space.resources, out=lambda _: None)
     assert got == {"t0": in_driver.robust_acc, "t1": in_driver.robust_acc}
     for r in runs:
         m = cl.get_run(r).data.metrics
@@ -69,7 +69,7 @@ def test_a_failing_autoattack_task_tags_its_run_and_the_others_are_logged(ray_lo
     ok, bad = (cl.create_run(exp).info.run_id for _ in range(2))
     (tmp_path / "empty").mkdir()
     jobs = [AutoAttackJob("ok", ok, checkpoint, 1), AutoAttackJob("bad", bad, Checkpoint.from_directory(str(tmp_path / "empty")), 1)]
-    got = run_autoattack_jobs(cl, uri, jobs, _space(), out=lambda _: None)
+    got = run_autoattack_jobs(cl, uri, jobs, _space().autoattack, _space().resources, out=lambda _: None)
     assert got["bad"] is None and 0.0 <= got["ok"] <= 1.0
     assert tags.AUTOATTACK_ERROR in cl.get_run(bad).data.tags
     assert "aa_acc" in cl.get_run(ok).data.metrics

@@ -264,14 +264,14 @@ def test_resuming_a_default_pgdat_run_reproduces_it_exactly(tmp_path):
 def test_pgdat_se_with_the_official_attack_on_digits_beats_85_clean_and_35_pgd20():
     """The engine tests' accuracy bar (tests/test_engine.py, TRADES-SE), for PGD-AT-SE with the default attack
     (bn train, one-hot target). Slow: ten training epochs (about 6 s each on one free core)."""
-    from scoretune.engine import Trainer, evaluate
+    from scoretune.engine import Trainer, evaluate_loader
 
     cfg = build_config(DIGITS_PGDAT_SE)
     assert cfg.attack.resolved(cfg.objective.method) == ("train", "onehot")
     trainer = Trainer(cfg)
     for _ in range(cfg.epochs):
         trainer.train_one_epoch()
-    metrics = evaluate(trainer.eval_model, trainer.test_loader, trainer.eval_attack, device=trainer.device,
+    metrics = evaluate_loader(trainer.eval_model, trainer.test_loader, trainer.eval_attack, device=trainer.device,
                        prefix="test", generator=torch.Generator().manual_seed(0))
     assert metrics["test_clean_acc"] > 0.85
     assert metrics["test_pgd_acc"] > 0.35

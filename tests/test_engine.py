@@ -4,14 +4,13 @@ import math
 
 import pytest
 import torch
-
 from resume_check import assert_same_weights, straight_and_resumed
 from scoretune.config import build_config
 from scoretune.engine import (
     CheckpointError,
     NonFiniteLossError,
     Trainer,
-    evaluate,
+    evaluate_loader,
     load_checkpoint,
     lr_factor,
     model_from_checkpoint,
@@ -43,7 +42,7 @@ def trained(tmp_path_factory):
 
 def _test_accuracy(net, trainer, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return evaluate(net, trainer.test_loader, trainer.eval_attack, device=trainer.device, prefix="test", generator=gen)
+    return evaluate_loader(net, trainer.test_loader, trainer.eval_attack, device=trainer.device, prefix="test", generator=gen)
 
 
 def test_trades_se_on_digits_beats_85_clean_and_35_pgd20(trained):

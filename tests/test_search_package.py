@@ -248,3 +248,80 @@ def test_a_server_gone_while_finalizing_says_to_resume_and_other_errors_pass_thr
     assert "rerun the same command with --resume" in str(e) and "\n" not in str(e)
     bug = KeyError("best_val_pgd_acc")
     assert driver.summary_unfinished(bug, "s1", uri) is bug
+
+
+# ----------------------------------------------------------------------------- resume: a pruned checkpoint
+
+COUNTING_TRAINABLE = '''
+import json, os, tempfile, time
+from ray import tune
+
+def counting(config):
+    """8 epochs of 0.3 s; each epoch's checkpoint holds the epoch count; the first result after a restore
+    says where it started."""
+    start = 0
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start = json.load(open(os.path.join(d, "state.json")))["epoch"]
+    for epoch in range(start + 1, 9):
+        time.sleep(0.3)
+        with tempfile.TemporaryDirectory() as tmp:
+            json.dump({"epoch": epoch}, open(os.path.join(tmp, "state.json"), "w"))
+            tune.report({"epoch": epoch, "started_at": start, "score": epoch % 3},
+                        checkpoint=tune.Checkpoint.from_directory(tmp))
+'''
+
+
+@pytest.mark.slow
+def test_a_trial_whose_snapshot_names_a_pruned_checkpoint_goes_on_from_its_newest(ray_local, tmp_path):
+    """Killed after Tune's last snapshot, while pruning (``keep_checkpoints``) deleted the checkpoint that
+    snapshot names: the resumed trial goes on from the newest checkpoint left on disk, not fails."""
+    import time
+
+    from ray import tune
+
+    from scoretune.search.resume import restore_pruned_checkpoints
+
+    exp = tmp_path / "ray" / "race"
+    script = tmp_path / "race.py"
+    script.write_text(COUNTING_TRAINABLE + f'''
+import ray
+ray.init(address={ray_local.get_runtime_context().gcs_address!r}, log_to_driver=False)
+tune.Tuner(counting, run_config=tune.RunConfig(name="race", storage_path={str(tmp_path / "ray")!r},
+    checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="score"))).fit()
+''')
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # until Tune's snapshot names a checkpoint of the running trial
+            trials = tune.ExperimentAnalysis(str(exp)).trials if (exp / "tuner.pkl").exists() else []
+            if trials and trials[0].checkpoint is not None and trials[0].status != "TERMINATED":
+                break
+            time.sleep(0.3)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    (trial,) = tune.ExperimentAnalysis(str(exp)).trials
+    named = Path(trial.checkpoint.path)
+    assert trial.status != "TERMINATED" and named.is_dir()
+    newer = named.parent / "checkpoint_000099"  # written after the snapshot ...
+    newer.mkdir()
+    (newer / "state.json").write_text(json.dumps({"epoch": 6}))
+    for d in named.parent.glob("checkpoint_0000[0-8]*"):  # ... while pruning deleted the one the snapshot names
+        subprocess.run(["rm", "-rf", str(d)], check=True)
+
+    lines: list[str] = []
+    assert restore_pruned_checkpoints(str(exp), lines.append) == [trial.trial_id]
+    assert lines == [f"trial {trial.trial_id}: Tune's snapshot named checkpoint {named.name}, which pruning deleted "
+                     "after the snapshot; it goes on from its newest, checkpoint_000099"]
+    (result,) = tune.Tuner.restore(str(exp), trainable=_counting(), resume_unfinished=True).fit()
+    assert result.error is None
+    assert result.metrics["epoch"] == 8 and result.metrics["started_at"] == 6
+    assert restore_pruned_checkpoints(str(exp), lines.append) == []  # nothing left to put back
+
+
+def _counting():
+    namespace: dict = {}
+    exec(COUNTING_TRAINABLE, namespace)
+    return namespace["counting"]

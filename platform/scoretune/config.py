@@ -17,8 +17,8 @@ factor in (0, 1], ``seed`` in [0, 2^32), ``name`` follows :func:`scoretune.names
 from __future__ import annotations
 
 import copy
-import math
 import json
+import math
 import os
 import re
 import typing
@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
 
 from .attacks import AttackConfig, eps_problem, resolve_attack_mode
 from .errors import UserError

@@ -102,7 +102,7 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int, steps_per_epoch: in
     return 1.0
 
 
-def build_scheduler(
+def build_lr_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     total = epochs * steps_per_epoch
@@ -151,7 +151,7 @@ The robust cross-entropies, two different things:
   with one-hot p_d): the mean cross-entropy at the cross-entropy maximiser, found by the evaluation
   attack (CE-PGD-``eval.pgd_steps``, eval mode). ``train_r_madry`` is measured at the end of each
   epoch on a fixed, seeded subsample of the training split (``early_stop.probe_fraction``, default
-  10%; :func:`r_madry_probe`); ``val_`` / ``test_`` reuse the PGD pass of :func:`evaluate` (no
+  10%; :func:`r_madry_probe`); ``val_`` / ``test_`` reuse the PGD pass of :func:`evaluate_loader` (no
   extra cost). The floor rule watches ``train_r_madry``.
 * ``train_attack_ce`` -- the cross-entropy at the *training* attack's point, averaged over the
   epoch's batches. Under PGD-AT with a CE/KL loss this is R_Madry of the batch; under TRADES (the
@@ -306,7 +306,7 @@ def _correct(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (net(x).argmax(-1) == y).sum()
 
 
-def evaluate(
+def evaluate_loader(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     attack: AttackConfig | None,
@@ -506,7 +506,7 @@ class Trainer:
             device=self.device, rank=self.rank, world_size=self.world_size, memory_format=self.memory_format,
         ) if probe.numel() and self.eval_attack is not None else None
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.epochs, max(len(self.train_loader), 1))
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.optim, cfg.epochs, max(len(self.train_loader), 1))
         self.ema = ModelEMA(self.net, cfg.ema_decay) if cfg.ema_decay else None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1000 + self.rank)
@@ -570,7 +570,7 @@ class Trainer:
         for prefix, loader in loaders:
             if loader is None:
                 continue
-            out.update(evaluate(
+            out.update(evaluate_loader(
                 self.eval_model, loader, self.eval_attack, device=self.device, restarts=cfg.eval.restarts,
                 prefix=prefix, max_samples=_per_rank(cfg.eval.max_samples, self.world_size),
                 generator=self.generator,

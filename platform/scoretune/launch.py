@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 from .errors import UserError
 from .names import is_valid_name
 from .names import validate_name as _validate_name
+from .tracking import masked, uri_has_credentials
 
 DASHBOARD_PORT = 8265  # Ray's default dashboard port, local and remote
 PACKAGE_DIR = "platform/scoretune"
@@ -194,25 +195,6 @@ def find_placeholders(obj: Any, prefix: str = "") -> list[str]:
 
 
 # ----------------------------------------------------------------------------- secrets
-def uri_has_credentials(uri: str | None) -> bool:
-    """Whether ``uri`` carries a user name or password (``http://user:pw@host``, ``postgresql://u:p@h/db``)."""
-    from urllib.parse import urlsplit
-
-    if not uri or "://" not in uri:
-        return False
-    try:
-        parts = urlsplit(uri)
-        return bool(parts.username or parts.password)
-    except ValueError:
-        return "@" in uri.split("://", 1)[1].split("/", 1)[0]
-
-
-def mask_uri(uri: str) -> str:
-    """``uri`` with its credentials replaced by ``***`` (``http://***@host:5000``)."""
-    if not uri_has_credentials(uri):
-        return uri
-    scheme, rest = uri.split("://", 1)
-    return f"{scheme}://{MASK}@{rest.split('@', 1)[1]}"
 
 
 def is_secret_env(key: str, value: str) -> bool:
@@ -232,7 +214,7 @@ def secret_values(env: Mapping[str, str], tracking_uri: str | None = None) -> li
 def mask(text: str, secrets: Sequence[str]) -> str:
     """``text`` with every secret replaced: a credential URI by its masked form, anything else by ``***``."""
     for value in secrets:
-        text = text.replace(value, mask_uri(value) if uri_has_credentials(value) else MASK)
+        text = text.replace(value, masked(value) if uri_has_credentials(value) else MASK)
     return text
 
 

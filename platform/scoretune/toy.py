@@ -48,8 +48,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import AttackConfig, eval_mode, pgd
-from .bounds import BoundEstimate, InnerMax, PairModule, as_probability_module, estimate_C, madry_floor, \
-    madry_risk, score_risk, standard_risk
+from .bounds import (
+    BoundEstimate,
+    InnerMax,
+    PairModule,
+    as_probability_module,
+    estimate_C,
+    madry_floor,
+    madry_risk,
+    score_risk,
+    standard_risk,
+)
 from .data import TOY_MEANS, TOY_PRIOR, TOY_VARIANCES, toy_posterior
 from .losses import get_divergence
 from .models import build_model

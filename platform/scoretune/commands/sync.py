@@ -28,8 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import UserError
-    from ..tracking import check_reachable, resolve_tracking_uri
-    from ..tracking.buffer import masked, replay_journal
+    from ..tracking import check_reachable, masked, resolve_tracking_uri
+    from ..tracking.buffer import replay_journal
 
     uri = resolve_tracking_uri(args.tracking_uri)
     check_reachable(uri)

@@ -31,16 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from .base import (
-    _REGISTRY,
-    Dataset,
-    DatasetError,
-    DatasetInfo,
-    Split,
-    available_datasets,
-    register_dataset,
-    to_float,
-)
+from .base import _REGISTRY, Dataset, DatasetError, DatasetInfo, Split, available_datasets, register_dataset, to_float
 from .builtin import TOY_MEANS, TOY_PRIOR, TOY_VARIANCES, toy_posterior
 from .files import _load_ddpm
 from .loader import BatchLoader

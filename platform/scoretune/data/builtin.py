@@ -8,16 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import (
-    Dataset,
-    DatasetError,
-    DatasetInfo,
-    Split,
-    _carve_val,
-    _split,
-    _stratified_holdout,
-    register_dataset,
-)
+from .base import Dataset, DatasetError, DatasetInfo, Split, _carve_val, _split, _stratified_holdout, register_dataset
 
 # --------------------------------------------------------------------------------------------------
 # digits

@@ -8,16 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import (
-    Dataset,
-    DatasetError,
-    DatasetInfo,
-    Split,
-    _carve_val,
-    _one_line,
-    _split,
-    register_dataset,
-)
+from .base import Dataset, DatasetError, DatasetInfo, Split, _carve_val, _one_line, _split, register_dataset
 
 # --------------------------------------------------------------------------------------------------
 # File-based datasets: CIFAR-10/100, SVHN

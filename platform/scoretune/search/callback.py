@@ -45,6 +45,7 @@ from .report import (
     better,
     classify_trial,
     divergence,
+    finite,
     point_label,
     status_label,
     trial_summary_metrics,
@@ -93,6 +94,25 @@ def num_classes_of(cfg: Any) -> int | None:
                                 **cfg.data.options).info.num_classes)
     except Exception:
         return None
+
+
+def checkpoint_rows(trial: Any) -> list[dict[str, float]]:
+    """The engine rows in the history of the checkpoint Tune restores ``trial`` from ([] when none): a
+    resumed trial may go on from a checkpoint newer than the snapshot's rows."""
+    from trainables.ray_checkpoint import read_history, storage_fs
+
+    ckpt = getattr(trial, "checkpoint", None)
+    if ckpt is None:
+        return []
+    fs, path = storage_fs(ckpt.path)
+    return [{k: float(v) for k, v in row.items() if (k in ENGINE_METRICS or k == "epoch") and finite(v)}
+            for row in read_history(fs, path) or [] if isinstance(row, dict) and finite(row.get("epoch"))]
+
+
+def merge_rows(rows: list[dict[str, float]], more: list[dict[str, float]]) -> list[dict[str, float]]:
+    """``rows`` plus the rows of ``more`` for epochs it lacks, by epoch."""
+    have = {int(r["epoch"]) for r in rows}
+    return sorted(rows + [r for r in more if int(r["epoch"]) not in have], key=lambda r: r["epoch"])
 
 
 def trial_run_name(trial_id: str, point: Mapping[str, Any], status: str = "running",
@@ -213,6 +233,7 @@ class MlflowSearchCallback(Callback):
         if found is not None:
             rec["run_id"] = found.info.run_id
             rec["logged_epoch"] = max(int(rec.get("logged_epoch", 0)), int(found.data.metrics.get("epoch", 0)))
+            rec["rows"] = merge_rows(rec["rows"], checkpoint_rows(trial))
             self.client.update_run(found.info.run_id, status="RUNNING")
             rec["status_tag"] = found.data.tags.get(tags.STATUS)
         else:
@@ -308,9 +329,7 @@ class MlflowSearchCallback(Callback):
         metrics = result_metrics(result)
         epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))
         metrics["epoch"] = float(epoch)
-        if epoch not in {int(r["epoch"]) for r in rec["rows"]}:
-            rec["rows"].append({k: metrics[k] for k in metrics if k in ENGINE_METRICS or k == "epoch"})
-            rec["rows"].sort(key=lambda r: r["epoch"])
+        rec["rows"] = merge_rows(rec["rows"], [{k: v for k, v in metrics.items() if k in ENGINE_METRICS or k == "epoch"}])
         best = best_values(rec["rows"], self.space.objective)
         path = result.get("checkpoint_path")  # Ray Train trials (TuneReportCallback)
         if isinstance(path, str):

@@ -28,12 +28,12 @@ from ..drivers.ray_session import ray_session
 from ..errors import UserError
 from ..floor_estimate import FloorEstimate, clip_for_floor, estimate_floor
 from ..names import inside, validate_name
-from ..tracking import TrackingUnreachable, client, mlflow_error, resolve_tracking_uri, tags
-from ..tracking.buffer import is_transient, journal_path, masked, open_writer, replay_leftover, settle
+from ..tracking import TrackingUnreachable, client, masked, mlflow_error, resolve_tracking_uri, tags
+from ..tracking.buffer import is_transient, journal_path, open_writer, replay_leftover, settle
 from .callback import MlflowSearchCallback, ProgressCallback, experiment_id_for, log_metrics, start_parent_run
 from .finalize import finalize_search
 from .report import SearchSummary
-from .resume import attempt_label, end_superseded, read_state, saved_trials, write_state
+from .resume import attempt_label, end_superseded, read_state, restore_pruned_checkpoints, saved_trials, write_state
 from .space import SearchSpace
 from .study import (
     abandon_running,
@@ -48,9 +48,9 @@ from .study import (
     warm_start_trials,
 )
 from .tuner import (
-    build_scheduler,
     build_searcher,
     build_stoppers,
+    build_trial_scheduler,
     combined_stopper,
     trainable_for,
     trial_name,
@@ -137,6 +137,7 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
             open_writer(uri, journal_path(ray_path, name)).adopt_run(parent_run_id)
             cl.update_run(parent_run_id, status="RUNNING")
             end_superseded(cl, parent_run_id, saved_trials(ray_path), label, out)
+            restore_pruned_checkpoints(ray_path, out)
             tuner = tune.Tuner.restore(ray_path, trainable=trainable_for(space), resume_unfinished=True,
                                        restart_errored=True)
             return _fit(tuner, space, name=name, uri=uri, parent_run_id=parent_run_id, ray_path=ray_path,
@@ -286,7 +287,7 @@ def build_tuner(space: SearchSpace, *, name: str, storage: str, ray_path: str, t
     )
     tune_config = tune.TuneConfig(
         search_alg=build_searcher(space, storage=study_storage, study_name=name, warm_trials=warm_trials),
-        scheduler=build_scheduler(space), num_samples=space.total_samples,
+        scheduler=build_trial_scheduler(space), num_samples=space.total_samples,
         reuse_actors=True, trial_name_creator=trial_name, trial_dirname_creator=trial_name,
     )
     settings = trial_settings(space, name=name, ray_path=ray_path)

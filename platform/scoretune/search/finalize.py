@@ -4,7 +4,7 @@
 trials the search did not continue (see :mod:`.resume`), logs the best checkpoints of the top-k
 (single objective) or Pareto-front (multi-objective) trials as MLflow PyTorch models
 (:func:`log_trial_model`) and runs AutoAttack on them, all at once as Ray tasks
-(:func:`.aa_tasks.run_autoattack_jobs`; :func:`autoattack_trial` is the same in-process), logs the plots
+(:func:`run_autoattack_jobs`; :func:`autoattack_trial` is the same in-process), logs the plots
 (:mod:`.plots`), and puts the counts, the best trial, the results table and a markdown description
 (:func:`parent_description`) on the parent run. Models are named ``trial-<id>`` with their metrics
 attached; a trial run keeps the end time its training ended at (logging its model and AutoAttack
@@ -43,7 +43,7 @@ from .report import (
     rank_trials,
     table_rows,
 )
-from .space import SearchSpace
+from .space import AutoAttackSpec, ResourcesSpec, SearchSpace
 from .tuner import trial_id_of
 
 
@@ -135,7 +135,7 @@ def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri
         out(f"[{time.strftime('%H:%M:%S')}] AutoAttack ({space.autoattack.version}, {space.autoattack.split} split, "
             f"n_ex={space.autoattack.n_ex}) of {len(aa_jobs)} models in parallel: "
             + ", ".join(f"trial {j.trial_id} (epoch {j.epoch})" for j in aa_jobs))
-        for tid, aa in run_autoattack_jobs(cl, tracking_uri, aa_jobs, space, out).items():
+        for tid, aa in run_autoattack_jobs(cl, tracking_uri, aa_jobs, space.autoattack, space.resources, out).items():
             t = by_id.get(tid)
             if aa is not None and t is not None:
                 t.aa_acc, t.aa_se = aa, aa_se(aa, space.autoattack.n_ex)
@@ -216,7 +216,7 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
     trial's child run as ``trial-<id>``, tag the run with the model URI/epoch and log the checkpoint
     epoch's metrics as ``model_<metric>``, attached to the logged model too (the Models tab ranks them).
     The run keeps its status and end time. AutoAttack (unless ``version: none``): appended to ``aa_jobs`` when given (for
-    :func:`.aa_tasks.run_autoattack_jobs`), else run here."""
+    :func:`run_autoattack_jobs`), else run here."""
     from trainables.ray_checkpoint import load_state
 
     from ..drivers.training_run import example_input
@@ -241,7 +241,7 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
                                      model_id=model_id_of(uri)))
     elif space.autoattack.version != "none":
         try:
-            autoattack_trial(cl, tracking_uri, t.run_id, net, _cfg, space, epoch)
+            autoattack_trial(cl, tracking_uri, t.run_id, net, _cfg, space.autoattack, epoch)
         except Exception as e:  # an evaluation problem must not cost the logged model
             cl.set_tag(t.run_id, tags.AUTOATTACK_ERROR, f"{type(e).__name__}: {str(e)[:300]}")
     restore()
@@ -257,13 +257,13 @@ def owed_autoattack(cl: Any, t: TrialSummary, result: Any, space: SearchSpace) -
                          epoch=int(run.data.tags.get(tags.MODEL_EPOCH, 0)), model_id=model_id_of(t.model_uri or ""))
 
 
-def autoattack_trial(cl: Any, tracking_uri: str, run_id: str, net: Any, cfg: Any, space: SearchSpace,
+def autoattack_trial(cl: Any, tracking_uri: str, run_id: str, net: Any, cfg: Any, aa: AutoAttackSpec,
                      epoch: int, model_id: str | None = None) -> dict[str, float]:
-    """AutoAttack (``space.autoattack``) on a trial's best model, on its held-out split at its own eps and
+    """AutoAttack (the space's ``autoattack`` settings ``aa``) on a trial's best model, on its held-out split at its own eps and
     norm, through :func:`scoretune.evaluate.benchmark` (the call ``scoretune evaluate`` makes, with its tag
     scheme ``eval.aa_<version>_acc.*`` and ``aa_check.*``) logged into the trial's run; plus ``aa_acc`` (the
     version-independent name ``promote --metric aa_acc`` ranks by) at the model's epoch."""
-    result = autoattack_net(net, cfg, space, tracking_uri=tracking_uri, log_to=run_id)
+    result = autoattack_net(net, cfg, aa, tracking_uri=tracking_uri, log_to=run_id)
     se = aa_se(result.robust_acc, result.n)
     metrics = {**result.metrics(), "aa_acc": result.robust_acc, "aa_acc_se": se}
     log_metrics(cl, run_id, {"aa_acc": result.robust_acc, "aa_acc_se": se}, step=epoch, model_id=model_id)
@@ -351,15 +351,14 @@ class AutoAttackJob:
     model_id: str | None = None  # the trial's LoggedModel: aa_acc is attached to it too (the Models tab ranks by it)
 
 
-def autoattack_net(net: Any, cfg: Any, space: SearchSpace, **log_to: Any):
-    """AutoAttack (``space.autoattack``) of ``net`` (trained with ``cfg``) on its held-out split at its own
+def autoattack_net(net: Any, cfg: Any, aa: AutoAttackSpec, **log_to: Any):
+    """AutoAttack (the space's ``autoattack`` settings ``aa``) of ``net`` (trained with ``cfg``) on its held-out split at its own
     eps and norm, through :func:`scoretune.evaluate.benchmark`; ``log_to`` is passed on to it
     (``tracking_uri=..., log_to=run_id`` logs the result). Returns the
     :class:`~scoretune.robustness.EvalResult`."""
     from ..data import load_dataset
     from ..evaluate import benchmark
 
-    aa = space.autoattack
     ds = load_dataset(cfg.data.name, root=cfg.data.root, val_size=cfg.data.val_size, seed=cfg.seed,
                       **cfg.data.options)
     if ds.info.pixel_range is None:
@@ -370,7 +369,7 @@ def autoattack_net(net: Any, cfg: Any, space: SearchSpace, **log_to: Any):
                      norm=cfg.attack.norm, batch_size=aa.batch_size, device="auto", seed=cfg.seed, **log_to)
 
 
-def attack_checkpoint(checkpoint: Any, space: SearchSpace, threads: int | None = None):
+def attack_checkpoint(checkpoint: Any, aa: AutoAttackSpec, threads: int | None = None):
     """:func:`autoattack_net` of the network in ``checkpoint`` (nothing is logged)."""
     import torch
 
@@ -381,32 +380,27 @@ def attack_checkpoint(checkpoint: Any, space: SearchSpace, threads: int | None =
     if threads:
         torch.set_num_threads(max(1, int(threads)))
     net, cfg = model_from_checkpoint(load_state(checkpoint))
-    return autoattack_net(net, cfg, space)
+    return autoattack_net(net, cfg, aa)
 
 
-def _remote_attack(checkpoint: Any, space_dump: dict[str, Any], threads: int):
-    return attack_checkpoint(checkpoint, SearchSpace.model_validate(space_dump), threads)
-
-
-def run_autoattack_jobs(cl: Any, tracking_uri: str, jobs: list[AutoAttackJob], space: SearchSpace,
-                        out: Callable[[str], None] = print) -> dict[str, float | None]:
+def run_autoattack_jobs(cl: Any, tracking_uri: str, jobs: list[AutoAttackJob], aa: AutoAttackSpec,
+                        resources: ResourcesSpec, out: Callable[[str], None] = print) -> dict[str, float | None]:
     """Attack every job's model (Ray tasks when Ray is running, see the module docstring), log each
     result into its trial's run as :func:`scoretune.evaluate.benchmark` would (``aa_<version>_acc``,
     ``eval.*`` and ``aa_check.*`` tags) plus ``aa_acc`` at the model's epoch; a failure becomes the run's
     ``scoretune.autoattack_error`` tag. Returns ``{trial_id: aa_acc or None}``."""
-    if not jobs or space.autoattack.version == "none":
+    if not jobs or aa.version == "none":
         return {}
     import ray
 
-    threads = max(1, int(space.resources.cpus))
+    threads = max(1, int(resources.cpus))
     outcomes: dict[str, Any] = {}
     if ray.is_initialized():
-        res: dict[str, float] = {"num_cpus": float(space.resources.cpus)}
-        if space.resources.gpus > 0:
-            res["num_gpus"] = float(space.resources.gpus)
-        task = ray.remote(max_retries=0, **res)(_remote_attack)
-        dump = space.model_dump(by_alias=True, exclude_none=True)
-        refs = {j.trial_id: task.remote(j.checkpoint, dump, threads) for j in jobs}
+        res: dict[str, float] = {"num_cpus": float(resources.cpus)}
+        if resources.gpus > 0:
+            res["num_gpus"] = float(resources.gpus)
+        task = ray.remote(max_retries=0, **res)(attack_checkpoint)
+        refs = {j.trial_id: task.remote(j.checkpoint, aa, threads) for j in jobs}
         for tid, ref in refs.items():
             try:
                 outcomes[tid] = ray.get(ref)
@@ -415,7 +409,7 @@ def run_autoattack_jobs(cl: Any, tracking_uri: str, jobs: list[AutoAttackJob], s
     else:
         for j in jobs:
             try:
-                outcomes[j.trial_id] = attack_checkpoint(j.checkpoint, space, threads)
+                outcomes[j.trial_id] = attack_checkpoint(j.checkpoint, aa, threads)
             except Exception as e:
                 outcomes[j.trial_id] = e
     return {j.trial_id: _log_outcome(cl, tracking_uri, j, outcomes[j.trial_id]) for j in jobs}

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 from .report import SearchSummary, TrialSummary, finite
 from .space import SearchSpace
+from .study import optuna_space, param_importances
 
 LOSS_METRICS = ("R_Madry", "train_r_madry", "train_madry_kl")  # the loss panel's metric: the first one a run has
 FLOOR_NAMES = ("floor", "search.floor", "floor_value", "R_floor")  # where a floor value may be logged
@@ -252,17 +253,9 @@ def importances(summary: SearchSummary, space: SearchSpace) -> dict[str, float]:
     """Optuna's PED-ANOVA parameter importances of this search's trials with a score (empty when fewer than 3);
     the study's ``importance.png`` also counts warm-start trials."""
     import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     primary = space.primary
-    dists: dict[str, Any] = {}
-    for name, spec in space.params.items():
-        if spec.kind == "choice":
-            dists[name] = CategoricalDistribution(list(spec.choice or []))
-        elif spec.kind == "int":
-            dists[name] = IntDistribution(int(spec.bounds[0]), int(spec.bounds[1]))
-        else:
-            dists[name] = FloatDistribution(float(spec.bounds[0]), float(spec.bounds[1]), log=spec.kind == "loguniform")
+    dists = optuna_space(space)
     study = optuna.create_study(direction="maximize" if primary.mode == "max" else "minimize")
     n = 0
     for t in summary.trials:
@@ -277,8 +270,6 @@ def importances(summary: SearchSummary, space: SearchSpace) -> dict[str, float]:
             continue
     if n < 3:
         return {}
-    from .study import param_importances  # the same PED-ANOVA as the study's importance.png
-
     return param_importances(study, [primary]).get(primary.metric, {})
 
 

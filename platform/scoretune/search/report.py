@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ..tracking import tags
+from ..tracking import finite, tags
 
 STATUSES = ("completed", "stopped_asha", "stopped_floor", "stopped_plateau", "diverged", "failed")
 EARLY = ("stopped_asha", "stopped_floor", "stopped_plateau")
@@ -24,11 +24,6 @@ EARLY = ("stopped_asha", "stopped_floor", "stopped_plateau")
 def better(a: float, b: float, mode: str) -> bool:
     """True when ``a`` is strictly better than ``b`` under ``mode`` ('max' or 'min')."""
     return a > b if mode == "max" else a < b
-
-
-def finite(v: Any) -> bool:
-    """A real, finite number (not a bool, not NaN/inf)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def best_row(rows: Iterable[Mapping[str, Any]], metric: str, mode: str) -> Mapping[str, Any] | None:

@@ -1,4 +1,5 @@
-"""What ``--resume`` does to MLflow before Tune goes on: end every child run it will not continue.
+"""Everything ``--resume`` does before Tune goes on: the search's state file, the runs it will not
+continue, and the checkpoints Tune's snapshot names but pruning deleted.
 
 Tune continues the trials of its last experiment snapshot (``Tuner.restore(resume_unfinished=True,
 restart_errored=True)``): unfinished ones under their own id, errored ones restarted under a *new* id.
@@ -6,12 +7,19 @@ The runs of trials a killed driver started after that snapshot, and the runs of 
 not continued: they are tagged ``scoretune.superseded`` with the attempt that superseded them
 (:func:`attempt_label`) and, when still RUNNING, set to KILLED -- so no run stays RUNNING forever, even
 when the resumed attempt is itself interrupted.
+
+Tune saves its experiment snapshot every few seconds, and prunes checkpoints (``keep_checkpoints``) as
+trials write them: a kill between the two can leave the snapshot naming a checkpoint that is gone, and
+Tune would fail that trial. :func:`restore_pruned_checkpoints` puts the trial's newest checkpoint on
+disk in its place first, so the trial goes on from there (or ends at once when that one holds its
+whole budget).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from trainables.ray_checkpoint import read_json_file, storage_fs
@@ -57,7 +65,32 @@ def end_superseded(cl: Any, parent_run_id: str, saved: Mapping[str, str], label:
     return changed
 
 
-# --- from state.py: The search's own state file, ``scoretune_search.json`` in the Ray experiment directory (a local path
+def restore_pruned_checkpoints(ray_path: str, out: Callable[[str], None] = print) -> list[str]:
+    """For each unfinished trial of the snapshot at ``ray_path`` whose checkpoint is gone, copy the newest
+    checkpoint left in its folder to that path; returns the trial ids put back. Local storage only
+    (object stores have no pruning race: Tune writes the snapshot there after the upload)."""
+    import shutil
+
+    from ray.tune import ExperimentAnalysis
+
+    if "://" in ray_path:
+        return []
+    restored = []
+    for trial in ExperimentAnalysis(ray_path).trials:
+        ckpt = trial.checkpoint
+        if trial.status in ("TERMINATED", "ERROR") or ckpt is None or Path(ckpt.path).exists():
+            continue
+        newest = max(Path(ckpt.path).parent.glob("checkpoint_*"), default=None, key=lambda d: d.name)
+        if newest is None:
+            out(f"trial {trial.trial_id}: its checkpoint {ckpt.path} is gone and no other is left; Tune will fail it")
+            continue
+        shutil.copytree(newest, ckpt.path)
+        restored.append(trial.trial_id)
+        out(f"trial {trial.trial_id}: Tune's snapshot named checkpoint {Path(ckpt.path).name}, which pruning "
+            f"deleted after the snapshot; it goes on from its newest, {newest.name}")
+    return restored
+
+
 STATE_FILE = "scoretune_search.json"
 
 

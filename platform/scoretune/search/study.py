@@ -22,8 +22,6 @@ name that is already there (delete it or pick another name).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import math
 import time
 import warnings
@@ -33,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
 from ..errors import UserError
-from ..tracking import tags
+from ..tracking import file_lock, tags
 from ..tracking.runs import child_runs, find_parent_runs
 from .space import SearchSpace
 
@@ -76,12 +74,10 @@ def open_storage(url: str):
 
     sqlite = url.startswith("sqlite:///")
     lock = Path(unquote(url[len("sqlite:///"):]) + ".lock") if sqlite else None
-    if lock is not None:
-        lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         for attempt in range(3):
             try:
-                with _file_lock(lock):  # two searches sharing a storage_path start at once: one creates the tables
+                with file_lock(lock):  # two searches sharing a storage_path start at once: one creates the tables
                     _create_schema(url)
                     return optuna.storages.RDBStorage(url, heartbeat_interval=None,
                                                       engine_kwargs={"connect_args": {"timeout": 30}} if sqlite else None)
@@ -92,20 +88,6 @@ def open_storage(url: str):
     except Exception as e:  # bad URL, missing driver, unreachable server
         raise StudyStorageError(f"study_storage: cannot open {url}: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
                                 "(check the URL, or leave study_storage out for a SQLite file beside the MLflow store)") from None
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path | None):
-    """An exclusive ``flock`` on ``path`` (None: no lock) for the block."""
-    if path is None:
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _create_schema(url: str) -> None:
@@ -383,10 +365,6 @@ def abandon_running(storage: Any, study_name: str) -> int:
         storage.set_trial_user_attr(tid, ABANDONED_ATTR, "asked by a killed search attempt, never run")
         storage.set_trial_state_values(tid, TrialState.FAIL)
     return len(stuck)
-
-
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def constraint_values(constraints: list[Any], metrics: dict[str, float | None]) -> dict[str, float]:

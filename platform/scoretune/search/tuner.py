@@ -18,9 +18,10 @@ from typing import Any, Sequence
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
 from ..config import pin_data_paths
+from ..tracking import finite
 from .report import best_values
 from .space import ObjectiveSpec, SearchSpace
-from .study import ABANDONED_ATTR, CONSTRAINT_ATTR, _num, build_sampler, constraint_values, optuna_space
+from .study import ABANDONED_ATTR, CONSTRAINT_ATTR, build_sampler, constraint_values, optuna_space
 
 
 class StudySearcher(Searcher):
@@ -95,7 +96,7 @@ class StudySearcher(Searcher):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._remember(trial_id, result)
         metric, _ = self._objectives[0]
-        if trial_id in self._done or len(self._objectives) > 1 or _num(result.get(metric)) is None:
+        if trial_id in self._done or len(self._objectives) > 1 or not finite(result.get(metric)):
             return
         self._trial(trial_id).report(float(result[metric]), int(result.get("training_iteration", 0)))
 
@@ -111,15 +112,20 @@ class StudySearcher(Searcher):
         if result and not error:
             best = best_values(rows, [ObjectiveSpec(metric=m, mode=mode) for m, mode in self._objectives])
             values = [best.get(f"best_{m}", result.get(m)) for m, _ in self._objectives]
-            values = None if any(_num(v) is None for v in values) else [float(v) for v in values]
-            if values is not None and self._constraints:
+        if values is None or any(v is None for v in values):  # errored, or stopped before any value
+            state, values = (TrialState.FAIL if error else TrialState.PRUNED), None
+        elif not all(finite(v) for v in values):  # NaN or inf: Optuna takes no such value
+            state, values = TrialState.FAIL, None
+        else:
+            state, values = TrialState.COMPLETE, [float(v) for v in values]
+            if self._constraints:
                 at = next((r for r in rows if r.get("epoch") == best.get("best_epoch")), result)
-                measured = {c.metric: _num(at.get(c.metric)) for c in self._constraints}
+                measured = {c.metric: float(at[c.metric]) if finite(at.get(c.metric)) else None
+                            for c in self._constraints}
                 trial = self._trial(trial_id)
                 trial.set_user_attr(CONSTRAINT_ATTR, measured)
                 for key, v in constraint_values(self._constraints, measured).items():
                     trial.set_constraint(key, v)
-        state = TrialState.COMPLETE if values else TrialState.FAIL if error else TrialState.PRUNED
         self.study.tell(self._numbers[trial_id], values, state=state)
 
     # --- Tune's save and restore of the searcher (the experiment folder), and the reconciliation
@@ -172,7 +178,7 @@ def _ran(point: dict[str, Any], trials: Any) -> bool:
     return any(t.params == dict(point) for t in trials)
 
 
-def build_scheduler(space: SearchSpace):
+def build_trial_scheduler(space: SearchSpace):
     """ASHA on ``epoch`` (the primary objective; ``max_t`` defaults to the largest epoch budget), or FIFO."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 

@@ -14,7 +14,7 @@ Fail fast, and safely:
 * Writes that must survive a server outage go through :mod:`scoretune.tracking.buffer`. MLflow's own
   retries are bounded (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 2, backoff factor 1, timeout 30 s, set
   with ``os.environ.setdefault`` at import, so a user's own settings win) instead of ~5 minutes.
-* The first client of a local SQLite store is created under ``fcntl.flock`` on ``<db>.lock``, so
+* The first client of a local SQLite store is created under a file lock on ``<db>.lock``, so
   processes starting together on a new file do not race on its schema (alembic "table already
   exists"); :func:`get_or_create_experiment` tolerates another process creating the experiment.
 * :func:`forbid_pickle` sets ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``: nothing loaded from a
@@ -103,12 +103,26 @@ def check_credentials(uri: str) -> None:
         what = (f"refused user {who!r} (HTTP {resp.status_code}): check MLFLOW_TRACKING_PASSWORD" if who else
                 f"requires a login (HTTP {resp.status_code}): export MLFLOW_TRACKING_USERNAME and "
                 "MLFLOW_TRACKING_PASSWORD (scoretune launch passes them on to the cluster job)")
-        raise TrackingAuthError(f"the MLflow server at {_masked(uri)} {what}")
+        raise TrackingAuthError(f"the MLflow server at {masked(uri)} {what}")
 
 
-def _masked(uri: str) -> str:
-    parts = urlsplit(uri)
-    return f"{parts.scheme}://***@{uri.split('@', 1)[1]}" if parts.username or parts.password else uri
+def uri_has_credentials(uri: str | None) -> bool:
+    """Whether ``uri`` carries a user name or password (``http://user:pw@host``, ``postgresql://u:p@h/db``)."""
+    if not uri or "://" not in uri:
+        return False
+    try:
+        parts = urlsplit(uri)
+        return bool(parts.username or parts.password)
+    except ValueError:  # e.g. a port out of range
+        return "@" in uri.split("://", 1)[1].split("/", 1)[0]
+
+
+def masked(uri: str) -> str:
+    """``uri`` with its credentials replaced by ``***`` (``http://***@host:5000``): what messages and logs show."""
+    if not uri_has_credentials(uri):
+        return uri
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -120,21 +134,23 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 @contextlib.contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """An exclusive ``fcntl.flock`` on ``<db>.lock`` next to a local SQLite store (no-op otherwise)."""
-    db = sqlite_path(uri)
-    if db is None:
+def file_lock(path: Path | None) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (created with its folder) for the block; None: no lock.
+    Processes that open one SQLite store (MLflow's, Optuna's) at once take it, so one creates the tables."""
+    if path is None:
         yield
         return
-    import fcntl
+    import filelock
 
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(path)):
+        yield
+
+
+def store_lock(uri: str) -> contextlib.AbstractContextManager[None]:
+    """:func:`file_lock` on ``<db>.lock`` next to a local SQLite store (no lock otherwise)."""
+    db = sqlite_path(uri)
+    return file_lock(None if db is None else db.with_name(db.name + ".lock"))
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -190,16 +206,15 @@ def param_value(v: Any) -> str:
 _param_value = param_value
 
 
+def finite(v: Any) -> bool:
+    """A real, finite number: an int or float (numpy's too), not a bool, not NaN or inf."""
+    return (isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, (bool, np.bool_))
+            and math.isfinite(float(v)))
+
+
 def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Numeric, finite entries only (MLflow rejects NaN on some stores)."""
-    out = {}
-    for k, v in metrics.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
-            continue
-        f = float(v)
-        if math.isfinite(f):
-            out[k] = f
-    return out
+    """The finite numeric entries as floats (MLflow rejects NaN on some stores)."""
+    return {k: float(v) for k, v in metrics.items() if finite(v)}
 
 
 class RunLogger:

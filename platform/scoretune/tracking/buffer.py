@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from ..errors import UserError
-from . import mlflow_error, resolve_tracking_uri, store_lock, tags
+from . import masked, mlflow_error, resolve_tracking_uri, store_lock, tags
 
 JOURNAL_FORMAT = "scoretune-tracking-journal"
 JOURNAL_VERSION = 1
@@ -86,14 +86,6 @@ def is_transient(e: BaseException) -> bool:
         return code >= 500 or code in (401, 403, 408, 429)
     return isinstance(e, (OSError, TimeoutError, ConnectionError)) or type(e).__module__.startswith(
         ("requests", "urllib3"))
-
-
-def masked(uri: str) -> str:
-    """``uri`` without credentials (``http://***@host:5000``)."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        return f"{parts.scheme}://***@{uri.split('@', 1)[1]}"
-    return uri
 
 
 @dataclass

@@ -86,7 +86,7 @@ def version_description(parent: Any, best: Any, *, metric: str, mode: str, value
              f"among the trials with a logged model.",
              f"- trial {t.get(tags.TRIAL, '?')}, run `{best.info.run_id}`, model from epoch {t.get(tags.MODEL_EPOCH, '?')}"
              f" (best epoch {int(best.data.metrics['best_epoch']) if 'best_epoch' in best.data.metrics else '?'})",
-             f"- searched values: " + ", ".join(f"{k}={v}" for k, v in best.data.params.items()
+             "- searched values: " + ", ".join(f"{k}={v}" for k, v in best.data.params.items()
                                                if k not in ("method", "model", "data", "eps", "norm", "epochs",
                                                             "workers", "floor") and "." not in k)]
     if "aa_acc" in best.data.metrics:
