@@ -217,13 +217,18 @@ def test_bad_floor_stopper_in_a_space_names_the_key(floor, key):
 
 def test_floor_stop_tags_name_the_epoch_the_value_and_the_floor():
     from scoretune.search.callback import floor_stop_tags
+    from scoretune.stopping import Stop
     from scoretune.tracking import tags
 
-    stopper = SimpleNamespace(floor=0.3, metric="train_r_madry", reasons={"t1": "floor: ..."},
-                              stopped_epochs={"t1": 7}, stop_values={"t1": 0.21})
-    assert floor_stop_tags("t1", [stopper]) == {tags.FLOOR_STOP_EPOCH: "7", tags.FLOOR_VALUE: "0.3",
-                                                tags.FLOOR_STOP_VALUE: "0.21", tags.FLOOR_METRIC: "train_r_madry"}
-    assert floor_stop_tags("t2", [stopper]) == {}
+    from trainables.stoppers import FloorStopper
+
+    stopper = FloorStopper(floor=0.3, patience=2)
+    for epoch, r in enumerate([0.5, 0.4, 0.35, 0.5, 0.3, 0.25, 0.21], 1):
+        stopper("t1", {"epoch": epoch, "train_r_madry": r})
+    assert floor_stop_tags(stopper.stops["t1"]) == {tags.FLOOR_STOP_EPOCH: "7", tags.FLOOR_VALUE: "0.3",
+                                                    tags.FLOOR_STOP_VALUE: "0.21", tags.FLOOR_METRIC: "train_r_madry"}
+    assert floor_stop_tags(None) == {}
+    assert floor_stop_tags(Stop("plateau", "plateau: ...", 4, "val_pgd_acc", 0.5)) == {}
 
 
 def test_train_with_floor_auto_on_the_toy_resolves_it_and_can_stop(tmp_path):
@@ -284,9 +289,12 @@ def test_floor_stop_tags_give_the_refined_floor_a_trial_fell_below():
     from scoretune.search.callback import floor_stop_tags
     from scoretune.tracking import tags
 
-    stopper = SimpleNamespace(floor=0.3, metric="train_r_madry", reasons={"t1": "floor: ..."},
-                              stopped_epochs={"t1": 9}, stop_values={"t1": 0.04}, stop_floors={"t1": 0.05})
-    assert floor_stop_tags("t1", [stopper])[tags.FLOOR_VALUE] == "0.05"
+    from trainables.stoppers import FloorStopper
+
+    stopper = FloorStopper(floor=0.3, patience=1, refine=True)
+    stopper("t0", {"epoch": 1, "val_pgd_acc": 0.9, "val_c_l1": 0.1 ** 0.5, "train_r_madry": 0.5})  # floor 0.05
+    stopper("t1", {"epoch": 9, "val_pgd_acc": 0.5, "train_r_madry": 0.04})
+    assert floor_stop_tags(stopper.stops["t1"])[tags.FLOOR_VALUE] == "0.05"
 
 
 def test_refine_in_a_space_makes_every_trial_measure_c_l1_and_shares_one_refiner():

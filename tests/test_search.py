@@ -21,8 +21,9 @@ from types import SimpleNamespace
 
 import pytest
 from procs import descendants
-from scoretune.search.report import best_values, classify_trial, dominates, pareto_front
+from scoretune.search.report import best_values, classify_trial, dominates, pareto_front, stop_of
 from scoretune.search.space import ObjectiveSpec, build_space
+from scoretune.stopping import Stop
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"data": {"name": "digits", "val_size": 0.1}, "model": {"name": "mlp"},
@@ -58,12 +59,12 @@ def test_best_values_read_every_objective_at_the_primary_best_epoch():
 
 
 def test_classify_trial_floor_then_budget_then_asha():
-    floor = SimpleNamespace(reasons={"a": "floor: train_r_madry below ..."})
-    plateau = SimpleNamespace(reasons={"p": "plateau: val_pgd_acc has not improved ..."})
-    assert classify_trial("a", 2, 4, [floor], "asha")[0] == "stopped_floor"
-    assert classify_trial("p", 3, 4, [floor, plateau], "asha")[0] == "stopped_plateau"
-    assert classify_trial("b", 4, 4, [floor], "asha")[0] == "completed"
-    assert classify_trial("c", 1, 4, [floor], "asha")[0] == "stopped_asha"
+    floor = SimpleNamespace(stops={"a": Stop("floor", "floor: train_r_madry below ...", 2)})
+    plateau = SimpleNamespace(stops={"p": Stop("plateau", "plateau: val_pgd_acc has not improved ...", 3)})
+    assert classify_trial(stop_of("a", [floor]), 2, 4, "asha")[0] == "stopped_floor"
+    assert classify_trial(stop_of("p", [floor, plateau]), 3, 4, "asha")[0] == "stopped_plateau"
+    assert classify_trial(stop_of("b", [floor]), 4, 4, "asha")[0] == "completed"
+    assert classify_trial(stop_of("c", [floor]), 1, 4, "asha")[0] == "stopped_asha"
 
 
 # ----------------------------------------------------------------------------- helpers for the Ray tests

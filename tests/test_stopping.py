@@ -7,7 +7,6 @@ import pickle
 from pathlib import Path
 
 import pytest
-
 from scoretune.stopping import FloorRule, PlateauRule, build_stopper
 
 FLOOR = 0.03
@@ -146,9 +145,10 @@ def test_tune_floor_stopper_keeps_one_rule_per_trial_and_records_reasons():
     assert decisions["a"] == [False, False, True, True]
     assert decisions["b"] == [False, False, False, False]
     assert stopper.stop_all() is False
-    assert set(stopper.reasons) == {"a"}
-    assert stopper.reasons["a"] == "floor: train_r_madry below (C^l1)^2/2=0.03 for 2 epochs since epoch 2"
-    assert stopper.stopped_epochs["a"] == 3
+    assert set(stopper.stops) == {"a"}
+    assert stopper.stops["a"].reason == "floor: train_r_madry below (C^l1)^2/2=0.03 for 2 epochs since epoch 2"
+    assert stopper.stops["a"].epoch == 3
+    assert (stopper.stops["a"].kind, stopper.stops["a"].value, stopper.stops["a"].floor) == ("floor", a[2], 0.03)
 
 
 def test_tune_rule_stopper_with_any_rule_and_pickles():
@@ -159,7 +159,7 @@ def test_tune_rule_stopper_with_any_rule_and_pickles():
     stopper = RuleStopper(functools.partial(PlateauRule, "val_pgd_acc", "max", 2))
     for i, acc in enumerate([0.5, 0.4, 0.3], 1):
         stop = stopper("t1", {"training_iteration": i, "val_pgd_acc": acc})
-    assert stop and stopper.reasons["t1"].startswith("plateau:")
+    assert stop and stopper.stops["t1"].reason.startswith("plateau:") and stopper.stops["t1"].kind == "plateau"
     assert stopper("t2", {"training_iteration": 1, "val_pgd_acc": 0.1}) is False
     clone = pickle.loads(pickle.dumps(FloorStopper(0.1, 3)))
     assert clone.floor == 0.1 and clone.patience == 3 and clone("x", {"train_r_madry": 0.0}) is False
@@ -286,7 +286,7 @@ def test_tune_floor_stopper_refines_every_trial_from_the_best_trial_so_far():
     assert stopper("a", {"epoch": 1, "val_pgd_acc": 0.9, "val_c_l1": 0.3, "train_r_madry": 0.5}) is False
     assert stopper("b", {"epoch": 1, "val_pgd_acc": 0.6, "val_c_l1": 0.5, "train_r_madry": 0.1}) is False
     assert stopper("b", {"epoch": 2, "val_pgd_acc": 0.6, "train_r_madry": 0.04}) is True
-    assert stopper.stop_floors["b"] == pytest.approx(0.045)
+    assert stopper.stops["b"].floor == pytest.approx(0.045)
     assert stopper.rule("a").refiner is stopper.rule("b").refiner
     clone = pickle.loads(pickle.dumps(stopper))
     assert clone.rule("a").refiner is clone.rule("b").refiner is clone.refiner

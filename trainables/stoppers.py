@@ -3,7 +3,7 @@
 Tune calls ``stopper(trial_id, result)`` after every reported result (one epoch of a trial)
 and ``stopper.stop_all()`` to end the whole experiment. :class:`RuleStopper` keeps one rule
 per trial, so trials never share state, and records why each stopped trial stopped in
-``reasons`` (the search's MLflow logging tags the trial's run with it).
+``stops`` (the search's MLflow logging tags the trial's run with it).
 
     from trainables.stoppers import FloorStopper
     tune.RunConfig(stop=FloorStopper(floor=0.03, patience=2))
@@ -15,8 +15,7 @@ import functools
 from typing import Any, Callable
 
 from ray.tune import Stopper
-
-from scoretune.stopping import FloorRefiner, FloorRule, Rule
+from scoretune.stopping import FloorRefiner, FloorRule, Rule, Stop
 
 __all__ = ["RuleStopper", "FloorStopper"]
 
@@ -24,8 +23,8 @@ __all__ = ["RuleStopper", "FloorStopper"]
 class RuleStopper(Stopper):
     """One rule per trial from ``rule_factory()``; a trial stops when its rule says so.
 
-    ``reasons[trial_id]`` is the stopping rule's reason, ``stopped_epochs[trial_id]`` the epoch
-    it stopped at (when the rule records one). Never stops the whole experiment.
+    ``stops[trial_id]`` is the :class:`~scoretune.stopping.Stop` of each stopped trial (which rule, why,
+    at which epoch, the watched value, the floor). Never stops the whole experiment.
     Keep ``rule_factory`` picklable (a class or ``functools.partial``, not a lambda) so the
     stopper can be checkpointed with the experiment.
     """
@@ -33,10 +32,7 @@ class RuleStopper(Stopper):
     def __init__(self, rule_factory: Callable[[], Rule]):
         self.rule_factory = rule_factory
         self.rules: dict[str, Rule] = {}
-        self.reasons: dict[str, str] = {}
-        self.stopped_epochs: dict[str, int | None] = {}
-        self.stop_values: dict[str, float | None] = {}  # the watched metric at the stopping epoch
-        self.stop_floors: dict[str, float | None] = {}  # the floor in force then (floor rules)
+        self.stops: dict[str, Stop] = {}
 
     def rule(self, trial_id: str) -> Rule:
         """The rule watching ``trial_id`` (created on first use)."""
@@ -47,13 +43,8 @@ class RuleStopper(Stopper):
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         rule = self.rule(trial_id)
         stop = bool(rule.should_stop(result))
-        if stop and trial_id not in self.reasons:
-            self.reasons[trial_id] = rule.reason or "early_stopped"
-            self.stopped_epochs[trial_id] = getattr(rule, "stopped_epoch", None)
-            metric = getattr(rule, "metric", None)
-            value = result.get(metric) if metric else None
-            self.stop_values[trial_id] = float(value) if isinstance(value, (int, float)) else None
-            self.stop_floors[trial_id] = getattr(rule, "stopped_floor", None)
+        if stop and trial_id not in self.stops:
+            self.stops[trial_id] = rule.stop(result) or Stop("early", rule.reason or "early_stopped")
         return stop
 
     def stop_all(self) -> bool:
@@ -65,7 +56,7 @@ class FloorStopper(RuleStopper):
     the robust cross-entropy at the CE-PGD maximiser: R_Madry) below ``floor`` = (C^l1)^2/2 (Pang et
     al. 2022, Corollary 1). ``refine``: one :class:`~scoretune.stopping.FloorRefiner` shared by every
     trial's rule, so the floor is refined from the best trial so far (its ``val_c_l1`` at its best
-    ``val_pgd_acc``); ``stop_floors[trial_id]`` is the floor a stopped trial fell below."""
+    ``val_pgd_acc``); a stopped trial's ``Stop.floor`` is the floor it fell below."""
 
     def __init__(self, floor: float, patience: int = 2, metric: str = "train_r_madry", refine: bool = False):
         FloorRule(floor, patience, metric)  # validate now, not at the first result

@@ -132,10 +132,9 @@ def train_loop_per_worker(config: dict) -> dict[str, Any]:
     """One Ray Train worker. ``config = {"experiment": cfg.model_dump(), ...}`` (plus optional
     test hooks, see :mod:`trainables.probes`). Returns (rank 0's value is ``result.return_value``)
     ``{"epochs": finished epochs, "stop_reason": "completed" | early-stop reason}``."""
-    import torch
     import ray.train
     import ray.train.torch
-
+    import torch
     from scoretune.config import ExperimentConfig
     from scoretune.engine import Trainer
     from scoretune.stopping import build_stopper, replay_history
@@ -230,7 +229,6 @@ def build_torch_trainer(
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
-
     from scoretune.config import ExperimentConfig, pin_data_paths
     from scoretune.errors import UserError
 

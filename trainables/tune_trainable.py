@@ -33,8 +33,7 @@ def trial_experiment(config: dict[str, Any], trial_id: str):
     """The :class:`~scoretune.config.ExperimentConfig` of one trial: base + sampled values, named
     after the search and the trial, with the per-trial resources in ``scaling``. Early stopping is the
     search's job (Tune stoppers), so the experiment's own ``early_stop`` rule is switched off."""
-    from scoretune.config import ExperimentConfig
-    from scoretune.config import apply_params
+    from scoretune.config import ExperimentConfig, apply_params
 
     settings = config[SETTINGS_KEY]
     raw = apply_params(settings["base"], settings["targets"], sampled_point(config))
@@ -65,7 +64,6 @@ def run_in_process(cfg: Any) -> None:
     """The engine in this process: one ``tune.report`` (row + checkpoint) per epoch."""
     import torch
     from ray import tune
-
     from scoretune.engine import Trainer
 
     from .ray_checkpoint import load_state, write_checkpoint_dir

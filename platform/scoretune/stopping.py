@@ -10,8 +10,8 @@
 * :class:`PlateauRule` -- stop when a validation metric has not improved for ``patience`` epochs
   (the early stopping of Rice et al., 2020, on PGD accuracy).
 
-Every rule has ``should_stop(row: dict) -> bool`` and a ``reason`` string (empty until it stops);
-once a rule has stopped it keeps answering True. :func:`build_stopper` turns the ``early_stop``
+Every rule has ``should_stop(row: dict) -> bool``, a ``kind`` and a ``reason`` string (empty until it
+stops); once a rule has stopped it keeps answering True, and :meth:`stop` says why as a :class:`Stop`. :func:`build_stopper` turns the ``early_stop``
 section of an experiment config into a rule (or None). Ray Tune adapters live in
 ``trainables/stoppers.py``.
 """
@@ -19,15 +19,40 @@ section of an experiment config into a rule (or None). Ray Tune adapters live in
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol
 
-__all__ = ["Rule", "FloorRule", "FloorRefiner", "PlateauRule", "build_stopper"]
+__all__ = ["Rule", "Stop", "FloorRule", "FloorRefiner", "PlateauRule", "build_stopper"]
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why a rule stopped a run: the rule's ``kind`` (``floor``, ``plateau``), its one-line ``reason``, the
+    ``epoch``, the watched ``metric`` and its ``value`` then, and (floor rule) the ``floor`` in force."""
+
+    kind: str
+    reason: str
+    epoch: int | None = None
+    metric: str | None = None
+    value: float | None = None
+    floor: float | None = None
 
 
 class Rule(Protocol):
+    kind: str
     reason: str
 
     def should_stop(self, row: Mapping[str, Any]) -> bool: ...
+
+    def stop(self, row: Mapping[str, Any]) -> Stop | None: ...
+
+
+def _stop(rule: Any, row: Mapping[str, Any], floor: float | None = None) -> Stop | None:
+    """The :class:`Stop` of a rule that has stopped (``row``: the row it stopped on), else None."""
+    if rule.stopped_epoch is None:
+        return None
+    value = _value(row, rule.metric) if isinstance(row, Mapping) else None
+    return Stop(rule.kind, rule.reason, rule.stopped_epoch, rule.metric, value, floor)
 
 
 def _value(row_or_value: Mapping[str, Any] | float, metric: str) -> float | None:
@@ -109,6 +134,8 @@ class FloorRule:
     current run below began), ``below_count``, ``stopped_epoch``, ``stopped_floor`` and ``reason``.
     """
 
+    kind = "floor"
+
     def __init__(self, floor: float, patience: int = 2, metric: str = "train_r_madry",
                  refine: "bool | FloorRefiner" = False):
         floor = float(floor)
@@ -170,6 +197,9 @@ class FloorRule:
     def should_stop(self, row: Mapping[str, Any]) -> bool:
         return self.update(row)
 
+    def stop(self, row: Mapping[str, Any]) -> Stop | None:
+        return _stop(self, row, self.stopped_floor)
+
     def __repr__(self) -> str:
         return (f"FloorRule(floor={self._floor!r}, patience={self.patience}, metric={self.metric!r}"
                 f"{', refine=True' if self.refiner is not None else ''})")
@@ -182,6 +212,8 @@ class PlateauRule:
     the early stopping of Rice et al. (2020) against robust overfitting. Attributes: ``best``,
     ``best_epoch``, ``bad_epochs``, ``stopped_epoch``, ``reason``.
     """
+
+    kind = "plateau"
 
     def __init__(self, metric: str = "val_pgd_acc", mode: str = "max", patience: int = 5, min_delta: float = 0.0):
         if mode not in ("max", "min"):
@@ -233,6 +265,9 @@ class PlateauRule:
 
     def should_stop(self, row: Mapping[str, Any]) -> bool:
         return self.update(row)
+
+    def stop(self, row: Mapping[str, Any]) -> Stop | None:
+        return _stop(self, row)
 
     def __repr__(self) -> str:
         return (f"PlateauRule(metric={self.metric!r}, mode={self.mode!r}, patience={self.patience}, "

@@ -1,4 +1,4 @@
-"""The search's two Ray Tune callbacks, both run in the driver.
+"""The search's two Ray Tune callbacks, both run in the driver, and the parent run they write under.
 
 * :class:`MlflowSearchCallback` keeps one nested child run per trial (tags ``mlflow.parentRunId`` and
   ``scoretune.trial_id``), written through the buffered writer of :mod:`scoretune.tracking.buffer`,
@@ -9,12 +9,12 @@
     full resolved config is the ``config.json`` artifact;
   - per-epoch curves under the engine's names, plus ``R_Madry`` (the engine's R_Madry estimate); the
     scheduled learning rate as ``lr_sched``, so it never shares a name with the ``lr`` param;
-  - summary metrics logged once, when the trial ends (:func:`.summary.trial_summary_metrics`:
+  - summary metrics logged once, when the trial ends (:func:`.report.trial_summary_metrics`:
     ``best_<objective>`` at the best epoch, ``best_epoch``, ``epochs_run``);
   - how the trial ended: tag ``scoretune.status`` (completed / stopped_asha / stopped_floor /
     stopped_plateau / diverged / failed) with ``scoretune.stop_reason`` or ``scoretune.error``, and the
-    run name starts with :func:`.ranking.status_label` (``[asha@3] 5f2e07c5 beta=...``); a diverged
-    trial (:func:`.ranking.divergence`) is FAILED in MLflow whatever stopped it. The run ends when its
+    run name starts with :func:`.report.status_label` (``[asha@3] 5f2e07c5 beta=...``); a diverged
+    trial (:func:`.report.divergence`) is FAILED in MLflow whatever stopped it. The run ends when its
     training ends;
   - ``scoretune.best_checkpoint``: a copy of the best epoch's checkpoint that Ray's pruning does not
     touch (:func:`trainables.ray_checkpoint.preserve_checkpoint`).
@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ray.tune import Callback
 
 from ..engine import ENGINE_METRICS
+from ..stopping import Stop
 from ..tracking import PARAM_MAX, RunLogger, finite_metrics, get_or_create_experiment, tags
 from ..tracking import client as mlflow_client
 from ..tracking.buffer import open_writer
@@ -48,6 +49,7 @@ from .report import (
     finite,
     point_label,
     status_label,
+    stop_of,
     trial_summary_metrics,
 )
 from .space import SearchSpace
@@ -64,16 +66,14 @@ def result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     return {k: v for k, v in finite_metrics(result).items() if k not in _SKIP_KEYS}
 
 
-def floor_stop_tags(trial_id: str, stoppers: Sequence[Any]) -> dict[str, Any]:
-    """The tags of a trial the floor stopper stopped (epoch, the watched value, the floor, the metric); {} else."""
-    for s in stoppers or ():
-        if getattr(s, "floor", None) is not None and trial_id in getattr(s, "reasons", {}):
-            value = getattr(s, "stop_values", {}).get(trial_id)
-            floor = getattr(s, "stop_floors", {}).get(trial_id)
-            floor = s.floor if floor is None else floor
-            return {tags.FLOOR_STOP_EPOCH: str(s.stopped_epochs.get(trial_id)), tags.FLOOR_VALUE: f"{floor:.6g}",
-                    tags.FLOOR_STOP_VALUE: "" if value is None else f"{value:.6g}", tags.FLOOR_METRIC: s.metric}
-    return {}
+def floor_stop_tags(stop: Stop | None) -> dict[str, Any]:
+    """The tags of a trial the floor rule stopped (epoch, the watched value, the floor, the metric); {} else."""
+    if stop is None or stop.kind != "floor":
+        return {}
+    return {tags.FLOOR_STOP_EPOCH: str(stop.epoch), tags.FLOOR_VALUE: f"{stop.floor:.6g}",
+            tags.FLOOR_STOP_VALUE: "" if stop.value is None else f"{stop.value:.6g}", tags.FLOOR_METRIC: stop.metric}
+
+
 RENAMED = {"lr": "lr_sched"}  # per-epoch metric -> its MLflow name (the `lr` param keeps the name `lr`)
 R_MADRY_SOURCES = ("train_r_madry", "train_madry_kl")  # logged again as `R_Madry`: the first one a row has
 
@@ -403,13 +403,14 @@ class MlflowSearchCallback(Callback):
         rec = self.record(trial)
         last = max([float(r["epoch"]) for r in rec["rows"]] + [float(rec.get("logged_epoch", 0)),
                     float((trial.last_result or {}).get("epoch", 0) or 0)])
-        status, reason = classify_trial(trial.trial_id, last, rec["budget"], self.stoppers, self.space.scheduler.type)
+        stop = stop_of(trial.trial_id, self.stoppers)
+        status, reason = classify_trial(stop, last, rec["budget"], self.space.scheduler.type)
         why = divergence(rec["rows"], self.classes.get(rec.get("data", "")))
         if why is not None:
             status, reason = "diverged", f"{why}; {reason}"
         rec["reason"] = reason
         self._end(trial, rec, status, "FAILED" if status == "diverged" else "FINISHED", {tags.REASON: reason,
-                                             **floor_stop_tags(trial.trial_id, self.stoppers)})
+                                             **floor_stop_tags(stop)})
 
     def verdict(self, trial_id: str) -> tuple[str, str] | None:
         """``(status, reason)`` of an ended trial as this callback judged it (None while it runs)."""
@@ -489,7 +490,8 @@ class ProgressCallback(Callback):
 
         budget = self.space.epoch_budget(sampled_point(trial.config))
         last = self.last_epoch.get(trial.trial_id, (trial.last_result or {}).get("epoch", 0))
-        status, reason = classify_trial(trial.trial_id, last, budget, self.stoppers, self.space.scheduler.type)
+        status, reason = classify_trial(stop_of(trial.trial_id, self.stoppers), last, budget,
+                                        self.space.scheduler.type)
         judged = getattr(self, "judge", None)
         judged = judged(trial.trial_id) if judged is not None else None
         if judged is not None:
@@ -504,7 +506,7 @@ class ProgressCallback(Callback):
         self.out(f"           traceback: {trial.path}/error.txt")
 
 
-# --- from mlflow_io.py: The search's small MLflow writers, shared by the driver, the callback and finalize: the parent run
+# ----------------------------------------------------------------------------- the parent run and batched writes
 def start_parent_run(space: SearchSpace, *, name: str, ray_path: str, tracking_uri: str | None,
                      space_text: str | None = None) -> RunLogger:
     """Create the search's parent run (tags ``scoretune.kind=search``, ``scoretune.search_name``,

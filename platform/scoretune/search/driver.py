@@ -6,14 +6,15 @@ SCORE's floor stopper, driver-side MLflow logging and live progress lines.
 
 Before Ray starts, the driver checks the name (one rule, see :mod:`scoretune.names`; the experiment
 folder must stay inside ``storage_path``), loads the base experiment's dataset once (a missing or
-corrupt dataset is one error line, not one failed trial each) and resolves the floor. Ray is started
+corrupt dataset is one error line, not one failed trial each) and resolves the floor (:func:`resolve_floor_estimate`). Ray is started
 or joined through :func:`scoretune.drivers.ray_session.ray_session`.
 
 * Trials: :func:`trainables.tune_trainable.scoretune_trial` (see :mod:`.tuner`). A failing trial (NaN
   loss, OOM, a bad value) is marked failed with its error and the search goes on.
 * Resume: ``Tuner.restore(path, resume_unfinished=True, restart_errored=True)`` with the space saved in
   the state file (:mod:`.resume`); the MLflow parent run and the child runs are found again by their
-  tags, so nothing is logged twice, and the runs Tune will not continue are ended (:mod:`.resume`).
+  tags, so nothing is logged twice; the runs Tune will not continue are ended and checkpoints its snapshot
+  names but pruning deleted are put back (:mod:`.resume`).
 """
 
 from __future__ import annotations
@@ -325,7 +326,7 @@ def _interrupted(results: Any) -> bool:
     return results.num_terminated + results.num_errors < len(results)
 
 
-# --- from floor.py: The floor (C^l1)^2/2 of SCORE's floor stopper (Corollary 1 of Pang et al. 2022) for a search: the
+# ----------------------------------------------------------------------------- the floor (C^l1)^2/2 of the floor stopper (Corollary 1)
 def floor_cache_dir(space: SearchSpace) -> Path | None:
     """Where the proxies of ``estimate: auto`` are cached: ``storage_path/floor_cache`` (local storage
     only; None for remote storage, where each search trains its own)."""

@@ -1,4 +1,4 @@
-"""After the search: bring MLflow in line with the finished search and summarise it.
+"""After the search: bring MLflow in line with the finished search, attack the best models, summarise it.
 
 :func:`finalize_search` gives every trial's child run its terminal status, deals with the runs of
 trials the search did not continue (see :mod:`.resume`), logs the best checkpoints of the top-k
@@ -339,7 +339,7 @@ def parent_description(summary: SearchSummary, space: SearchSpace, ui_base: str 
     return "\n".join(lines)
 
 
-# --- from aa_tasks.py: The end-of-search AutoAttack of the top-k models as Ray tasks, all at once.
+# ----------------------------------------------------------------------------- AutoAttack of the top-k models (Ray tasks, all at once)
 @dataclasses.dataclass
 class AutoAttackJob:
     """One model to attack: the trial's run, its best checkpoint (a ``ray.tune.Checkpoint``) and epoch."""

@@ -1,12 +1,12 @@
-"""Comparing trials: better/best-epoch values, Pareto dominance and front, and how a trial ended.
+"""Comparing and summarising trials: pure functions and records (no Ray, no MLflow but its tags).
 
-Pure functions (no Ray, no MLflow): the searcher, the callbacks and the summary all rank with these.
-
-How a trial ended (:func:`classify_trial`): a stopper's ``reasons`` holds it -> stopped_floor /
-stopped_plateau; it reached its epoch budget -> completed; otherwise (terminated early by the
-scheduler) -> stopped_asha. Whatever stopped it, a trial that ends at chance accuracy or with an
-exploding loss is ``diverged`` (:func:`divergence`). :func:`status_label` is the short form the
-MLflow run name starts with (``[asha@3]``, ``[floor@7]``, ``[diverged]``).
+* Ranking: better / best-epoch values, Pareto dominance and front.
+* How a trial ended (:func:`classify_trial`): a stopper's :class:`~scoretune.stopping.Stop` -> stopped_floor
+  / stopped_plateau; its epoch budget reached -> completed; otherwise (ASHA) -> stopped_asha. A trial at
+  chance accuracy or with an exploding loss is ``diverged`` whatever stopped it (:func:`divergence`);
+  :func:`status_label` is the short form the run name starts with (``[asha@3]``, ``[floor@7]``).
+* The summary: :class:`TrialSummary` rows, the :class:`SearchSummary`, the results table and report.
+* Constraints after the search: which trials are feasible.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from ..stopping import Stop
 from ..tracking import finite, tags
 
 STATUSES = ("completed", "stopped_asha", "stopped_floor", "stopped_plateau", "diverged", "failed")
@@ -63,21 +64,24 @@ def pareto_front(points: Sequence[Sequence[float]], modes: Sequence[str]) -> lis
             if not any(dominates(q, p, modes) for j, q in enumerate(points) if j != i)]
 
 
-def classify_trial(trial_id: str, last_epoch: float | None, budget: int, stoppers: Sequence[Any],
-                   scheduler: str) -> tuple[str, str]:
-    """(status, reason) of a trial that ended without an error."""
-    for st in stoppers:
-        reason = getattr(st, "reasons", {}).get(trial_id)
-        if reason:
-            kind = "stopped_floor" if reason.startswith("floor") else (
-                "stopped_plateau" if reason.startswith("plateau") else "stopped_early")
-            return kind, reason
+STOPPED = {"floor": "stopped_floor", "plateau": "stopped_plateau"}  # a Stop's kind -> the trial's status
+
+
+def classify_trial(stop: Stop | None, last_epoch: float | None, budget: int, scheduler: str) -> tuple[str, str]:
+    """(status, reason) of a trial that ended without an error; ``stop``: a stopper's verdict on it."""
+    if stop is not None:
+        return STOPPED.get(stop.kind, "stopped_early"), stop.reason
     epochs = int(last_epoch or 0)
     if epochs >= budget:
         return "completed", f"reached the epoch budget ({budget})"
     if scheduler == "asha":
         return "stopped_asha", f"ASHA stopped it after epoch {epochs} of {budget} (below the rung cutoff)"
     return "stopped_early", f"ended after epoch {epochs} of {budget}"
+
+
+def stop_of(trial_id: str, stoppers: Sequence[Any]) -> Stop | None:
+    """The first of the search's stoppers' verdicts on ``trial_id`` (None: no stopper stopped it)."""
+    return next((s.stops[trial_id] for s in stoppers if trial_id in s.stops), None)
 
 
 LOSS_KEYS = ("train_loss", "train_robust", "train_madry_kl", "train_r_madry")
@@ -139,7 +143,7 @@ def status_label(status: str, epoch: int | None = None) -> str:
     return f"[{_SHORT.get(status, status)}@{int(epoch)}]"
 
 
-# --- from summary.py: What a finished search returns and prints: :class:`TrialSummary` rows, the :class:`SearchSummary`,
+# ----------------------------------------------------------------------------- the summary: trial rows, tables, the report
 def trial_summary_metrics(rows: Sequence[Mapping[str, Any]], objectives: Sequence[Any]) -> dict[str, float]:
     """The metrics a trial's run gets once, when it ends: ``best_<objective>`` (every objective at the
     primary objective's best epoch, the first one on a tie), ``best_epoch`` and ``epochs_run``."""
@@ -319,7 +323,7 @@ def format_report(summary: SearchSummary, space: Any) -> str:
     return "\n".join(lines)
 
 
-# --- from feasibility.py: Constraints after the search: which trials are feasible.
+# ----------------------------------------------------------------------------- constraints after the search
 def metric_at(cl: Any, run_id: str, metric: str, epoch: float | None) -> float | None:
     """``metric`` of a run at step ``epoch`` (None: not logged there)."""
     hist = cl.get_metric_history(run_id, metric)

@@ -13,7 +13,7 @@ YAML) and the parameters to search, each a distribution over one experiment key:
     scheduler: {type: asha, grace_period: 1, reduction_factor: 2}
     stoppers: {floor: {value: 0.1, patience: 2}}
 
-Validation happens before anything runs: pydantic checks the schema here, :mod:`.space` the
+Validation happens before anything runs: pydantic checks the schema, :func:`validate_space` the
 rules across the base experiment (every point the search can sample must make a valid experiment);
 every error is one line naming the key and, where there is a fixed set, the allowed values.
 
@@ -488,7 +488,7 @@ def load_space(path: str | os.PathLike, overrides: list[str] | None = None) -> S
     return build_space(raw, overrides, source=str(p), path=p)
 
 
-# --- from validate.py: The rules of a search space that pydantic cannot express, checked before anything runs: the base
+# ----------------------------------------------------------------------------- the rules pydantic cannot express (base x params)
 _MAX_JOINT_CHECKS = 512  # joint validation of every combination of probe values up to this many
 
 

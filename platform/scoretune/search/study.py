@@ -1,4 +1,6 @@
-"""Where a search's Optuna study lives: an RDB storage, one study per search name.
+"""The search's Optuna study: where it lives, its sampler, warm start, constraints and importance.
+
+Where it lives: an RDB storage, one study per search name.
 
 * ``study_storage:`` in the space (any SQLAlchemy URL Optuna accepts, e.g. the cluster's
   ``postgresql://user@db-host/optuna``) wins;
@@ -129,7 +131,7 @@ def refuse_existing(storage, url: str, name: str) -> None:
                                 f"--study-name {name} --storage {url}`")
 
 
-# --- from importance.py: What mattered: Optuna's parameter importance for each objective of a finished search.
+# ----------------------------------------------------------------------------- parameter importance (PED-ANOVA)
 METHOD = "PED-ANOVA"
 
 
@@ -219,7 +221,7 @@ def importance_figure(imp: Mapping[str, Mapping[str, float]]):
 
 
 
-# --- from warm_start.py: Warm starts: an earlier search's finished trials as completed trials of a new Optuna study.
+# ----------------------------------------------------------------------------- warm start: an earlier search's trials
 WARM_ATTR = "scoretune.warm_start_run"  # user attr of a warm-started Optuna trial: its MLflow run
 
 

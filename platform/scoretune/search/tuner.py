@@ -219,7 +219,7 @@ def combined_stopper(stoppers: list[Any]):
     return CombinedStopper(*stoppers)
 
 
-# --- from trials.py: What the Tune trials of a search are: their names, the constant settings every trial gets, and the
+# ----------------------------------------------------------------------------- the trainable and its shared settings
 PREFIX = "trial_"
 
 
