@@ -314,23 +314,26 @@ def test_refine_in_a_space_makes_every_trial_measure_c_l1_and_shares_one_refiner
     assert plain.refiner is None
 
 
-def test_the_search_logs_each_refinement_of_the_floor_on_the_parent_run():
+def test_the_search_logs_each_refinement_of_the_floor_on_the_parent_run(tmp_path):
     from scoretune.search.callback import MlflowSearchCallback
-    from scoretune.tracking import tags
+    from scoretune.tracking import client, get_or_create_experiment, tags
 
     from trainables.stoppers import FloorStopper
 
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cl = client(uri)
+    exp = get_or_create_experiment(cl, "floors")
+    parent = cl.create_run(exp).info.run_id
     stopper = FloorStopper(floor=0.3, patience=2, refine=True)
-    cb = MlflowSearchCallback(toy_space(), tracking_uri="sqlite:///unused.db", parent_run_id="P", experiment_id="1",
-                              stoppers=[stopper], floor=0.3)
+    cb = MlflowSearchCallback(toy_space(), tracking_uri=uri, parent_run_id=parent, experiment_id=exp,
+                              stoppers=[stopper], floor=0.3, journal=str(tmp_path / "journal.jsonl"))
     cb._log_refined_floor()
-    assert "pending_metrics" not in cb.parent_rec  # nothing measured yet: nothing to log
+    assert cl.get_metric_history(parent, "floor_refined") == []  # nothing measured yet: nothing to log
     stopper("a", {"epoch": 1, "val_pgd_acc": 0.5, "val_c_l1": 0.6, "train_r_madry": 1.0})
     cb._log_refined_floor()
     cb._log_refined_floor()  # unchanged: logged once
     stopper("a", {"epoch": 2, "val_pgd_acc": 0.7, "val_c_l1": 0.4, "train_r_madry": 0.8})
     cb._log_refined_floor()
-    logged = [(step, values["floor_refined"]) for step, _, values in cb.parent_rec["pending_metrics"]]
+    logged = sorted((m.step, m.value) for m in cl.get_metric_history(parent, "floor_refined"))
     assert logged == [(1, pytest.approx(0.18)), (2, pytest.approx(0.08))]
-    assert "C^l1 0.4 of the model of best val_pgd_acc 0.7, epoch 2" in cb.parent_rec["pending_tags"][tags.FLOOR_REFINED]
-    assert "P" in cb._dirty
+    assert "C^l1 0.4 of the model of best val_pgd_acc 0.7, epoch 2" in cl.get_run(parent).data.tags[tags.FLOOR_REFINED]

@@ -168,3 +168,34 @@ def test_sync_replays_and_removes_the_journal(down_uri, store, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "replayed" in out and "(4 runs)" in out and not (tmp_path / "j.jsonl").exists()
     _check_store(store, "searches-sync")
+
+
+def test_a_held_writer_sends_one_steps_writes_to_a_run_as_one_call(store, tmp_path):
+    """What the search callback writes in one Tune step (a result's metrics, its checkpoint's tag) reaches
+    MLflow as one log_batch; the journal still has each write, and nothing is lost or doubled."""
+    from mlflow.entities import Metric, RunTag
+
+    from scoretune.tracking import client
+
+    cl = client(store)
+    exp = get_or_create_experiment(cl, "held")
+    w = BufferedWriter(store, tmp_path / "held.jsonl")
+    run = w.create_run(exp, run_name="trial").info.run_id
+    calls = []
+    real = w.client.log_batch
+    w.client.log_batch = lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1]
+    w.hold()
+    w.log_batch(run, metrics=[Metric("val_pgd_acc", 0.4, 1, 1), Metric("epoch", 1.0, 1, 1)])
+    w.log_batch(run, tags=[RunTag("scoretune.best_checkpoint", "/ckpt/1")])
+    w.log_batch(run, metrics=[Metric("val_pgd_acc", 0.5, 2, 2)])
+    assert calls == [] and len(w.pending) == 1  # held: queued, and one call's worth
+    w.release()
+    assert calls == [run] and not w.pending
+    got = cl.get_run(run).data
+    assert got.metrics["val_pgd_acc"] == 0.5 and got.tags["scoretune.best_checkpoint"] == "/ckpt/1"
+    assert [m.step for m in cl.get_metric_history(run, "val_pgd_acc")] == [1, 2]
+    _, ops, _ = read_journal(tmp_path / "held.jsonl")
+    assert [op["op"] for op in ops] == ["create_run", "log_batch", "log_batch", "log_batch"]
+    w.log_batch(run, metrics=[Metric("val_pgd_acc", 0.6, 3, 3)])  # not held: sent at once
+    assert calls == [run, run]
+    w.close()

@@ -249,9 +249,9 @@ class Objective:
 
 
 def madry_kl(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample KL robust loss KL(onehot(y) || p(x')) = CE(x', y): the summand of R_Madry.
+    """Per-sample KL robust loss KL(onehot(y) || p(x')) = CE(x', y): the summand of R_Madry (Eq. 2).
 
-    The engine reports its mean on adversarial training batches; the early-stopping rule
-    compares it with the floor (C^l1)^2 / 2 (Corollary 1).
+    The engine reports its mean on the adversarial training batches (``train_attack_ce``) and at the
+    CE-PGD maximiser on a fixed subsample (``train_r_madry``: what the floor rule watches).
     """
     return F.cross_entropy(logits_adv, y, reduction="none")

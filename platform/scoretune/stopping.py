@@ -87,16 +87,12 @@ class FloorRefiner:
     """The floor refined from the best model so far: ``min(floor, (C^l1)^2/2)`` with C^l1 measured on
     the model of best ``by`` (validation PGD accuracy) seen so far.
 
-    C^l1 = E_x max_{x' in B(x)} ||p_d(.|x) - p_d(.|x')||_1 is a property of the data; off the toy it is
-    estimated with a model standing in for p_d. The automatic floor's proxy (a 10-epoch training) is
-    far less robust than the models the search trains: its posterior changes within more balls, so
-    its C^l1 is too large and the floor fires while validation robustness is still climbing
-    (benchmarks/README.md, floor_stopping.py). The most robust model seen so far is the better
-    stand-in, measured where it has not been fitted: the engine's ``val_c_l1`` (``early_stop.refine``),
-    C^l1 of the current model on a fixed validation subsample, reported at each epoch that improves
-    ``by``. The refiner keeps the value of the row with the best ``by`` and never raises the floor
-    above the starting one. One refiner may be shared by the rules of many trials (a search: the
-    best trial so far refines everyone's floor).
+    C^l1 is a property of the data, estimated off the toy with a model standing in for p_d; a short
+    proxy training is less robust than the models being trained, so its C^l1 is too large (the README's
+    "Refining the floor"). The refiner reads the engine's ``val_c_l1`` (``early_stop.refine``: C^l1 of the
+    current model on a fixed validation subsample), keeps the value of the row with the best ``by`` and
+    never raises the floor above the starting one. One refiner may be shared by the rules of many
+    trials (a search: the best trial so far refines everyone's floor).
     """
 
     def __init__(self, floor: float, by: str = "val_pgd_acc", c_metric: str = "val_c_l1"):

@@ -1,26 +1,11 @@
 """The search's two Ray Tune callbacks, both run in the driver, and the parent run they write under.
 
-* :class:`MlflowSearchCallback` keeps one nested child run per trial (tags ``mlflow.parentRunId`` and
-  ``scoretune.trial_id``), written through the buffered writer of :mod:`scoretune.tracking.buffer`,
-  laid out for the MLflow UI:
-
-  - params: the searched values under their own names (``beta``, ``lr`` ...) plus a few identifying
-    constants (:func:`identity_params`: method, model, data, eps, norm, epochs, workers, floor); the
-    full resolved config is the ``config.json`` artifact;
-  - per-epoch curves under the engine's names, plus ``R_Madry`` (the engine's R_Madry estimate); the
-    scheduled learning rate as ``lr_sched``, so it never shares a name with the ``lr`` param;
-  - summary metrics logged once, when the trial ends (:func:`.report.trial_summary_metrics`:
-    ``best_<objective>`` at the best epoch, ``best_epoch``, ``epochs_run``);
-  - how the trial ended: tag ``scoretune.status`` (completed / stopped_asha / stopped_floor /
-    stopped_plateau / diverged / failed) with ``scoretune.stop_reason`` or ``scoretune.error``, and the
-    run name starts with :func:`.report.status_label` (``[asha@3] 5f2e07c5 beta=...``); a diverged
-    trial (:func:`.report.divergence`) is FAILED in MLflow whatever stopped it. The run ends when its
-    training ends;
-  - ``scoretune.best_checkpoint``: a copy of the best epoch's checkpoint that Ray's pruning does not
-    touch (:func:`trainables.ray_checkpoint.preserve_checkpoint`).
-
-  A resumed search finds existing child runs by their trial id tag (see :mod:`.resume` for the runs it
-  will not continue).
+* :class:`MlflowSearchCallback`: one nested child run per trial (tag ``scoretune.trial_id``), laid out
+  for the MLflow UI: the searched values and a few identifying constants as params (the full config
+  as ``config.json``); per-epoch curves under the engine's names (the scheduled lr as ``lr_sched``);
+  when the trial ends, its best-epoch summary, how it ended (``scoretune.status`` and the reason; the
+  run name starts with the status) and the path of its best checkpoint, kept out of Ray's pruning.
+  A diverged trial is FAILED in MLflow whatever stopped it; a resumed search finds its runs by tag.
 * :class:`ProgressCallback` prints one line per event: a trial starts, a new best appears, a trial
   ends (with the running counts).
 """
@@ -30,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -37,7 +23,7 @@ from ray.tune import Callback
 
 from ..engine import ENGINE_METRICS
 from ..stopping import Stop
-from ..tracking import PARAM_MAX, RunLogger, finite_metrics, get_or_create_experiment, tags
+from ..tracking import RunLogger, finite_metrics, get_or_create_experiment, param_value, tags
 from ..tracking import client as mlflow_client
 from ..tracking.buffer import open_writer
 from .report import (
@@ -143,14 +129,30 @@ def trial_error_message(trial: Any) -> str:
     return (lines[-1] if lines else "unknown error")[:500]
 
 
+@dataclass
+class TrialRecord:
+    """What the MLflow callback keeps of one trial; part of Tune's experiment snapshot, so a resumed
+    search goes on from it (``synced`` False: MLflow may be ahead, read it again on first use)."""
+
+    run_id: str | None = None
+    point: dict[str, Any] = field(default_factory=dict)  # the searched values
+    budget: int = 0  # its epoch budget
+    data: str = ""  # its dataset (for the chance-accuracy test)
+    rows: list[dict[str, float]] = field(default_factory=list)  # the engine's metrics per epoch
+    logged_epoch: int = 0  # the last epoch MLflow has
+    status: str = "running"  # how this callback judged it
+    status_tag: str | None = None  # the status tag MLflow has
+    reason: str = ""
+    synced: bool = True
+
+
 class MlflowSearchCallback(Callback):
     """Driver-side MLflow logging of every trial of a search (see the module docstring).
 
-    Picklable (Tune stores it with the experiment); the MLflow client is created on first use: the
-    buffered writer of :mod:`scoretune.tracking.buffer` for ``journal`` (shared with the driver), so a
-    tracking server that goes away costs no trial and no metric.
-    ``get_state``/``set_state`` keep the per-trial records (run id, epoch rows) in Tune's
-    experiment snapshot, so a resumed search goes on where the snapshot left off.
+    Writes go through the search's buffered writer (:mod:`scoretune.tracking.buffer`, shared with the
+    driver), so a tracking server that goes away costs no trial and no metric. The writer is held for
+    the length of each Tune step: what one step writes to a run (a result's metrics and the tag of the
+    checkpoint it brought) goes in one ``log_batch``. Picklable (Tune stores it with the experiment).
     """
 
     def __init__(self, space: SearchSpace, *, tracking_uri: str, parent_run_id: str, experiment_id: str,
@@ -163,32 +165,20 @@ class MlflowSearchCallback(Callback):
         self.stoppers = list(stoppers)
         self.floor = floor
         self.refined: tuple[float, int] | None = None  # the refined floor last logged on the parent, and its step
-        self.trials: dict[str, dict[str, Any]] = {}
+        self.trials: dict[str, TrialRecord] = {}
         self.classes: dict[str, int | None] = {}
         self._client = None
         self._children: dict[str, Any] | None = None
-        self._dirty: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_client"] = None
-        state["_children"] = None
-        state["_dirty"] = set()
-        state["_parent_rec"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.__dict__.setdefault("_children", None)
-        self.__dict__.setdefault("_dirty", set())
+        return {**self.__dict__, "_client": None, "_children": None}
 
     @property
     def client(self):
         if self._client is None:
             from ..tracking.buffer import default_journal
 
-            self._client = open_writer(self.tracking_uri, getattr(self, "journal", None) or
-                                       default_journal(self.parent_run_id),
+            self._client = open_writer(self.tracking_uri, self.journal or default_journal(self.parent_run_id),
                                        experiments={self.experiment_id: self.space.experiment_name})
         return self._client
 
@@ -197,11 +187,8 @@ class MlflowSearchCallback(Callback):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.trials = dict(state.get("trials") or {})
-        for rec in self.trials.values():  # MLflow may be ahead of the snapshot: re-read it on first use
-            rec["synced"] = False
-            rec.pop("flushed_at", None)
-            if rec.get("run_id") and (rec.get("pending_metrics") or rec.get("pending_tags")):
-                self._dirty.add(rec["run_id"])  # writes the stopped driver had not made yet
+        for rec in self.trials.values():
+            rec.synced = False
 
     # -- records
     def _existing_child(self, trial_id: str) -> Any | None:
@@ -218,24 +205,24 @@ class MlflowSearchCallback(Callback):
                 return None
         return self._children.get(trial_id)
 
-    def record(self, trial: Any) -> dict[str, Any]:
+    def record(self, trial: Any) -> TrialRecord:
         """The trial's record (its MLflow child run is found by tag, else created)."""
         tid = trial.trial_id
         rec = self.trials.get(tid)
-        if rec is not None and rec.get("run_id") and rec.get("synced", True):
+        if rec is not None and rec.run_id and rec.synced:
             return rec
-        rec = rec or {"rows": [], "logged_epoch": 0, "status": "running"}
-        rec["synced"] = True
+        rec = rec or TrialRecord()
+        rec.synced = True
         from trainables.tune_trainable import sampled_point, trial_experiment
 
         point = sampled_point(trial.config)
         found = self._existing_child(tid)
         if found is not None:
-            rec["run_id"] = found.info.run_id
-            rec["logged_epoch"] = max(int(rec.get("logged_epoch", 0)), int(found.data.metrics.get("epoch", 0)))
-            rec["rows"] = merge_rows(rec["rows"], checkpoint_rows(trial))
+            rec.run_id = found.info.run_id
+            rec.logged_epoch = max(rec.logged_epoch, int(found.data.metrics.get("epoch", 0)))
+            rec.rows = merge_rows(rec.rows, checkpoint_rows(trial))
             self.client.update_run(found.info.run_id, status="RUNNING")
-            rec["status_tag"] = found.data.tags.get(tags.STATUS)
+            rec.status_tag = found.data.tags.get(tags.STATUS)
         else:
             from mlflow.entities import Param
 
@@ -255,92 +242,62 @@ class MlflowSearchCallback(Callback):
                                                                  default=str), "config.json")
                 if cfg.data.name not in self.classes:
                     self.classes[cfg.data.name] = num_classes_of(cfg)
-                rec["data"] = cfg.data.name
+                rec.data = cfg.data.name
             if self.floor is not None:
                 params["floor"] = self.floor
-            items = [Param(k, str(v) if len(str(v)) <= PARAM_MAX else str(v)[: PARAM_MAX - 3] + "...")
-                     for k, v in params.items()]
-            for i in range(0, len(items), 100):
-                self.client.log_batch(run.info.run_id, params=items[i: i + 100])
-            rec["run_id"] = run.info.run_id
-            rec["status_tag"] = "running"
+            self.client.log_batch(run.info.run_id, params=[Param(k, param_value(v)) for k, v in params.items()])
+            rec.run_id = run.info.run_id
+            rec.status_tag = "running"
             if self._children is not None:
                 self._children[tid] = run
-        rec["point"] = point
-        rec["budget"] = self.space.epoch_budget(point)
+        rec.point = point
+        rec.budget = self.space.epoch_budget(point)
         self.trials[tid] = rec
         return rec
 
-    # -- writes: a trial's metrics and tags wait in its record and go to MLflow in one log_batch at most
-    # every FLUSH_S seconds (by on_step_end, at the end of the Tune step that queued them; the first at
-    # once), and with how it ended
-    FLUSH_S = 1.0
-
-    def _queue(self, rec: dict[str, Any], metrics: Mapping[str, Any] | None = None, step: int = 0,
+    def _write(self, run_id: str, metrics: Mapping[str, Any] | None = None, step: int = 0,
                run_tags: Mapping[str, Any] | None = None) -> None:
-        if metrics:
-            rec.setdefault("pending_metrics", []).append([int(step), int(time.time() * 1000), finite_metrics(metrics)])
-        if run_tags:
-            rec.setdefault("pending_tags", {}).update({k: str(v)[:5000] for k, v in run_tags.items()})
-        self._dirty.add(rec["run_id"])  # sent by on_step_end, after Tune has handled the whole event: a
-        # result's metrics and the best-checkpoint tag its checkpoint brings go in one log_batch, not two
-
-    def _flush(self, rec: dict[str, Any]) -> None:
-        """Write the record's waiting metrics (each at its own step and time) and tags in one call (MLflow
-        takes 1,000 metrics and 100 tags a call; more go in further calls)."""
+        """One ``log_batch`` of finite ``metrics`` at ``step`` and ``run_tags`` (sent at the step's end)."""
         from mlflow.entities import Metric, RunTag
 
-        rows, run_tags = rec.pop("pending_metrics", []), rec.pop("pending_tags", {})
-        self._dirty.discard(rec["run_id"])
-        rec["flushed_at"] = time.monotonic()
-        metrics = [Metric(k, v, ts, step) for step, ts, values in rows for k, v in values.items()]
-        tag_list = [RunTag(k, v) for k, v in run_tags.items()]
-        for i in range(0, max(len(metrics), 10 * len(tag_list)), 1000):
-            self.client.log_batch(rec["run_id"], metrics=metrics[i: i + 1000], tags=tag_list[i // 10: i // 10 + 100])
-
-    def _flush_due(self, every: float) -> None:
-        now = time.monotonic()
-        by_run = {rec.get("run_id"): rec for rec in self.trials.values()}
-        by_run[self.parent_run_id] = self.parent_rec
-        for run_id in list(self._dirty):
-            rec = by_run.get(run_id)
-            if rec is None:
-                self._dirty.discard(run_id)
-            elif now - rec.get("flushed_at", float("-inf")) >= every:
-                self._flush(rec)
-
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if self._dirty:
-            self._flush_due(self.FLUSH_S)
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._flush_due(0.0)
+        ts = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, v, ts, int(step)) for k, v in finite_metrics(metrics or {}).items()],
+                              tags=[RunTag(k, str(v)[:5000]) for k, v in (run_tags or {}).items()])
 
     # -- Tune hooks
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        self.client.hold()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self.client.release()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.client.release()
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         rec = self.record(trial)
-        rec["status"] = "running"
-        if rec.get("status_tag") != "running":  # a new run was created with it
-            self._queue(rec, run_tags={tags.STATUS: "running"})
-            rec["status_tag"] = "running"
+        rec.status = "running"
+        if rec.status_tag != "running":  # a new run was created with it
+            self._write(rec.run_id, run_tags={tags.STATUS: "running"})
+            rec.status_tag = "running"
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         rec = self.record(trial)
         metrics = result_metrics(result)
         epoch = int(metrics.get("epoch", result.get("training_iteration", 0)))
         metrics["epoch"] = float(epoch)
-        rec["rows"] = merge_rows(rec["rows"], [{k: v for k, v in metrics.items() if k in ENGINE_METRICS or k == "epoch"}])
-        best = best_values(rec["rows"], self.space.objective)
+        rec.rows = merge_rows(rec.rows, [{k: v for k, v in metrics.items() if k in ENGINE_METRICS or k == "epoch"}])
+        best = best_values(rec.rows, self.space.objective)
         path = result.get("checkpoint_path")  # Ray Train trials (TuneReportCallback)
         if isinstance(path, str):
             self._checkpoint(rec, epoch, path, best)
-        if epoch > int(rec["logged_epoch"]):
+        if epoch > rec.logged_epoch:
             extra = {}
             src = next((k for k in R_MADRY_SOURCES if k in metrics), None)
             if src is not None:
                 extra["R_Madry"] = metrics[src]
-            self._queue(rec, {**{RENAMED.get(k, k): v for k, v in metrics.items()}, **extra}, step=epoch)
-            rec["logged_epoch"] = epoch
+            self._write(rec.run_id, {**{RENAMED.get(k, k): v for k, v in metrics.items()}, **extra}, step=epoch)
+            rec.logged_epoch = epoch
         self._log_refined_floor()
 
     def _log_refined_floor(self) -> None:
@@ -351,30 +308,22 @@ class MlflowSearchCallback(Callback):
             refiner = getattr(s, "refiner", None)
             if refiner is None or refiner.c_l1 is None:
                 continue
-            last = getattr(self, "refined", None)
-            if last is not None and last[0] == refiner.floor:
+            if self.refined is not None and self.refined[0] == refiner.floor:
                 return
-            step = 1 if last is None else last[1] + 1
+            step = 1 if self.refined is None else self.refined[1] + 1
             self.refined = (refiner.floor, step)
-            self._queue(self.parent_rec, {"floor_refined": refiner.floor, "floor_refined_c_l1": refiner.c_l1},
+            self._write(self.parent_run_id, {"floor_refined": refiner.floor, "floor_refined_c_l1": refiner.c_l1},
                         step=step, run_tags={tags.FLOOR_REFINED: refiner.describe()})
             return
-
-    @property
-    def parent_rec(self) -> dict[str, Any]:
-        """The parent run's write queue (not part of the snapshot: the refined floor is logged again on change)."""
-        if getattr(self, "_parent_rec", None) is None:
-            self._parent_rec = {"run_id": self.parent_run_id}
-        return self._parent_rec
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         rec = self.record(trial)
         epoch = int((trial.last_result or {}).get("epoch", 0))
-        self._checkpoint(rec, epoch, checkpoint.path, best_values(rec["rows"], self.space.objective))
+        self._checkpoint(rec, epoch, checkpoint.path, best_values(rec.rows, self.space.objective))
 
-    def _checkpoint(self, rec: dict[str, Any], epoch: int, path: str, best: Mapping[str, float]) -> None:
+    def _checkpoint(self, rec: TrialRecord, epoch: int, path: str, best: Mapping[str, float]) -> None:
         """A checkpoint of the trial's best epoch so far is copied (hard links where possible) out of Ray's
-        pruning; the copy's path goes into the ``scoretune.best_checkpoint`` tag with the run's next write."""
+        pruning; the copy's path goes into the ``scoretune.best_checkpoint`` tag."""
         if int(best.get("best_epoch", -1)) != epoch:
             return
         from trainables.ray_checkpoint import preserve_checkpoint
@@ -383,41 +332,38 @@ class MlflowSearchCallback(Callback):
             kept = preserve_checkpoint(path)
         except OSError:  # storage trouble: the original is still there for now; finalize re-checks the tag
             kept = path
-        self._queue(rec, run_tags={tags.BEST_CKPT: kept})
+        self._write(rec.run_id, run_tags={tags.BEST_CKPT: kept})
 
-    def _end(self, trial: Any, rec: dict[str, Any], status: str, run_status: str, extra_tags: Mapping[str, str]) -> None:
+    def _end(self, trial: Any, rec: TrialRecord, status: str, run_status: str, extra_tags: Mapping[str, str]) -> None:
         """The trial's summary metrics, status tags and status-first run name; the run ends now."""
-        last = max([int(r["epoch"]) for r in rec["rows"]] + [int(rec.get("logged_epoch", 0) or 0),
+        last = max([int(r["epoch"]) for r in rec.rows] + [rec.logged_epoch,
                     int((trial.last_result or {}).get("epoch", 0) or 0)])
-        rec["status"] = status
-        summary = trial_summary_metrics(rec["rows"], self.space.objective)
-        summary["epochs_run"] = float(last)
-        rec.setdefault("pending_metrics", []).append([int(last), int(time.time() * 1000), finite_metrics(summary)])
-        name = trial_run_name(trial.trial_id, rec.get("point") or {}, status, last)
-        rec.setdefault("pending_tags", {}).update({k: str(v)[:5000] for k, v in {
-            tags.STATUS: status, tags.RUN_NAME: name, **extra_tags}.items()})
-        self._flush(rec)  # the name rides in the last log_batch (MLflow renames the run for that tag):
-        self.client.set_terminated(rec["run_id"], status=run_status)  # 2 writes, not 4 (update_run reads the run)
+        rec.status = status
+        summary = {**trial_summary_metrics(rec.rows, self.space.objective), "epochs_run": float(last)}
+        name = trial_run_name(trial.trial_id, rec.point, status, last)
+        # the name rides in the last log_batch (MLflow renames the run for that tag): 2 writes, not 4
+        self._write(rec.run_id, summary, step=last, run_tags={tags.STATUS: status, tags.RUN_NAME: name, **extra_tags})
+        self.client.set_terminated(rec.run_id, status=run_status)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         rec = self.record(trial)
-        last = max([float(r["epoch"]) for r in rec["rows"]] + [float(rec.get("logged_epoch", 0)),
+        last = max([float(r["epoch"]) for r in rec.rows] + [float(rec.logged_epoch),
                     float((trial.last_result or {}).get("epoch", 0) or 0)])
         stop = stop_of(trial.trial_id, self.stoppers)
-        status, reason = classify_trial(stop, last, rec["budget"], self.space.scheduler.type)
-        why = divergence(rec["rows"], self.classes.get(rec.get("data", "")))
+        status, reason = classify_trial(stop, last, rec.budget, self.space.scheduler.type)
+        why = divergence(rec.rows, self.classes.get(rec.data))
         if why is not None:
             status, reason = "diverged", f"{why}; {reason}"
-        rec["reason"] = reason
-        self._end(trial, rec, status, "FAILED" if status == "diverged" else "FINISHED", {tags.REASON: reason,
-                                             **floor_stop_tags(stop)})
+        rec.reason = reason
+        self._end(trial, rec, status, "FAILED" if status == "diverged" else "FINISHED",
+                  {tags.REASON: reason, **floor_stop_tags(stop)})
 
     def verdict(self, trial_id: str) -> tuple[str, str] | None:
         """``(status, reason)`` of an ended trial as this callback judged it (None while it runs)."""
-        rec = self.trials.get(trial_id) or {}
-        if rec.get("status") in (None, "running"):
+        rec = self.trials.get(trial_id)
+        if rec is None or rec.status == "running":
             return None
-        return rec["status"], rec.get("reason", "")
+        return rec.status, rec.reason
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         rec = self.record(trial)
@@ -492,8 +438,7 @@ class ProgressCallback(Callback):
         last = self.last_epoch.get(trial.trial_id, (trial.last_result or {}).get("epoch", 0))
         status, reason = classify_trial(stop_of(trial.trial_id, self.stoppers), last, budget,
                                         self.space.scheduler.type)
-        judged = getattr(self, "judge", None)
-        judged = judged(trial.trial_id) if judged is not None else None
+        judged = self.judge(trial.trial_id) if self.judge is not None else None
         if judged is not None:
             status, reason = judged
         self.status[trial.trial_id] = status
@@ -527,11 +472,10 @@ def experiment_id_for(tracking_uri: str, experiment: str) -> str:
 
 
 def log_metrics(cl: Any, run_id: str, metrics: Mapping[str, Any], step: int, model_id: str | None = None) -> None:
-    """Log the finite numeric entries of ``metrics`` at ``step`` in batches of 500 (attached to the
-    LoggedModel ``model_id`` too when given, so the Models tab shows them)."""
+    """Log the finite numeric entries of ``metrics`` at ``step`` (attached to the LoggedModel ``model_id``
+    too when given, so the Models tab shows them); MLflow's ``log_batch`` splits what exceeds its limits."""
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    items = [Metric(k, v, ts, int(step), model_id=model_id) for k, v in finite_metrics(metrics).items()]
-    for i in range(0, len(items), 500):
-        cl.log_batch(run_id, metrics=items[i: i + 500])
+    cl.log_batch(run_id, metrics=[Metric(k, v, ts, int(step), model_id=model_id)
+                                  for k, v in finite_metrics(metrics).items()])

@@ -104,7 +104,7 @@ def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri
         ))
         if run is not None:
             drop_missing_checkpoint_tag(cl, run)
-    mark_feasibility(cl, trials, space, out)  # issue 17: constraints (a hook; no-op without them)
+    mark_feasibility(cl, trials, space, out)  # constraints (a no-op without them)
     trials = feasible_first(rank_trials(trials, space.objective))
     pareto = front_of(trials, space.objective) if space.multi_objective else []
     summary = SearchSummary(name=name, trials=trials, pareto=pareto, parent_run_id=parent_run_id,

@@ -203,7 +203,6 @@ def param_value(v: Any) -> str:
     return s if len(s) <= PARAM_MAX else s[: PARAM_MAX - 3] + "..."
 
 
-_param_value = param_value
 
 
 def finite(v: Any) -> bool:
@@ -245,9 +244,8 @@ class RunLogger:
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
-        items = [Param(k, _param_value(v)) for k, v in params.items() if k not in existing]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i: i + 100])
+        self.client.log_batch(self.run_id, params=[Param(k, param_value(v)) for k, v in params.items()
+                                                   if k not in existing])
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         import time
@@ -255,13 +253,12 @@ class RunLogger:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, v, ts, step or 0) for k, v in finite_metrics(metrics).items()]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i: i + 500])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step or 0)
+                                                    for k, v in finite_metrics(metrics).items()])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, _param_value(v))
+            self.client.set_tag(self.run_id, k, param_value(v))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

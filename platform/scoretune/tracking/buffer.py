@@ -145,6 +145,7 @@ class BufferedWriter:
         self._next_try = 0.0
         self._said_full = False
         self._file = None
+        self._held = 0  # > 0: writes wait in the queue until release() (see hold())
         self.closed = False
         if self.journal is not None:
             self._open_journal()
@@ -198,8 +199,31 @@ class BufferedWriter:
                 entry["key"] = key
             if journal:
                 self._write_line(entry)
+            last = self.pending[-1] if self.pending else None
+            if self._held and op == "log_batch" and last is not None and last["op"] == "log_batch" \
+                    and last["run"] == run and not last.get("retry"):
+                for part in ("metrics", "params", "tags"):  # one call (MLflow's client splits big batches)
+                    last["args"][part] = last["args"][part] + args[part]
+                return last
             self.pending.append(entry)
             return entry
+
+    def hold(self) -> None:
+        """Keep writes in the queue until the matching :meth:`release`: consecutive ``log_batch`` writes to
+        one run are sent as one call (the search's Tune callback holds the writer for each Tune step)."""
+        with self._lock:
+            self._held += 1
+
+    def release(self) -> None:
+        """End one :meth:`hold`; the last one sends the queue."""
+        with self._lock:
+            self._held = max(0, self._held - 1)
+        self._send()
+
+    def _send(self) -> None:
+        """Send the queue now, unless a :meth:`hold` keeps it."""
+        if not self._held:
+            self.flush()
 
     def _resolve(self, run_id: str | None) -> str | None:
         return self.ids.get(run_id, run_id) if run_id else run_id
@@ -233,7 +257,7 @@ class BufferedWriter:
         ps, ts = [_kv(p) for p in params], [_kv(t) for t in tags]
         if ms or ps or ts:
             self._enqueue("log_batch", run_id, {"metrics": ms, "params": ps, "tags": ts})
-            self.flush()
+            self._send()
 
     def log_metric(self, run_id: str, key: str, value: float, timestamp: int | None = None,
                    step: int | None = None, **_: Any) -> None:
@@ -245,19 +269,19 @@ class BufferedWriter:
 
     def set_tag(self, run_id: str, key: str, value: Any, synchronous: bool | None = None) -> None:
         self._enqueue("set_tag", run_id, {"key": str(key), "value": str(value)})
-        self.flush()
+        self._send()
 
     def delete_tag(self, run_id: str, key: str) -> None:
         self._enqueue("delete_tag", run_id, {"key": str(key)})
-        self.flush()
+        self._send()
 
     def set_terminated(self, run_id: str, status: str | None = None, end_time: int | None = None) -> None:
         self._enqueue("set_terminated", run_id, {"status": status or "FINISHED", "end_time": int(end_time or now_ms())})
-        self.flush()
+        self._send()
 
     def update_run(self, run_id: str, status: str | None = None, name: str | None = None) -> None:
         self._enqueue("update_run", run_id, {"status": status, "name": name})
-        self.flush()
+        self._send()
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         if len(text) > MAX_TEXT:  # too big to journal: straight to the server (raises when it is down)
@@ -265,7 +289,7 @@ class BufferedWriter:
             self.client.log_text(self._resolve(run_id), text, artifact_file)
             return
         self._enqueue("log_text", run_id, {"text": text, "artifact_file": artifact_file})
-        self.flush()
+        self._send()
 
     def adopt_run(self, run_id: str) -> None:
         """Journal a run that was created without this writer (read from the server now), as delivered:
@@ -283,11 +307,10 @@ class BufferedWriter:
                                                 if not k.startswith("mlflow.") or k == tags.PARENT},
                                        "start_time": run.info.start_time}})
             self._write_line({"created": key, "run_id": run_id})
-            params = [{"key": k, "value": v} for k, v in run.data.params.items()]
-            for i in range(0, len(params), 100):
-                self._seq += 1
-                self._write_line({"seq": self._seq, "op": "log_batch", "run": run_id,
-                                  "args": {"metrics": [], "params": params[i: i + 100], "tags": []}})
+            self._seq += 1
+            self._write_line({"seq": self._seq, "op": "log_batch", "run": run_id,
+                              "args": {"metrics": [], "tags": [],
+                                       "params": [{"key": k, "value": v} for k, v in run.data.params.items()]}})
 
     # ------------------------------------------------------------------ reads: straight to the client
     def get_run(self, run_id: str):
