@@ -67,7 +67,8 @@ def test_chance_needs_the_class_count():
 def test_summary_metrics_are_the_best_epoch_values_first_on_a_tie():
     objs = [SimpleNamespace(metric="val_pgd_acc", mode="max")]
     r = rows([0.4, 0.8, 0.8, 0.6], [2, 1.5, 1.4, 1.3])
-    assert trial_summary_metrics(r, objs) == {"best_val_pgd_acc": 0.4, "best_epoch": 2.0, "epochs_run": 4.0}
+    assert trial_summary_metrics(r, objs) == {"best_val_pgd_acc": 0.4, "best_val_clean_acc": 0.8, "best_epoch": 2.0,
+                                              "epochs_run": 4.0}
     assert trial_summary_metrics([], objs) == {"epochs_run": 0.0}
 
 
@@ -222,3 +223,71 @@ def test_the_refined_floor_is_drawn_beside_the_estimated_one_and_kept_on_the_pan
     labels = [t.get_text() for t in loss.get_legend().get_texts()]
     assert "floor (C^l1)^2/2 = 0.2" in labels and "floor refined from the best model = 0.05" in labels
     assert loss.get_ylim()[0] <= 0.05
+
+
+# -- seeds: configurations over seeds, paper-style tables
+def seeded(loss, beta, pgd, aa, clean=None):
+    """One trial per seed of configuration (loss, beta)."""
+    return [{"point": {"loss": loss, "beta": beta, "seed": s}, "run": f"{loss}{beta}-{s}",
+             "metrics": {"best_val_pgd_acc": p, "aa_acc": a, **({"clean_acc": clean[s]} if clean else {})}}
+            for s, (p, a) in enumerate(zip(pgd, aa))]
+
+
+def test_trials_that_differ_only_in_seed_are_one_configuration_with_mean_std_and_n():
+    from scoretune.search.report import config_id, group_by_config
+
+    trials = seeded("se", 3.0, [0.50, 0.52, 0.54], [0.40, 0.44, 0.48], clean=[0.9, 0.8, 0.7]) + \
+        seeded("kl", 3.0, [0.55, 0.57], [0.30, 0.31]) + seeded("se", 6.0, [0.45], [0.42])
+    rows = group_by_config(trials, ["loss", "beta"])
+    assert [(r.config["loss"], r.config["beta"]) for r in rows] == [("se", 3.0), ("se", 6.0), ("kl", 3.0)]  # by AA
+    se3 = rows[0].stats
+    assert se3["AutoAttack"].mean == pytest.approx(0.44) and se3["AutoAttack"].std == pytest.approx(0.04)
+    assert se3["PGD"].n == 3 and se3["PGD"].std == pytest.approx(0.02)
+    assert se3["clean"].mean == pytest.approx(0.8) and se3["clean"].std == pytest.approx(0.1)
+    assert rows[1].stats["AutoAttack"].std == 0.0 and rows[1].stats["AutoAttack"].n == 1
+    assert rows[2].stats["clean"] is None and rows[2].stats["PGD"].mean == pytest.approx(0.56)
+    assert len({config_id(t["point"]) for t in trials if t["point"]["loss"] == "se" and t["point"]["beta"] == 3.0}) == 1
+    assert len({config_id(t["point"]) for t in trials}) == 3
+
+
+def test_report_tables_in_md_csv_and_latex_carry_the_same_numbers_and_bold_the_best_row():
+    from scoretune.search.report import format_groups, group_by_config
+
+    rows = group_by_config(seeded("se", 3.0, [0.50, 0.52], [0.40, 0.44]) + seeded("kl", 3.0, [0.6, 0.6], [0.3, 0.3]),
+                           ["loss"])
+    md = format_groups(rows, ["loss"], "md").splitlines()
+    assert md[0] == "| loss | clean (%) | PGD (%) | AutoAttack (%) |"
+    assert md[2] == "| **se** | **-** | **51.00 ± 1.41 (2)** | **42.00 ± 2.83 (2)** |"
+    assert md[3] == "| kl | - | 60.00 ± 0.00 (2) | 30.00 ± 0.00 (2) |"
+    csv = format_groups(rows, ["loss"], "csv").splitlines()
+    assert csv[0] == "loss,clean_mean,clean_std,clean_n,PGD_mean,PGD_std,PGD_n,AutoAttack_mean,AutoAttack_std,AutoAttack_n"
+    assert csv[1].split(",")[4:] == ["0.510000", "0.014142", "2", "0.420000", "0.028284", "2"]
+    latex = format_groups(rows, ["loss"], "latex")
+    assert "\\textbf{se} & \\textbf{-} & \\textbf{$51.00 \\pm 1.41$ (2)} & \\textbf{$42.00 \\pm 2.83$ (2)} \\\\" in latex
+    assert latex.startswith("\\begin{tabular}{lccc}") and latex.endswith("\\end{tabular}")
+
+
+def test_scoretune_report_reads_a_seeded_search_from_mlflow(tmp_path, capsys):
+    from mlflow.entities import Metric, Param
+
+    from scoretune import cli
+    from scoretune.tracking import client, get_or_create_experiment, tags
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cl = client(uri)
+    exp = get_or_create_experiment(cl, "seeded")
+    parent = cl.create_run(exp, tags={tags.KIND: "search", tags.SEARCH: "seeded"}).info.run_id
+    cl.log_batch(parent, params=[Param("space.loss", "choice(se, kl)"), Param("space.seed", "choice(0, 1)")])
+    for loss, seed, aa, status in [("se", 0, 0.40, "completed"), ("se", 1, 0.44, "completed"),
+                                   ("kl", 0, 0.30, "completed"), ("kl", 1, 0.99, "failed")]:
+        run = cl.create_run(exp, tags={tags.PARENT: parent, tags.TRIAL: f"{loss}{seed}", tags.STATUS: status})
+        cl.log_batch(run.info.run_id, params=[Param("loss", loss), Param("seed", str(seed))],
+                     metrics=[Metric("aa_acc", aa, 0, 0), Metric("best_val_pgd_acc", aa + 0.1, 0, 0)])
+    assert cli.main(["report", "--search", "seeded", "--tracking-uri", uri, "--format", "csv"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("loss,clean_mean")
+    assert out[1].split(",")[7:] == ["0.420000", "0.028284", "2"] and out[1].startswith("se,")
+    assert out[2].split(",")[7:] == ["0.300000", "0.000000", "1"]  # the failed seed is left out
+    assert cli.main(["report", "--search", "seeded", "--tracking-uri", uri, "--by", "beta"]) != 0
+    err = capsys.readouterr().err
+    assert "--by: beta is not a searched param of 'seeded' (searched: loss, seed)" in err and err.count("\n") == 1

@@ -14,8 +14,8 @@ import os
 import sys
 import traceback
 
-SUBCOMMANDS = ("train", "search", "promote", "evaluate", "bound", "toy", "ui", "dashboard", "launch", "status",
-               "server", "sync")
+SUBCOMMANDS = ("train", "search", "report", "promote", "evaluate", "bound", "toy", "ui", "dashboard", "launch",
+               "status", "server", "sync")
 
 
 def _available() -> list[str]:

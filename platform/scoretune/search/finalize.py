@@ -28,6 +28,7 @@ from ..tracking.runs import child_runs
 from .callback import log_metrics
 from .plots import log_plots
 from .report import (
+    SEED,
     STATUSES,
     SearchSummary,
     TrialSummary,
@@ -36,11 +37,14 @@ from .report import (
     feasible_first,
     finite,
     format_aa,
+    format_groups,
     format_table,
     front_of,
+    group_by_config,
     mark_feasibility,
     point_label,
     rank_trials,
+    summary_trials,
     table_rows,
 )
 from .space import AutoAttackSpec, ResourcesSpec, SearchSpace
@@ -289,6 +293,8 @@ def log_parent_summary(cl: Any, summary: SearchSummary, space: SearchSpace) -> N
         cl.set_tag(pid, tags.PARETO, ",".join(t.trial_id for t in summary.pareto))
     log_metrics(cl, pid, metrics, step=0)
     cl.log_text(pid, format_table(summary, list(space.params)), "trials.txt")
+    by = [k for k in space.params if k != SEED]
+    cl.log_text(pid, format_groups(group_by_config(summary_trials(summary), by), by), "report.md")
     cl.set_tag(pid, tags.NOTE, parent_description(summary, space))
     cl.set_terminated(pid, status="FINISHED")
 
@@ -331,6 +337,10 @@ def parent_description(summary: SearchSummary, space: SearchSpace, ui_base: str 
     reasons = [f"- {t.trial_id} **{t.status}**: {_md_cell(t.reason)}" for t in summary.trials
                if t.status != "completed" and t.reason]
     lines += reasons
+    if SEED in space.params:
+        by = [k for k in space.params if k != SEED]
+        lines += ["", f"Over seeds (mean ± std (n) of the trials that differ only in `{SEED}`; `scoretune report "
+                  f"--search {summary.name}`):", "", format_groups(group_by_config(summary_trials(summary), by), by)]
     if space.autoattack.version != "none":
         aa = space.autoattack
         lines += ["", f"AutoAttack: {aa.version}, {aa.split} split, n_ex={aa.n_ex} (aa_acc +- binomial standard error)."]

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..stopping import Stop
 from ..tracking import finite, tags
+from .space import ObjectiveSpec
 
 STATUSES = ("completed", "stopped_asha", "stopped_floor", "stopped_plateau", "diverged", "failed")
 EARLY = ("stopped_asha", "stopped_floor", "stopped_plateau")
@@ -144,10 +145,15 @@ def status_label(status: str, epoch: int | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- the summary: trial rows, tables, the report
+CLEAN = "val_clean_acc"  # logged at the best epoch too, for the tables' clean column
+
+
 def trial_summary_metrics(rows: Sequence[Mapping[str, Any]], objectives: Sequence[Any]) -> dict[str, float]:
-    """The metrics a trial's run gets once, when it ends: ``best_<objective>`` (every objective at the
-    primary objective's best epoch, the first one on a tie), ``best_epoch`` and ``epochs_run``."""
-    out = best_values(rows, objectives)
+    """The metrics a trial's run gets once, when it ends: ``best_<objective>`` (every objective, and the
+    clean validation accuracy, at the primary objective's best epoch, the first one on a tie),
+    ``best_epoch`` and ``epochs_run``."""
+    clean = [] if any(o.metric == CLEAN for o in objectives) else [ObjectiveSpec(metric=CLEAN)]
+    out = best_values(rows, [*objectives, *clean])
     epochs = [float(r["epoch"]) for r in rows if finite(r.get("epoch"))]
     out["epochs_run"] = max(epochs, default=0.0)
     return out
@@ -303,6 +309,9 @@ def format_report(summary: SearchSummary, space: Any) -> str:
         v = best.value(space.primary.metric)
         lines.append(f"best trial {best.trial_id}: {space.primary.metric}={v:.4f} ({point_label(best.point)}); "
                      f"MLflow run {best.run_id}" + (f"; model {best.model_uri}" if best.model_uri else ""))
+    if SEED in space.params:
+        by = [k for k in space.params if k != SEED]
+        lines += ["", "over seeds (mean ± std (n), %):", format_groups(group_by_config(summary_trials(summary), by), by)]
     infeasible = [t.trial_id for t in summary.trials if t.feasible is False]
     if infeasible:
         lines.append(f"infeasible (marked !, never best or on the front): {len(infeasible)} trials")
@@ -321,6 +330,115 @@ def format_report(summary: SearchSummary, space: Any) -> str:
     else:
         lines.append(f"next: scoretune promote --search {summary.name}   |   scoretune ui")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- seeds: configurations as mean +- std
+SEED = "seed"
+COLUMNS = {"clean": ("clean_acc", "best_val_clean_acc"), "PGD": ("best_val_pgd_acc",), "AutoAttack": ("aa_acc",)}
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample standard deviation (0 for one value) and count of one column of a configuration."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Stat | None:
+        xs = [float(v) for v in values if finite(v)]
+        if not xs:
+            return None
+        m = sum(xs) / len(xs)
+        var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1) if len(xs) > 1 else 0.0
+        return cls(m, var ** 0.5, len(xs))
+
+
+@dataclass
+class ConfigRow:
+    """One configuration (the values of the grouping params) over its seeds."""
+
+    config: dict[str, Any]
+    stats: dict[str, Stat | None]
+    runs: list[str] = field(default_factory=list)
+
+    @property
+    def config_id(self) -> str:
+        return config_id(self.config)
+
+
+def config_id(point: Mapping[str, Any], exclude: Sequence[str] = (SEED,)) -> str:
+    """A short stable id of a configuration: its params but ``exclude`` (the seed), order-free."""
+    import hashlib
+    import json
+
+    key = json.dumps({k: point[k] for k in sorted(point) if k not in exclude}, default=str, sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
+def group_by_config(trials: Sequence[Mapping[str, Any]], by: Sequence[str],
+                    columns: Mapping[str, Sequence[str]] = COLUMNS) -> list[ConfigRow]:
+    """Trials (``{"point": params, "metrics": ..., "run": id}``) grouped by the values of ``by``; each
+    column is the mean +- std over the group of the first of its metric names a trial has. Best first
+    (by the last column that has values, AutoAttack before PGD)."""
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for t in trials:
+        groups.setdefault(tuple(str(t["point"].get(k)) for k in by), []).append(t)
+    rows = []
+    for members in groups.values():
+        stats = {col: Stat.of([next((m["metrics"][n] for n in names if finite(m["metrics"].get(n))), None)
+                               for m in members]) for col, names in columns.items()}
+        rows.append(ConfigRow({k: members[0]["point"].get(k) for k in by}, stats, [m.get("run") for m in members]))
+    key = next((c for c in reversed(list(columns)) if any(r.stats[c] for r in rows)), None)
+    if key is not None:
+        rows.sort(key=lambda r: -r.stats[key].mean if r.stats[key] else math.inf)
+    return rows
+
+
+def format_groups(rows: Sequence[ConfigRow], by: Sequence[str], fmt: str = "md") -> str:
+    """The paper-style table of :func:`group_by_config`: one row per configuration, each column
+    ``mean ± std (n)``, the best row in bold (md, latex); ``csv`` has mean, std and n columns."""
+    columns = list(rows[0].stats) if rows else list(COLUMNS)
+
+    def value(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    if fmt == "csv":
+        head = list(by) + [f"{c}_{s}" for c in columns for s in ("mean", "std", "n")]
+        lines = [",".join(head)]
+        for r in rows:
+            cells = [value(r.config[k]) for k in by]
+            for c in columns:
+                s = r.stats[c]
+                cells += ["", "", "0"] if s is None else [f"{s.mean:.6f}", f"{s.std:.6f}", str(s.n)]
+            lines.append(",".join(cells))
+        return "\n".join(lines)
+
+    def cell(s: Stat | None) -> str:
+        if s is None:
+            return "-"
+        return (f"${s.mean * 100:.2f} \\pm {s.std * 100:.2f}$ ({s.n})" if fmt == "latex"
+                else f"{s.mean * 100:.2f} ± {s.std * 100:.2f} ({s.n})")
+
+    body = [[value(r.config[k]) for k in by] + [cell(r.stats[c]) for c in columns] for r in rows]
+    head = list(by) + [f"{c} (%)" for c in columns]
+    if fmt == "latex":
+        bold = [f"\\textbf{{{x}}}" for x in body[0]] if body else []
+        lines = ["\\begin{tabular}{" + "l" * len(by) + "c" * len(columns) + "}", "\\toprule",
+                 " & ".join(head) + " \\\\", "\\midrule"]
+        lines += [" & ".join(cells) + " \\\\" for cells in ([bold] + body[1:] if body else [])]
+        return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, cells in enumerate(body):
+        lines.append("| " + " | ".join(f"**{c}**" if i == 0 else c for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def summary_trials(summary: SearchSummary) -> list[dict[str, Any]]:
+    """The finished search's trials as :func:`group_by_config` takes them (failed ones left out)."""
+    return [{"point": t.point, "run": t.run_id, "metrics": {**t.best, "aa_acc": t.aa_acc}}
+            for t in summary.trials if t.status != "failed"]
 
 
 # ----------------------------------------------------------------------------- constraints after the search

@@ -54,3 +54,28 @@ def find_train_run(cl: Any, experiment_id: str, run_path: str) -> Any | None:
 def logged_epochs(cl: Any, run_id: str) -> int:
     """The last epoch a run has logged (its ``epoch`` metric's largest step; 0 when none)."""
     return max((int(m.step) for m in cl.get_metric_history(run_id, "epoch")), default=0)
+
+
+def param_number(text: str) -> Any:
+    """A logged param value as the number it was (``3`` -> 3, ``0.05`` -> 0.05), else the text."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text
+
+
+def search_trials(cl: Any, parent: Any) -> list[dict[str, Any]]:
+    """The trials of search ``parent`` (a Run) as rows ``{"point", "metrics", "run"}``: the searched params
+    (those the parent logged as ``space.<name>``) with their values, the run's metrics and its id. Runs a
+    resume superseded and trials that failed are left out."""
+    searched = [k[len("space."):] for k in parent.data.params if k.startswith("space.")]
+    rows = []
+    for run in child_runs(cl, parent):
+        t = run.data.tags
+        if tags.SUPERSEDED in t or t.get(tags.STATUS) == "failed":
+            continue
+        point = {k: param_number(run.data.params[k]) for k in searched if k in run.data.params}
+        rows.append({"point": point, "metrics": dict(run.data.metrics), "run": run.info.run_id})
+    return rows
