@@ -13,6 +13,14 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
+# The search tests' settings, in one place.
+TINY = {"data": {"name": "digits", "val_size": 0.1}, "model": {"name": "mlp"},
+        "attack": {"eps": 0.1, "steps": 1}, "eval": {"pgd_steps": 2, "max_samples": 128, "test": False},
+        "epochs": 1, "batch_size": 128, "device": "cpu"}  # the smallest real experiment: an MLP on digits
+QUICK = ["num_samples=4", "max_concurrent=2", "base.epochs=2", "base.attack.steps=1", "base.eval.pgd_steps=2",
+         "base.batch_size=128", "scheduler.grace_period=1"]  # the quickstart space, shrunk (--set overrides)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

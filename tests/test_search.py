@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import conftest
 import pytest
 from procs import descendants
 from scoretune.search.report import best_values, classify_trial, dominates, pareto_front, stop_of
@@ -26,9 +27,7 @@ from scoretune.search.space import ObjectiveSpec, build_space
 from scoretune.stopping import Stop
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"data": {"name": "digits", "val_size": 0.1}, "model": {"name": "mlp"},
-        "attack": {"eps": 0.1, "steps": 1}, "eval": {"pgd_steps": 2, "max_samples": 128, "test": False},
-        "epochs": 4, "batch_size": 128, "device": "cpu"}
+TINY = {**conftest.TINY, "epochs": 4}
 
 
 # ----------------------------------------------------------------------------- pure helpers (no Ray)
@@ -94,8 +93,7 @@ def history(cl, run, metric):
 
 # ----------------------------------------------------------------------------- quickstart (shrunk)
 
-QUICK = ["num_samples=4", "max_concurrent=2", "base.epochs=2", "base.attack.steps=1", "base.eval.pgd_steps=2",
-         "base.batch_size=128", "scheduler.grace_period=1", "top_k=1"]
+QUICK = [*conftest.QUICK, "top_k=1"]
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
+import conftest
 import pytest
 from scoretune.config import ConfigError
 from scoretune.search.space import build_space
@@ -446,8 +447,7 @@ def test_dashboard_serves_the_study_on_localhost(tmp_path):
 
 # ----------------------------------------------------------------------------- end to end (Ray)
 
-QUICK = ["num_samples=4", "max_concurrent=2", "base.epochs=2", "base.attack.steps=1", "base.eval.pgd_steps=2",
-         "base.batch_size=128", "scheduler.grace_period=1", "top_k=0", "sampler.n_startup_trials=3"]
+QUICK = [*conftest.QUICK, "top_k=0", "sampler.n_startup_trials=3"]
 
 
 def quickstart(d, uri, *extra):

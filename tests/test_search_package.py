@@ -11,15 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import pytest
 from scoretune.errors import UserError
 from scoretune.search import driver
 from scoretune.search.space import build_space, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"data": {"name": "digits", "val_size": 0.1}, "model": {"name": "mlp"},
-        "attack": {"eps": 0.1, "steps": 1}, "eval": {"pgd_steps": 2, "max_samples": 128, "test": False},
-        "epochs": 1, "batch_size": 128, "device": "cpu"}
+TINY = conftest.TINY
 
 
 @pytest.fixture
@@ -280,7 +279,6 @@ def test_a_trial_whose_snapshot_names_a_pruned_checkpoint_goes_on_from_its_newes
     import time
 
     from ray import tune
-
     from scoretune.search.resume import restore_pruned_checkpoints
 
     exp = tmp_path / "ray" / "race"
@@ -295,7 +293,10 @@ tune.Tuner(counting, run_config=tune.RunConfig(name="race", storage_path={str(tm
     try:
         deadline = time.time() + 120
         while time.time() < deadline:  # until Tune's snapshot names a checkpoint of the running trial
-            trials = tune.ExperimentAnalysis(str(exp)).trials if (exp / "tuner.pkl").exists() else []
+            try:
+                trials = tune.ExperimentAnalysis(str(exp)).trials
+            except ValueError:  # no snapshot yet
+                trials = []
             if trials and trials[0].checkpoint is not None and trials[0].status != "TERMINATED":
                 break
             time.sleep(0.3)
@@ -325,3 +326,34 @@ def _counting():
     namespace: dict = {}
     exec(COUNTING_TRAINABLE, namespace)
     return namespace["counting"]
+
+
+# ----------------------------------------------------------------------------- seeds as a dimension
+
+
+@pytest.mark.slow
+def test_a_grid_search_over_seeds_reports_each_configuration_as_mean_std_and_n(ray_local, tmp_path):
+    from scoretune.tracking import client
+    from scoretune.tracking.runs import find_parent_runs
+
+    raw = {"name": "seeded", "base": TINY, "params": {"beta": {"choice": [1.0, 6.0]}, "seed": {"choice": [0, 1]}},
+           "sampler": {"type": "grid"}, "num_samples": 4, "max_concurrent": 2, "top_k": 0,
+           "scheduler": {"type": "none"}, "storage_path": str(tmp_path / "ray")}
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    lines: list[str] = []
+    summary = driver.run_search(build_space(raw), tracking_uri=uri, out=lines.append)
+    assert summary is not None and len(summary.trials) == 4
+    assert sorted((t.point["beta"], t.point["seed"]) for t in summary.trials) == [(1.0, 0), (1.0, 1), (6.0, 0), (6.0, 1)]
+    cl = client(uri)
+    (parent,) = find_parent_runs(cl, "seeded")
+    report = cl.download_artifacts(parent.info.run_id, "report.md", str(tmp_path))
+    table = Path(report).read_text().splitlines()
+    assert table[0] == "| beta | clean (%) | PGD (%) | AutoAttack (%) |" and len(table) == 4
+    assert all(row.replace("**", "").endswith("| - |") and "(2)" in row for row in table[2:])  # 2 seeds; no AA
+    pgd = {t.point["beta"]: [] for t in summary.trials}
+    for t in summary.trials:
+        pgd[t.point["beta"]].append(t.value("val_pgd_acc"))
+    best_beta = max(pgd, key=lambda b: sum(pgd[b]) / 2)
+    mean = sum(pgd[best_beta]) / 2
+    assert table[2].startswith(f"| **{best_beta:.4g}** |") and f"**{mean * 100:.2f} ± " in table[2]
+    assert "Over seeds" in parent.data.tags["mlflow.note.content"]

@@ -240,3 +240,10 @@ TEXTS = st.one_of(st.text(max_size=12), st.sampled_from(WEIRD + ["[0.5,", "{a: 1
 def test_random_set_strings_validate_or_name_the_field(pairs):
     overrides = [f"{k}={v}" for k, v in pairs]
     _check(lambda: build_config({}, overrides), [k or "--set" for k, _ in pairs] + ["--set"])
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_a_boolean_for_a_number_or_keyword_field_names_the_field(value):
+    """``early_stop.floor`` takes a number or 'auto': ``false`` is neither (found by the property test)."""
+    with pytest.raises(ConfigError, match=r"early_stop\.floor"):
+        build_config({"early_stop": {"rule": "floor", "floor": value}})

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -50,10 +51,11 @@ class ConfigError(UserError, ValueError):
 
 
 def _numeric(annotation: Any) -> bool:
-    """int or float, or Optional of one (a bool field is neither)."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] if typing.get_origin(annotation) else []
-    inner = args[0] if len(args) == 1 else annotation
-    return inner in (int, float)
+    """A field that takes a number: int or float, alone or in a Union (Optional, or a number or a keyword
+    such as ``floor: 0.1 | auto``); a bool field is none."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = typing.get_args(annotation) if union else (annotation,)
+    return bool not in args and any(a in (int, float) for a in args)
 
 
 class _Strict(BaseModel):
