@@ -66,12 +66,13 @@ def run_in_process(cfg: Any) -> None:
     import torch
     from ray import tune
 
+    from scoretune import threads
     from scoretune.engine import Trainer
 
     from .ray_checkpoint import load_state, write_checkpoint_dir
 
     if cfg.device == "cpu" or not torch.cuda.is_available():
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        threads.set_torch_threads(cfg.scaling.cpus_per_worker)
     trainer = Trainer(cfg)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
