@@ -52,6 +52,9 @@ def test_the_policy_sets_what_the_user_left_unset():
     assert threads.policy_env({"KMP_BLOCKTIME": "0"}, affinity=2, quota=None) == {"OMP_NUM_THREADS": "2"}
     assert threads.policy_env({"OMP_NUM_THREADS": "3"}, affinity=2, quota=None) == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert threads.policy_env({"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "active"}, affinity=2, quota=None) == {}
+    off = {threads.MARK_VAR: "off"}
+    assert threads.policy_env(off, affinity=2, quota=None) == {}
+    assert threads.apply(off) == {} and off == {threads.MARK_VAR: "off"}
 
 
 def test_apply_records_what_it_set_and_a_child_recomputes_it():
@@ -106,6 +109,9 @@ def test_a_scoretune_process_loads_torch_under_the_policy():
 def test_the_users_settings_win_in_a_scoretune_process():
     got, _ = _probe({**_clean_env(), "OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"})
     assert got == {"env": {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}, "torch": 1}
+    got, err = _probe({**_clean_env(), threads.MARK_VAR: "off", "OMP_DISPLAY_ENV": "verbose"})
+    assert got["env"] == {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": None}
+    assert "GOMP_SPINCOUNT = '300000'" in err  # libgomp's default
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,

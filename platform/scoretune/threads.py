@@ -9,7 +9,8 @@ scoretune process, from ``import scoretune`` on (before torch can be imported), 
 * ``OMP_NUM_THREADS`` = the CPUs the process may use (affinity, cgroup quota), unless the user set it.
 
 libgomp reads both once, when torch loads it; child processes inherit them. A variable the policy set is
-recorded in ``$SCORETUNE_THREADS`` so that a child recomputes it rather than taking it for the user's choice.
+recorded in ``$SCORETUNE_THREADS`` so that a child recomputes it rather than taking it for the user's choice;
+``SCORETUNE_THREADS=off`` switches the policy off (OpenMP's and torch's defaults, as before it existed).
 Ray workers get the wait policy through the job's runtime environment (:func:`ray_env_vars`), not the count:
 Ray sizes each worker's ``OMP_NUM_THREADS`` to the task's ``num_cpus`` when it is unset (:func:`ray_start_env`).
 """
@@ -27,7 +28,8 @@ WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 """Any of these set by the user: the wait policy is left alone (GOMP_SPINCOUNT=300000 is libgomp's default)."""
 COUNT_VAR = "OMP_NUM_THREADS"
 MARK_VAR = "SCORETUNE_THREADS"
-"""What the policy set, ``NAME=VALUE,...``: equal values in a child are the policy's, not the user's."""
+"""What the policy set, ``NAME=VALUE,...``: equal values in a child are the policy's, not the user's; ``off``:
+no policy."""
 
 
 def cgroup_cpus(root: str | Path = "/sys/fs/cgroup") -> float | None:
@@ -73,6 +75,8 @@ def policy_env(env: MutableMapping[str, str], *, affinity: int | None = None,
                quota: float | None = None) -> dict[str, str]:
     """The variables the policy sets in ``env`` (the user's settings win; the policy's own, inherited
     from a parent, are recomputed)."""
+    if env.get(MARK_VAR, "").strip().lower() == "off":
+        return {}
     ours = _ours(env)
     user = {k for k in (*WAIT_VARS, COUNT_VAR) if env.get(k, "").strip() and k not in ours}
     out = {}
@@ -91,7 +95,7 @@ def apply(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
     env.update(set_)
     if set_:
         env[MARK_VAR] = ",".join(f"{k}={v}" for k, v in set_.items())
-    else:
+    elif env.get(MARK_VAR, "").strip().lower() != "off":
         env.pop(MARK_VAR, None)
     torch = sys.modules.get("torch") if env is os.environ else None
     if torch is not None and COUNT_VAR in set_:
