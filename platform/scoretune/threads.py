@@ -5,7 +5,10 @@ worker threads spin before they sleep, so beside other busy processes they take 
 need and an epoch gets several times slower (numbers: ``benchmarks/README.md``, ``contention.py``). Hence every
 scoretune process, from ``import scoretune`` on (before torch can be imported), runs with
 
-* ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep), unless the user set a wait setting (:data:`WAIT_VARS`);
+* passive waiting, :data:`WAIT` (a waiting thread sleeps at once instead of spinning 300,000 times), unless
+  the user set a wait setting (:data:`WAIT_VARS`). It costs on an idle machine, where the small kernels of
+  an epoch wait for a sleeping thread to wake; a short spin (``GOMP_SPINCOUNT=10000``) costs nothing idle but
+  hardly helps beside busy processes (both measured in ``benchmarks/README.md``);
 * ``OMP_NUM_THREADS`` = the CPUs the process may use (affinity, cgroup quota), unless the user set it.
 
 libgomp reads both once, when torch loads it; child processes inherit them. A variable the policy set is
@@ -26,6 +29,8 @@ from typing import Iterator, MutableMapping
 
 WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 """Any of these set by the user: the wait policy is left alone (GOMP_SPINCOUNT=300000 is libgomp's default)."""
+WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""The policy's wait setting (libgomp, the OpenMP runtime the torch wheels ship)."""
 COUNT_VAR = "OMP_NUM_THREADS"
 MARK_VAR = "SCORETUNE_THREADS"
 """What the policy set, ``NAME=VALUE,...``: equal values in a child are the policy's, not the user's; ``off``:
@@ -81,7 +86,7 @@ def policy_env(env: MutableMapping[str, str], *, affinity: int | None = None,
     user = {k for k in (*WAIT_VARS, COUNT_VAR) if env.get(k, "").strip() and k not in ours}
     out = {}
     if not user & set(WAIT_VARS):
-        out["OMP_WAIT_POLICY"] = "PASSIVE"
+        out.update(WAIT)
     if COUNT_VAR not in user:
         out[COUNT_VAR] = str(cpu_budget(affinity=affinity, quota=quota))
     return out
