@@ -1,4 +1,7 @@
-"""Shared fixtures. One local Ray instance serves every Ray test of the session."""
+"""Shared fixtures. One local Ray instance serves every Ray test of the session.
+
+``scoretune`` is imported first so that its thread policy (:mod:`scoretune.threads`) is in place before any
+test module loads torch."""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import os
 import socket
 
 import pytest
+
+from scoretune import threads
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -34,8 +39,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+        with threads.ray_start_env():
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
     yield ray
 
 

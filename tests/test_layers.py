@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ROOTS = {"scoretune": REPO / "platform" / "scoretune", "trainables": REPO / "trainables"}
 MATH = {"losses", "attacks", "bounds", "models", "data", "config", "stopping", "toy", "robustness", "autoattack_checks", "errors",
-        "names"}
+        "names", "threads"}
 FRAMEWORKS = {"ray", "mlflow", "optuna"}
 
 

@@ -135,6 +135,7 @@ def train_loop_per_worker(config: dict) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
     import torch
+    from scoretune import threads
     from scoretune.config import ExperimentConfig
     from scoretune.engine import Trainer
     from scoretune.stopping import build_stopper, replay_history
@@ -149,7 +150,7 @@ def train_loop_per_worker(config: dict) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        threads.set_torch_threads(cfg.scaling.cpus_per_worker)
     probe = Probe.from_config(config, rank)
 
     trainer = Trainer(cfg, rank=rank, world_size=world, device=device, wrap_model=ddp_wrapper(device, world))

@@ -64,12 +64,13 @@ def run_in_process(cfg: Any) -> None:
     """The engine in this process: one ``tune.report`` (row + checkpoint) per epoch."""
     import torch
     from ray import tune
+    from scoretune import threads
     from scoretune.engine import Trainer
 
     from .ray_checkpoint import load_state, write_checkpoint_dir
 
     if cfg.device == "cpu" or not torch.cuda.is_available():
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        threads.set_torch_threads(cfg.scaling.cpus_per_worker)
     trainer = Trainer(cfg)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:

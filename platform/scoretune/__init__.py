@@ -14,12 +14,19 @@ Layers, imports pointing down only: the math (``losses``, ``attacks``, ``bounds`
 Ray worker or trial runs) -> drivers (``drivers``, ``search``, ``evaluate``, ``launch``) -> ``commands``
 and ``cli``. The names below are the public API; they are imported on first use, so ``import scoretune``
 (and ``scoretune --help``) loads neither torch, Ray nor MLflow.
+
+Importing the package applies the thread policy (:mod:`scoretune.threads`: passive OpenMP waiting, threads
+sized to the CPUs), before anything here can load torch.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from . import threads as _threads
+
+_threads.apply()
 
 __version__ = "0.1.0"
 

@@ -10,6 +10,9 @@
   dies without shutting it down (SIGKILL). Ray 2.60's GCS and raylet still listen on every interface
   (their gRPC servers bind the wildcard address whatever the node address: there is no setting for it),
   so the local Ray relies on Ray's token authentication: the token file is created, or tightened, 0600.
+* The thread policy (:mod:`scoretune.threads`) reaches every worker: a joined cluster's through the job's
+  runtime environment (the wait setting), a local Ray's by inheritance; a local Ray starts without the
+  policy's ``OMP_NUM_THREADS``, so Ray sizes each worker's count to its task's ``num_cpus``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .. import threads
 from ..errors import UserError
 
 
@@ -37,12 +41,14 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None,
     address = address or os.environ.get("RAY_ADDRESS") or None
     try:
         if address:
-            ray.init(address=address, log_to_driver=False)
+            env_vars = threads.ray_env_vars()
+            ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env_vars} if env_vars else None)
             where = f"Ray cluster at {address}"
         else:
             private_auth_token()
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     _node_ip_address="127.0.0.1")  # no public hook for the node address in ray.init
+            with threads.ray_start_env():
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                         _node_ip_address="127.0.0.1")  # no public hook for the node address
             where = "local Ray"
     except ConnectionError as e:
         raise UserError(f"cannot connect to the Ray cluster at {address}: {e} (start it with `ray start --head`, "
