@@ -55,7 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
+
 __all__ = [
+    "ModelSizeError",
     "Normalize",
     "available_activations",
     "available_models",
@@ -438,6 +441,10 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+class ModelSizeError(UserError, ValueError):
+    """A model spec asking for more parameters than :func:`max_parameters` allows."""
+
+
 MAX_PARAMETERS = 500_000_000
 """Default cap on a model's parameter count (``SCORETUNE_MAX_MODEL_PARAMS`` overrides it): about twice
 WRN-70-16 (267M), the largest listed model; 2 GB of float32 weights before gradients and optimizer state."""
@@ -559,8 +566,9 @@ def build_model(
     act = _activation_factory(activation if activation is not None else default_act)
     size, cap = estimate_parameters(name, input_shape=shape, num_classes=num_classes, **opts), max_parameters()
     if size is not None and size > cap:
-        raise ValueError(f"model {name!r}{f' with options {options}' if options else ''} would have {size:,} parameters, over the cap of "
-                         f"{cap:,}; pick a smaller model (e.g. wrn-28-10) or raise SCORETUNE_MAX_MODEL_PARAMS")
+        raise ModelSizeError(f"model {name!r}{f' with options {options}' if options else ''} would have {size:,} "
+                             f"parameters, over the cap of {cap:,}; pick a smaller model (e.g. wrn-28-10) or raise "
+                             "SCORETUNE_MAX_MODEL_PARAMS")
 
     def construct() -> nn.Module:
         normalize = Normalize(mean, std, input_shape=shape)

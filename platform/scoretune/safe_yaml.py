@@ -127,8 +127,9 @@ def _problem(e: Exception) -> str:
 def load(text: str, source: str) -> Any:
     """The one document in ``text`` (safe tags only), under the node, depth and duplicate-key rules;
     a one-line :class:`YamlError` naming ``source`` otherwise."""
-    loader = BoundedLoader(text)
+    loader = None
     try:
+        loader = BoundedLoader(text)  # the reader checks the characters here already
         return loader.get_single_data()
     except _Limit as e:
         raise YamlError(" ".join(f"{source}: YAML refused{_problem(e)}".split())) from None
@@ -139,7 +140,8 @@ def load(text: str, source: str) -> Any:
     except ValueError as e:  # e.g. a date such as 2020-13-45
         raise YamlError(" ".join(f"{source}: malformed YAML: {e}".split())) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_text(path: str | os.PathLike) -> str:

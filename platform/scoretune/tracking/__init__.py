@@ -48,6 +48,10 @@ class TrackingUnreachable(UserError):
     """The MLflow tracking server does not answer."""
 
 
+class TrackingStoreError(UserError):
+    """A tracking store scoretune refuses to log to (e.g. one that keeps nothing)."""
+
+
 class TrackingAuthError(UserError):
     """The MLflow tracking server refuses this client's credentials (HTTP 401/403)."""
 
@@ -137,11 +141,25 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def in_memory_store(uri: str) -> bool:
+    """Whether ``uri`` is an SQLite database that lives in memory (``sqlite://``, ``sqlite:///``,
+    ``sqlite:///:memory:``, a ``mode=memory`` URI): everything logged there is gone when the process exits."""
+    parts = urlsplit(uri)
+    if parts.scheme.split("+", 1)[0] != "sqlite":
+        return False
+    path = uri.split("://", 1)[1].split("?", 1)[0].lstrip("/")
+    return path in ("", ":memory:") or path.startswith("file::memory:") or "mode=memory" in uri
+
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlflow.db``; bare paths become sqlite URIs."""
+    """``uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlflow.db``; bare paths become sqlite URIs.
+    An in-memory SQLite store is refused (:class:`TrackingStoreError`): the runs would vanish at exit."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if in_memory_store(uri):
+        raise TrackingStoreError(f"tracking URI {uri!r} is an in-memory SQLite store: every run logged there is lost "
+                                 "when the process exits; give a file, e.g. sqlite:///mlflow.db")
     if "://" not in uri and not uri.startswith("databricks"):
         p = Path(uri).expanduser().resolve()
         if p.suffix == ".db":

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ..engine import CheckpointError, load_checkpoint, model_from_checkpoint
 from ..errors import UserError
+from ..models import ModelSizeError
 from . import client as make_client
 from . import forbid_pickle, mlflow_error, resolve_tracking_uri
 
@@ -126,6 +127,8 @@ def _load_checkpoint_ref(ref: str, device: torch.device) -> LoadedModel:
     try:
         net, cfg = model_from_checkpoint(state, device=device)
         spec = json.loads(state["model_spec"])
+    except ModelSizeError as e:
+        raise CheckpointError(f"{ref}: {e}") from None
     except Exception as e:  # noqa: BLE001 - a checkpoint of another format / version
         raise CheckpointError(f"{ref} is not a usable scoretune checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
