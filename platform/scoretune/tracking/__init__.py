@@ -168,6 +168,29 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
+def check_artifacts_writable(cl: Any, experiment_id: str) -> None:
+    """Refuse (:class:`TrackingStoreError`, one line) an experiment whose local artifact folder (MLflow's
+    default: ``mlruns`` in the folder where the experiment was created) cannot be written, before a run is
+    created: otherwise the run dies at its first artifact and is left RUNNING. Remote locations (``s3://``,
+    a server's ``mlflow-artifacts:``) are the store's to check."""
+    from urllib.parse import unquote
+
+    location = cl.get_experiment(experiment_id).artifact_location or ""
+    parts = urlsplit(location)
+    if parts.scheme not in ("", "file"):
+        return
+    path = Path(unquote(parts.path) if parts.scheme == "file" else location).expanduser()
+    try:  # a real write, not os.access: right for root, read-only mounts and paths through a file
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".scoretune-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TrackingStoreError(
+            f"MLflow's artifact folder {path} is not writable ({e.strerror or type(e).__name__}): run in a writable "
+            "folder, or pass --tracking-uri a store in one (e.g. sqlite:////tmp/scoretune/mlflow.db)") from None
+
+
 def client(uri: str | None = None, *, registry_uri: str | None = None):
     """An ``MlflowClient`` for ``uri``: a server is probed first (:func:`check_reachable`), a local
     SQLite store is opened (and its schema created) under :func:`store_lock`."""
@@ -233,6 +256,7 @@ class RunLogger:
         self.uri = resolve_tracking_uri(tracking_uri)
         self.client = client(self.uri)
         self.experiment_id = get_or_create_experiment(self.client, experiment)
+        check_artifacts_writable(self.client, self.experiment_id)
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
