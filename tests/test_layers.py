@@ -1,6 +1,6 @@
 """The layer order, checked on the source (AST, imports inside functions included):
 
-math (losses, attacks, bounds, models, data, config, stopping, toy, robustness) -> engine -> tracking ->
+math (losses, attacks, bounds, models, data, config, safe_yaml, stopping, toy, robustness) -> engine -> tracking ->
 trainables -> drivers (scoretune.drivers, scoretune.search, launch) -> commands / cli.
 No import cycle; no Ray, MLflow or Optuna in the math or the engine; nothing but cli/commands imports
 scoretune.commands; platform/ is not a package."""
@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ROOTS = {"scoretune": REPO / "platform" / "scoretune", "trainables": REPO / "trainables"}
 MATH = {"losses", "attacks", "bounds", "models", "data", "config", "stopping", "toy", "robustness", "autoattack_checks", "errors",
-        "names", "threads"}
+        "names", "threads", "safe_yaml"}
 FRAMEWORKS = {"ray", "mlflow", "optuna"}
 
 

@@ -22,6 +22,7 @@ sized to the CPUs), before anything here can load torch.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from . import threads as _threads
@@ -29,6 +30,14 @@ from . import threads as _threads
 _threads.apply()
 
 __version__ = "0.1.0"
+
+NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
+"""Usage telemetry off (MLflow's, Ray's usage stats): set here, before MLflow or Ray is imported, in every
+scoretune process and so in every process it starts (Ray's workers included). A variable the user set
+already is kept: ``MLFLOW_DISABLE_TELEMETRY=false`` or ``RAY_USAGE_STATS_ENABLED=1`` opts in."""
+for _key, _value in NO_TELEMETRY.items():
+    os.environ.setdefault(_key, _value)
+del _key, _value
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "scoretune.errors": ("UserError",),

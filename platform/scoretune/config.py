@@ -26,10 +26,10 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from . import safe_yaml
 from .attacks import AttackConfig, eps_problem, resolve_attack_mode
 from .errors import UserError
 from .losses import CLIP_MODES, LOSS_NAMES, METHODS, Objective
@@ -409,10 +409,9 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         if not all(parts):
             raise ConfigError(_one_line(f"--set {key!r}: expects a dotted key such as objective.beta"))
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except Exception as e:  # YAMLError, or e.g. ValueError from a date such as 2020-13-45
-            problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
-            raise ConfigError(_one_line(f"--set {key}: malformed value {raw!r}: {problem}")) from None
+            value = safe_yaml.load(raw, f"--set {key}") if raw != "" else None
+        except safe_yaml.YamlError as e:
+            raise ConfigError(_one_line(str(e).replace("malformed YAML", f"malformed value {_short_repr(raw)}", 1))) from None
         node = nested
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -433,19 +432,15 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping; missing files and syntax errors become one-line ConfigErrors."""
+    """Read a YAML mapping through :mod:`scoretune.safe_yaml` (size, node and duplicate-key caps); a
+    missing file, a syntax error or a cap becomes a one-line ConfigError naming the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p} (pass the path to a YAML file)")
     try:
-        data = yaml.safe_load(p.read_text())
-    except ValueError as e:  # e.g. a date such as 2020-13-45
-        raise ConfigError(_one_line(f"{p}: malformed YAML: {e}")) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{p}: malformed YAML{where}: {problem}") from None
+        data = safe_yaml.read(p)
+    except safe_yaml.YamlError as e:
+        raise ConfigError(str(e)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

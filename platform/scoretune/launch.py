@@ -55,11 +55,11 @@ def validate_name(name: str) -> str:
 def default_name(space: str | Path) -> str:
     """The search name when ``--name`` is not given: the space's own ``name:`` (what ``scoretune search``
     uses), else the file's stem (``quickstart.yaml`` -> ``quickstart``)."""
-    import yaml
+    from .safe_yaml import YamlError, read
 
     try:
-        own = (yaml.safe_load(Path(space).read_text()) or {}).get("name")
-    except (OSError, yaml.YAMLError, AttributeError):
+        own = (read(space) or {}).get("name")
+    except (YamlError, AttributeError):
         own = None
     if is_valid_name(own):
         return own

@@ -55,7 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UserError
+
 __all__ = [
+    "ModelSizeError",
     "Normalize",
     "available_activations",
     "available_models",
@@ -438,6 +441,56 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+class ModelSizeError(UserError, ValueError):
+    """A model spec asking for more parameters than :func:`max_parameters` allows."""
+
+
+MAX_PARAMETERS = 500_000_000
+"""Default cap on a model's parameter count (``SCORETUNE_MAX_MODEL_PARAMS`` overrides it): about twice
+WRN-70-16 (267M), the largest listed model; 2 GB of float32 weights before gradients and optimizer state."""
+
+
+def max_parameters() -> int:
+    import os
+
+    raw = os.environ.get("SCORETUNE_MAX_MODEL_PARAMS", "").strip()
+    try:
+        return int(raw) if raw else MAX_PARAMETERS
+    except ValueError:
+        raise ValueError(f"SCORETUNE_MAX_MODEL_PARAMS={raw!r}: expects an integer") from None
+
+
+def estimate_parameters(name: str, *, input_shape: Sequence[int], num_classes: int, **options) -> int | None:
+    """The parameter count of model ``name`` worked out from its spec alone (nothing is allocated), so an
+    absurd spec (``wrn-2800-400``, ``hidden=(10**6, 10**6)``) can be refused before it fills the memory.
+    Exact for every family; None when the spec is malformed (:func:`build_model` then says why)."""
+    try:
+        family, depth, width = _family(name)
+        shape = [int(s) for s in input_shape]
+        k = int(num_classes)
+        opts = {**_FAMILIES[family][0], **options}
+        if family in ("mlp", "toy_mlp"):
+            dims = [math.prod(shape), *(int(h) for h in opts["hidden"]), k]
+            return sum(a * b + b for a, b in zip(dims, dims[1:]))
+        cin = shape[0]
+        if family == "small_cnn":
+            c1, c2, c3 = (int(c) for c in opts["channels"])
+            return 9 * (cin * c1 + c1 * c2 + c2 * c3) + 2 * (c1 + c2 + c3) + c3 * k + k
+        if family == "preact_resnet18":  # 11,172,170 for 3 channels and 10 classes
+            return 11_172_170 - 9 * 64 * 3 - 513 * 10 + 9 * 64 * cin + 513 * k
+        n = (depth - 4) // 6
+        if n < 1 or width < 1:
+            return None
+        ch = (16, 16 * width, 32 * width, 64 * width)
+        total = 9 * cin * ch[0] + 2 * ch[3] + ch[3] * k + k
+        for a, b in zip(ch, ch[1:]):  # a group: the first block changes the width, n - 1 keep it
+            first = 2 * a + 9 * a * b + 2 * b + 9 * b * b + (a * b if a != b else 0)
+            total += first + (n - 1) * (4 * b + 18 * b * b)
+        return total
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
 def _family(name: str) -> tuple[str, int | None, int | None]:
     key = str(name).lower()
     if key in _FAMILIES and key != "wrn":
@@ -491,7 +544,8 @@ def build_model(
     :class:`Normalize`. ``activation=None`` means the model's default: ``relu`` everywhere except
     ``toy_mlp`` (``tanh``); see :func:`available_activations`. ``options`` are model specific
     (see the module docstring) plus ``device``. Raises ValueError for an unknown name, activation
-    or option, a WRN depth that is not ``6n + 4``, or an input shape the model cannot take.
+    or option, a WRN depth that is not ``6n + 4``, an input shape the model cannot take, or more
+    parameters than :func:`max_parameters` (checked by :func:`estimate_parameters` before allocating).
     """
     family, depth, width = _family(name)
     defaults, default_act, min_spatial = _FAMILIES[family]
@@ -510,6 +564,11 @@ def build_model(
     num_classes = int(num_classes)
     _check_input_shape(name, shape, min_spatial)
     act = _activation_factory(activation if activation is not None else default_act)
+    size, cap = estimate_parameters(name, input_shape=shape, num_classes=num_classes, **opts), max_parameters()
+    if size is not None and size > cap:
+        raise ModelSizeError(f"model {name!r}{f' with options {options}' if options else ''} would have {size:,} "
+                             f"parameters, over the cap of {cap:,}; pick a smaller model (e.g. wrn-28-10) or raise "
+                             "SCORETUNE_MAX_MODEL_PARAMS")
 
     def construct() -> nn.Module:
         normalize = Normalize(mean, std, input_shape=shape)

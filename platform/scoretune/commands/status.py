@@ -92,19 +92,19 @@ def query_runs(tracking_uri: str | None, name: str, metric: str = "val_pgd_acc",
     from mlflow.entities import ViewType
 
     from ..tracking import client, tags
+    from ..tracking.runs import search_by_tags
 
     cl = client(tracking_uri)
     exp_ids = [e.experiment_id for e in cl.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
     if not exp_ids:
         return [], []
-    tagged = cl.search_runs(exp_ids, filter_string=f"tags.`{tags.SEARCH}` = '{name}'", max_results=1000)
+    tagged = search_by_tags(cl, exp_ids, {tags.SEARCH: name}, max_results=1000)
     parents = [r for r in tagged if tags.PARENT not in r.data.tags]
     trials: dict[str, Trial] = {}
     for parent in parents:
         # the parent logs the space as params ``space.<name>``: show each trial's searched values only
         searched = {k[len("space."):] for k in parent.data.params if k.startswith("space.")}
-        children = cl.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`{tags.PARENT}` = '{parent.info.run_id}'", max_results=5000)
+        children = search_by_tags(cl, [parent.info.experiment_id], {tags.PARENT: parent.info.run_id}, max_results=5000)
         for r in children:
             try:
                 history = [m.value for m in cl.get_metric_history(r.info.run_id, metric)]

@@ -36,6 +36,10 @@ def train(cfg: Any, *, workers: int | None = None, address: str | None = None, t
     """Train ``cfg``: in this process, or (``workers`` given) on Ray Train workers; returns a summary
     (best row, epochs, stop reason, MLflow run id and model URI, checkpoint paths)."""
     validate_name(cfg.name, flag="name")
+    if use_mlflow:  # a store scoretune refuses (e.g. in memory) is said before any work
+        from ..tracking import resolve_tracking_uri
+
+        resolve_tracking_uri(tracking_uri)
     cfg = resolve_auto_floor(cfg, out)
     if workers is not None:
         from .ray_train import train_on_ray

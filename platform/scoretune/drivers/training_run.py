@@ -66,8 +66,13 @@ class TrainingRun:
         logger = RunLogger(tracking_uri, experiment, run_name=self.cfg.name,
                            tags={tags.KIND: "train", tags.DATASET: self.cfg.data.name, tags.RUN_DIR: self.run_path,
                                  **extra})
-        logger.log_params(self.cfg.flat())
-        logger.log_text(self.cfg.model_dump_json(indent=2), "config.json")
+        try:
+            logger.log_params(self.cfg.flat())
+            logger.log_text(self.cfg.model_dump_json(indent=2), "config.json")
+        except BaseException as e:  # the run exists: end it rather than leave it RUNNING
+            logger.set_tags({tags.STATUS: "failed", tags.ERROR: f"{type(e).__name__}: {e}"[:5000]})
+            logger.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
         self.out(f"MLflow run {logger.run_id} in {logger.uri}")
         return logger, 0
 

@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, quote, unquote, urlparse
 
 from ..errors import UserError
 from ..tracking import file_lock, tags
-from ..tracking.runs import child_runs, find_parent_runs
+from ..tracking.runs import child_runs, find_parent_runs, search_by_tags
 from .space import SearchSpace
 
 STUDY_FILE = "optuna.db"
@@ -250,8 +250,7 @@ def _parents(cl: Any, name: str) -> tuple[str, list[Any]]:
         return f"search '{name}'", runs[:1]
     exp = cl.get_experiment_by_name(name)
     if exp is not None:
-        flt = f"tags.`{tags.KIND}` = 'search'"
-        runs = list(cl.search_runs([exp.experiment_id], filter_string=flt, max_results=100))
+        runs = search_by_tags(cl, [exp.experiment_id], {tags.KIND: "search"}, max_results=100)
         if runs:
             return f"experiment '{name}'", runs
     return "", []

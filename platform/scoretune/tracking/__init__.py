@@ -48,6 +48,10 @@ class TrackingUnreachable(UserError):
     """The MLflow tracking server does not answer."""
 
 
+class TrackingStoreError(UserError):
+    """A tracking store scoretune refuses to log to (e.g. one that keeps nothing)."""
+
+
 class TrackingAuthError(UserError):
     """The MLflow tracking server refuses this client's credentials (HTTP 401/403)."""
 
@@ -153,17 +157,54 @@ def store_lock(uri: str) -> contextlib.AbstractContextManager[None]:
     return file_lock(None if db is None else db.with_name(db.name + ".lock"))
 
 
+def in_memory_store(uri: str) -> bool:
+    """Whether ``uri`` is an SQLite database that lives in memory (``sqlite://``, ``sqlite:///``,
+    ``sqlite:///:memory:``, a ``mode=memory`` URI): everything logged there is gone when the process exits."""
+    parts = urlsplit(uri)
+    if parts.scheme.split("+", 1)[0] != "sqlite":
+        return False
+    path = uri.split("://", 1)[1].split("?", 1)[0].lstrip("/")
+    return path in ("", ":memory:") or path.startswith("file::memory:") or "mode=memory" in uri
+
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlflow.db``; bare paths become sqlite URIs."""
+    """``uri`` > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlflow.db``; bare paths become sqlite URIs.
+    An in-memory SQLite store is refused (:class:`TrackingStoreError`): the runs would vanish at exit."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if in_memory_store(uri):
+        raise TrackingStoreError(f"tracking URI {uri!r} is an in-memory SQLite store: every run logged there is lost "
+                                 "when the process exits; give a file, e.g. sqlite:///mlflow.db")
     if "://" not in uri and not uri.startswith("databricks"):
         p = Path(uri).expanduser().resolve()
         if p.suffix == ".db":
             return f"sqlite:///{p}"
         return p.as_uri()
     return uri
+
+
+def check_artifacts_writable(cl: Any, experiment_id: str) -> None:
+    """Refuse (:class:`TrackingStoreError`, one line) an experiment whose local artifact folder (MLflow's
+    default: ``mlruns`` in the folder where the experiment was created) cannot be written, before a run is
+    created: otherwise the run dies at its first artifact and is left RUNNING. Remote locations (``s3://``,
+    a server's ``mlflow-artifacts:``) are the store's to check."""
+    from urllib.parse import unquote
+
+    location = cl.get_experiment(experiment_id).artifact_location or ""
+    parts = urlsplit(location)
+    if parts.scheme not in ("", "file"):
+        return
+    path = Path(unquote(parts.path) if parts.scheme == "file" else location).expanduser()
+    try:  # a real write, not os.access: right for root, read-only mounts and paths through a file
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".scoretune-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TrackingStoreError(
+            f"MLflow's artifact folder {path} is not writable ({e.strerror or type(e).__name__}): run in a writable "
+            "folder, or pass --tracking-uri a store in one (e.g. sqlite:////tmp/scoretune/mlflow.db)") from None
 
 
 def client(uri: str | None = None, *, registry_uri: str | None = None):
@@ -229,6 +270,7 @@ class RunLogger:
         self.uri = resolve_tracking_uri(tracking_uri)
         self.client = client(self.uri)
         self.experiment_id = get_or_create_experiment(self.client, experiment)
+        check_artifacts_writable(self.client, self.experiment_id)
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")

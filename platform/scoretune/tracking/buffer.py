@@ -53,6 +53,7 @@ from urllib.parse import urlsplit
 
 from ..errors import UserError
 from . import masked, mlflow_error, resolve_tracking_uri, store_lock, tags
+from .runs import search_by_tags
 
 JOURNAL_FORMAT = "scoretune-tracking-journal"
 JOURNAL_VERSION = 1
@@ -449,7 +450,7 @@ class BufferedWriter:
                 if e.get_http_status_code() >= 500:
                     raise
         exp = self._experiment_id(args)
-        found = self.client.search_runs([exp], filter_string=f"tags.`{_WRITE_KEY}` = '{key}'", max_results=2)
+        found = search_by_tags(self.client, [exp], {_WRITE_KEY: key}, max_results=2)
         return found[0].info.run_id if found else None
 
     def _apply(self, op: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ..engine import CheckpointError, load_checkpoint, model_from_checkpoint
 from ..errors import UserError
+from ..models import ModelSizeError
 from . import client as make_client
 from . import forbid_pickle, mlflow_error, resolve_tracking_uri
 
@@ -126,6 +127,8 @@ def _load_checkpoint_ref(ref: str, device: torch.device) -> LoadedModel:
     try:
         net, cfg = model_from_checkpoint(state, device=device)
         spec = json.loads(state["model_spec"])
+    except ModelSizeError as e:
+        raise CheckpointError(f"{ref}: {e}") from None
     except Exception as e:  # noqa: BLE001 - a checkpoint of another format / version
         raise CheckpointError(f"{ref} is not a usable scoretune checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
@@ -295,21 +298,22 @@ def load_pt2_model(model_uri: str) -> nn.Module:
     MLflow's pytorch flavour does not name its serialization format in ``MLmodel``: the format is
     the file in the flavour's ``model_data`` folder, ``model.pth`` (+ ``pickle_module_info.txt``)
     for 'pickle' (``torch.load`` of a whole pickled module: runs code) and ``model.pt2`` for 'pt2'
-    (``torch.export.save``). The model is downloaded, its ``MLmodel`` read with ``yaml.safe_load``,
+    (``torch.export.save``). The model is downloaded, its ``MLmodel`` read with :mod:`scoretune.safe_yaml`,
     and anything but a pt2 program without ``code_paths`` (which MLflow would put on ``sys.path``)
     is refused before MLflow's loader runs; that loader then runs with
     ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``, so it also checks the pt2 archive is pickle-free.
     """
     import mlflow.artifacts
     import mlflow.pytorch
-    import yaml
+
+    from ..safe_yaml import YamlError, read
 
     forbid_pickle()
     with tempfile.TemporaryDirectory(prefix="scoretune-model-") as d:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=d))
         try:
-            flavor = (yaml.safe_load((local / "MLmodel").read_text()) or {})["flavors"]["pytorch"]
-        except (OSError, KeyError, TypeError, yaml.YAMLError):
+            flavor = (read(local / "MLmodel") or {})["flavors"]["pytorch"]
+        except (KeyError, TypeError, YamlError):
             raise UserError(f"'{model_uri}' is not an MLflow PyTorch model (no pytorch flavour in its MLmodel "
                             "file); log it with scoretune train / mlflow.pytorch.log_model") from None
         data = local / str(flavor.get("model_data") or "data")

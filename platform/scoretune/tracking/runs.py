@@ -1,13 +1,70 @@
 """Finding scoretune's runs in an MLflow store: a search's parent runs and their child runs.
 
-No Ray import: ``promote`` and ``status`` use this without starting anything.
+Every MLflow filter string scoretune sends is built by :func:`tag_filter`, which quotes the values
+(a path such as ``/home/o'brien données`` is a value, never part of the query), and every search by
+tag values goes through :func:`search_by_tags`. No Ray import: ``promote`` and ``status`` use this
+without starting anything.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import tags
+
+
+def _literal(value: str) -> str | None:
+    """``value`` as an MLflow filter string literal that MLflow reads back exactly, else None.
+
+    MLflow strips a literal's outer quotes and unescapes nothing, so a value is written in single quotes
+    when it holds no ``'`` and in double quotes when it holds no ``"``; a value ending in a backslash
+    (which the SQL tokenizer reads as escaping the closing quote) or holding both quotes has no exact form.
+    """
+    if value.endswith("\\"):
+        return None
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    return None
+
+
+def tag_filter(values: Mapping[str, str]) -> str:
+    """The MLflow filter string ``tags.`k` = 'v' and ...`` for ``values`` ({tag: value}), quoted so that
+    no value can change the query. A value with no exact literal becomes a ``LIKE`` pattern with ``_``
+    for each character that cannot be written (a superset of the runs wanted: :func:`search_by_tags`
+    keeps the exact matches)."""
+    clauses = []
+    for key, value in values.items():
+        if "`" in key:
+            raise ValueError(f"tag key {key!r}: a backtick cannot be quoted in an MLflow filter")
+        value = str(value)
+        lit = _literal(value)
+        if lit is not None:
+            clauses.append(f"tags.`{key}` = {lit}")
+        else:
+            pattern = "".join("_" if c in "'\"\\" else c for c in value)
+            clauses.append(f"tags.`{key}` LIKE '{pattern}'")
+    return " and ".join(clauses)
+
+
+def tags_match(run: Any, values: Mapping[str, str]) -> bool:
+    """Whether ``run`` holds every tag of ``values`` with exactly that value."""
+    return all(run.data.tags.get(k) == str(v) for k, v in values.items())
+
+
+def search_by_tags(cl: Any, experiment_ids: Sequence[str], values: Mapping[str, str], **kwargs: Any) -> list[Any]:
+    """``cl.search_runs`` of the runs holding exactly the tag ``values`` (``order_by``, ``max_results``
+    and ``page_token`` passed on); the list carries the next page's ``token`` (None on the last page)."""
+    page = cl.search_runs(list(experiment_ids), filter_string=tag_filter(values), **kwargs)
+    out = _Page(r for r in page if tags_match(r, values))
+    out.token = getattr(page, "token", None)
+    return out
+
+
+class _Page(list):
+    token: str | None = None
 
 
 def find_parent_runs(cl: Any, name: str, *, ray_path: str | None = None) -> list[Any]:
@@ -15,10 +72,8 @@ def find_parent_runs(cl: Any, name: str, *, ray_path: str | None = None) -> list
     exps = [e.experiment_id for e in cl.search_experiments()]
     if not exps:
         return []
-    flt = f"tags.`{tags.KIND}` = 'search' and tags.`{tags.SEARCH}` = '{name}'"
-    if ray_path:
-        flt += f" and tags.`{tags.RAY_PATH}` = '{ray_path}'"
-    return list(cl.search_runs(exps, filter_string=flt, order_by=["attributes.start_time DESC"], max_results=100))
+    values = {tags.KIND: "search", tags.SEARCH: name, **({tags.RAY_PATH: ray_path} if ray_path else {})}
+    return search_by_tags(cl, exps, values, order_by=["attributes.start_time DESC"], max_results=100)
 
 
 def all_parent_runs(cl: Any, max_results: int = 200) -> list[Any]:
@@ -26,28 +81,26 @@ def all_parent_runs(cl: Any, max_results: int = 200) -> list[Any]:
     exps = [e.experiment_id for e in cl.search_experiments()]
     if not exps:
         return []
-    return list(cl.search_runs(exps, filter_string=f"tags.`{tags.KIND}` = 'search'",
-                               order_by=["attributes.start_time DESC"], max_results=max_results))
+    return search_by_tags(cl, exps, {tags.KIND: "search"}, order_by=["attributes.start_time DESC"],
+                          max_results=max_results)
 
 
 def child_runs(cl: Any, parent: Any) -> list[Any]:
     """Every child run of ``parent`` (a Run), oldest first."""
-    flt = f"tags.`{tags.PARENT}` = '{parent.info.run_id}'"
     out, token = [], None
     while True:
-        page = cl.search_runs([parent.info.experiment_id], filter_string=flt,
+        page = search_by_tags(cl, [parent.info.experiment_id], {tags.PARENT: parent.info.run_id},
                               order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
         out.extend(page)
-        token = getattr(page, "token", None)
+        token = page.token
         if not token:
             return out
 
 
 def find_train_run(cl: Any, experiment_id: str, run_path: str) -> Any | None:
     """The newest ``scoretune train`` run whose checkpoints live in ``run_path`` (tag ``scoretune.run_dir``)."""
-    flt = f"tags.`{tags.KIND}` = 'train' and tags.`{tags.RUN_DIR}` = '{run_path}'"
-    runs = cl.search_runs([experiment_id], filter_string=flt, order_by=["attributes.start_time DESC"],
-                          max_results=20)
+    runs = search_by_tags(cl, [experiment_id], {tags.KIND: "train", tags.RUN_DIR: str(run_path)},
+                          order_by=["attributes.start_time DESC"], max_results=20)
     return runs[0] if runs else None
 
 

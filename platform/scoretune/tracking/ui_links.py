@@ -26,6 +26,7 @@ from typing import Any, Sequence
 from urllib.parse import quote
 
 from . import tags
+from .runs import tag_filter
 
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -82,7 +83,7 @@ def view_state(parent: Any, children: Sequence[Any]) -> dict[str, Any]:
     cols += [column("metrics", m) for m in SUMMARY_METRICS]
     cols += [column("tags", tags.REASON)]
     return {
-        "searchFilter": f"tags.`{tags.PARENT}` = '{parent.info.run_id}'",
+        "searchFilter": tag_filter({tags.PARENT: parent.info.run_id}),
         "orderByKey": column("metrics", f"best_{metric}"),
         "orderByAsc": mode == "min",
         "startTime": "ALL",

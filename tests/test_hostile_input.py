@@ -1,0 +1,308 @@
+"""Hostile and careless input (issue 25): YAML bombs, huge files, duplicate keys, absurd model specs,
+quotes in filter values, an in-memory store and usage telemetry, each refused (or handled) in one line."""
+
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scoretune.cli import main
+from scoretune.config import ConfigError, build_config, load_config, parse_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["--set", "epochs=1", "--set", "attack.steps=1", "--set", "eval.pgd_steps=1", "--set", "eval.test=false",
+        "--set", "eval.max_samples=32"]
+
+
+def billion_laughs(key: str) -> str:
+    """Nine levels of ten aliases each: 10^9 strings once expanded, 1 KB on disk."""
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    return "\n".join(lines) + f"\n{key}: *a9\n"
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def scoretune(*args, cwd, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "scoretune.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+# ----------------------------------------------------------------------------- 1, 2, 7: YAML
+def refused_at_once(*args, cwd) -> str:
+    """The one error line of ``scoretune ARGS`` in a child process, which must exit 2 within 60 s (a child,
+    so that a YAML bomb that is not refused is killed rather than filling this process's memory)."""
+    t0 = time.monotonic()
+    try:
+        r = scoretune(*args, cwd=cwd, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"scoretune {' '.join(args)} still running after 60 s")
+    assert time.monotonic() - t0 < 30
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]  # MLflow may log INFO lines
+    assert r.returncode == 2 and len(errors) == 1, r.stderr[-2000:]
+    return errors[0]
+
+
+def test_a_billion_laughs_config_is_refused_at_once_naming_the_file(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(billion_laughs("epochs"))
+    err = refused_at_once("train", str(bomb), "--no-mlflow", cwd=tmp_path)
+    assert str(bomb) in err and "aliases" in err and "SCORETUNE_YAML_MAX_NODES" in err
+
+
+def test_a_billion_laughs_in_a_space_is_refused_naming_the_file(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("base: {}\n" + billion_laughs("points_to_evaluate"))
+    err = refused_at_once("search", str(space), cwd=tmp_path)
+    assert str(space) in err and "aliases" in err
+
+
+@pytest.mark.timeout(30)
+def test_a_50_mb_config_is_refused_before_it_is_parsed(tmp_path):
+    big = tmp_path / "big.yaml"
+    with big.open("w") as f:
+        f.write("epochs: 3\n")
+        f.write("# padding\n" * 5_000_000)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="over the 1,000,000-byte limit") as e:
+        load_config(big)
+    assert time.monotonic() - t0 < 1
+    assert str(big) in str(e.value) and "SCORETUNE_YAML_MAX_BYTES" in str(e.value)
+
+
+def test_the_size_limit_is_configurable(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 3\n" + "# padding\n" * 200)
+    assert load_config(cfg).epochs == 3
+    monkeypatch.setenv("SCORETUNE_YAML_MAX_BYTES", "1000")
+    with pytest.raises(ConfigError, match="1,000-byte limit"):
+        load_config(cfg)
+
+
+def test_a_key_written_twice_is_refused_naming_both_lines(tmp_path):
+    cfg = tmp_path / "twice.yaml"
+    cfg.write_text("epochs: 3\nbatch_size: 64\nepochs: 30\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    msg = str(e.value)
+    assert str(cfg) in msg and "'epochs' is written twice" in msg and "line 3" in msg and "line 1" in msg
+
+
+def test_a_key_written_twice_in_a_section_is_refused_too(tmp_path):
+    cfg = tmp_path / "twice.yaml"
+    cfg.write_text("objective:\n  beta: 3\n  loss: kl\n  beta: 6\n")
+    with pytest.raises(ConfigError, match="'beta' is written twice"):
+        load_config(cfg)
+
+
+def test_anchors_and_merge_keys_still_work(tmp_path):
+    cfg = tmp_path / "anchors.yaml"
+    cfg.write_text("x-optim: &optim {lr: 0.05, momentum: 0.8}\noptim:\n  <<: *optim\n  lr: 0.1\n")
+    from scoretune.config import read_yaml
+
+    assert read_yaml(cfg)["optim"] == {"lr": 0.1, "momentum": 0.8}
+
+
+def test_a_set_value_holding_a_bomb_is_refused():
+    bomb = "[" + ", ".join(["&x [a, a, a, a, a, a, a, a, a, a]"] + ["*x"] * 3000) + "]"
+    with pytest.raises(ConfigError, match="--set epochs: YAML refused"):
+        parse_overrides([f"epochs={bomb}"])
+
+
+# ----------------------------------------------------------------------------- 3: model specs
+@pytest.mark.timeout(60)
+def test_a_checkpoint_whose_spec_asks_for_a_giant_model_is_refused_before_allocating(tmp_path, capsys, one_thread):
+    import json
+
+    import torch
+
+    from scoretune.engine import Trainer
+
+    ckpt = tmp_path / "giant.pt"
+    Trainer(build_config({"epochs": 1})).save(ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    state["model_spec"] = json.dumps({**json.loads(state["model_spec"]), "name": "wrn-2800-400", "options": {}})
+    torch.save(state, ckpt)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    err = one_line_error(capsys, ["evaluate", str(ckpt), "--no-mlflow"])
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 200
+    assert str(ckpt) in err and "wrn-2800-400" in err and "SCORETUNE_MAX_MODEL_PARAMS" in err
+
+
+@pytest.mark.parametrize("name,shape,classes,options", [
+    ("mlp", (1, 8, 8), 10, {}), ("toy_mlp", (1,), 2, {}), ("small_cnn", (3, 32, 32), 7, {"channels": (8, 16, 4)}),
+    ("preact_resnet18", (1, 28, 28), 5, {}), ("wrn-16-4", (3, 32, 32), 10, {}), ("wrn-70-16", (3, 32, 32), 10, {})])
+def test_the_parameter_estimate_is_the_count_of_the_model_built(name, shape, classes, options):
+    from scoretune.models import build_model, count_parameters, estimate_parameters
+
+    net = build_model(name, input_shape=shape, num_classes=classes, device="meta", **options)
+    assert estimate_parameters(name, input_shape=shape, num_classes=classes, **options) == count_parameters(net)
+
+
+# ----------------------------------------------------------------------------- 4: filter strings
+NASTY = ["o'brien données", 'say "hi"', "both ' and \"", "back\\slash", "ends in \\", "\\'", "100%", "a_b",
+         "x' or tags.`scoretune.kind` != '", "🙂 ünïcödé", "O'BRIEN DONNÉES", "a\\'b", "", "two\nlines"]
+
+
+def test_every_tag_value_finds_exactly_its_own_run(tracking_uri):
+    from mlflow import MlflowClient
+
+    from scoretune.tracking.runs import search_by_tags
+
+    cl = MlflowClient(tracking_uri=tracking_uri)
+    exp = cl.create_experiment("quotes")
+    ids = {v: cl.create_run(exp, tags={"k": v, "scoretune.kind": "train"}).info.run_id for v in NASTY}
+    for value in NASTY:
+        found = search_by_tags(cl, [exp], {"k": value, "scoretune.kind": "train"})
+        assert [r.info.run_id for r in found] == [ids[value]], value
+
+
+def test_a_value_cannot_change_the_query():
+    from scoretune.tracking.runs import tag_filter
+
+    from mlflow.utils.search_utils import SearchUtils
+
+    for value in NASTY:
+        parsed = SearchUtils.parse_search_filter(tag_filter({"k": value, "scoretune.kind": "train"}))
+        assert [c["key"] for c in parsed] == ["k", "scoretune.kind"], value
+        assert parsed[1]["value"] == "train"
+
+
+@pytest.mark.slow
+def test_train_works_in_a_folder_with_a_quote_and_accents(tmp_path):
+    folder = tmp_path / "o'brien données"
+    folder.mkdir()
+    r = scoretune("train", *FAST, "--set", "name=q", cwd=folder)
+    assert r.returncode == 0, r.stderr
+    r = scoretune("train", *FAST, "--set", "name=q", "--set", "epochs=2", "--resume", cwd=folder)
+    assert r.returncode == 0, r.stderr
+    from mlflow import MlflowClient
+
+    cl = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    runs = cl.search_runs([cl.get_experiment_by_name("q").experiment_id])
+    assert len(runs) == 1 and runs[0].data.metrics["epoch"] == 2
+
+
+# ----------------------------------------------------------------------------- 5: in-memory store
+@pytest.mark.parametrize("uri", ["sqlite:///", "sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_store_is_refused_before_the_run_starts(tmp_path, capsys, monkeypatch, uri):
+    monkeypatch.chdir(tmp_path)
+    t0 = time.monotonic()
+    err = one_line_error(capsys, ["train", *FAST, "--tracking-uri", uri])
+    assert time.monotonic() - t0 < 30
+    assert "in-memory" in err and "sqlite:///mlflow.db" in err
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- 6: unwritable artifacts
+@pytest.mark.parametrize("how", ["mlruns is a file", "read-only folder"])
+def test_an_unwritable_artifact_folder_is_refused_before_a_run_is_created(tmp_path, how):
+    work, store = tmp_path / "work", tmp_path / "store"
+    work.mkdir(), store.mkdir()
+    if how == "mlruns is a file":  # refused even to root, unlike permissions
+        (work / "mlruns").write_text("not a folder")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder; the 'mlruns is a file' case covers root")
+        work.chmod(0o555)
+    try:
+        err = refused_at_once("train", *FAST, "--tracking-uri", f"sqlite:///{store / 'm.db'}", cwd=work)
+    finally:
+        work.chmod(0o755)
+    assert "mlruns" in err and "not writable" in err
+    from mlflow import MlflowClient
+
+    cl = MlflowClient(tracking_uri=f"sqlite:///{store / 'm.db'}")
+    assert cl.search_runs([e.experiment_id for e in cl.search_experiments()]) == []
+
+
+# ----------------------------------------------------------------------------- 8: telemetry
+CI_VARS = ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "BUILDKITE", "TF_BUILD",
+           "CIRCLECI", "TRAVIS", "TEAMCITY_VERSION", "CODEBUILD_BUILD_ARN", "BITBUCKET_BUILD_NUMBER")
+
+
+def _user_env(home: Path) -> dict[str, str]:
+    """This environment as a user's shell would have it: no CI markers (MLflow turns telemetry off under
+    CI or pytest), no telemetry setting, HOME a fresh folder."""
+    env = {k: v for k, v in os.environ.items() if k not in CI_VARS and k not in (
+        "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "RAY_USAGE_STATS_ENABLED", "XDG_CONFIG_HOME")}
+    env.update(HOME=str(home), OMP_NUM_THREADS="1")
+    return env
+
+
+@pytest.mark.slow
+def test_a_default_train_writes_no_telemetry_under_home(tmp_path):
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    r = scoretune("train", *FAST, cwd=work, env=_user_env(home))
+    assert r.returncode == 0, r.stderr
+    assert not (home / ".config" / "mlflow" / "telemetry.json").exists()
+
+
+def test_telemetry_is_off_in_scoretune_processes_unless_the_user_opted_in(tmp_path):
+    code = ("import scoretune, os, mlflow.telemetry.utils as u; "
+            "print(u.is_telemetry_disabled(), os.environ['RAY_USAGE_STATS_ENABLED'])")
+    env = _user_env(tmp_path)
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert off.stdout.split() == ["True", "0"], off.stderr
+    env.update(MLFLOW_DISABLE_TELEMETRY="false", RAY_USAGE_STATS_ENABLED="1")
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert on.stdout.split() == ["False", "1"], on.stderr
+
+
+# ----------------------------------------------------------------------------- property: fast and small
+YAML_TEXT = st.one_of(
+    st.text(max_size=300),
+    st.lists(st.sampled_from(["epochs: 3", "epochs: 4", "&a [x, x]", "*a", "- *a", "a: &a [x, x, x]",
+                              "b: [*a, *a, *a, *a]", "c: &c [*b, *b, *b, *b]", "d: [*c, *c, *c, *c]", "<<: *a",
+                              "objective: {beta: 3}", "[[[[[[", "{a: {b: {c:", "!!python/object:os.system", "? x",
+                              "'", "\"\\u0000\"", "%YAML 1.1", "---", "...", "  - 1", "key: |", "  text"]),
+             max_size=40).map("\n".join),
+)
+
+
+def bomb(levels: int, width: int, key: str) -> str:
+    lines = [f"l0: &l0 [{', '.join(['x'] * width)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + f"\n{key}: *l{levels}\n"
+
+
+YAML_TEXT = st.one_of(YAML_TEXT, st.builds(bomb, st.integers(1, 9), st.integers(2, 10),
+                                           st.sampled_from(["epochs", "objective", "points_to_evaluate"])))
+
+
+def _bounded(call):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.monotonic()
+    try:
+        call()
+    except ConfigError as e:
+        assert len(str(e).splitlines()) == 1
+    assert time.monotonic() - t0 < 5
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 200
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(YAML_TEXT)
+def test_no_yaml_document_makes_loading_a_config_slow_or_big(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("prop") / "c.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    _bounded(lambda: load_config(path))
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["epochs", "objective.beta", "model.options", "data.options.x"]),
+                          YAML_TEXT), max_size=3))
+def test_no_set_string_makes_building_a_config_slow_or_big(pairs):
+    _bounded(lambda: build_config({}, [f"{k}={v}" for k, v in pairs]))
