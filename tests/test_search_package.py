@@ -357,3 +357,18 @@ def test_a_grid_search_over_seeds_reports_each_configuration_as_mean_std_and_n(r
     mean = sum(pgd[best_beta]) / 2
     assert table[2].startswith(f"| **{best_beta:.4g}** |") and f"**{mean * 100:.2f} ± " in table[2]
     assert "Over seeds" in parent.data.tags["mlflow.note.content"]
+
+
+def test_a_search_whose_artifact_folder_is_unwritable_stops_before_ray_with_one_line(no_ray, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlruns").write_text("not a folder")  # MLflow's default artifact root here: refused even to root
+    raw = {"name": "nowrite", "base": TINY, "params": {"lr": {"choice": [0.1]}}, "num_samples": 1, "top_k": 0,
+           "scheduler": {"type": "none"}, "storage_path": str(tmp_path / "ray")}
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    with pytest.raises(UserError, match="mlruns.*not writable") as e:
+        driver.run_search(build_space(raw), tracking_uri=uri, out=lambda s: None)
+    assert "\n" not in str(e.value)
+    cl = MlflowClient(tracking_uri=uri)
+    assert cl.search_runs([x.experiment_id for x in cl.search_experiments()]) == []  # no run left RUNNING

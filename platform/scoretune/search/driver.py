@@ -29,7 +29,15 @@ from ..drivers.ray_session import ray_session
 from ..errors import UserError
 from ..floor_estimate import FloorEstimate, clip_for_floor, estimate_floor
 from ..names import inside, validate_name
-from ..tracking import TrackingUnreachable, client, masked, mlflow_error, resolve_tracking_uri, tags
+from ..tracking import (
+    TrackingUnreachable,
+    check_artifacts_writable,
+    client,
+    masked,
+    mlflow_error,
+    resolve_tracking_uri,
+    tags,
+)
 from ..tracking.buffer import is_transient, journal_path, open_writer, replay_leftover, settle
 from .callback import MlflowSearchCallback, ProgressCallback, experiment_id_for, log_metrics, start_parent_run
 from .finalize import finalize_search
@@ -159,18 +167,23 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
     else:
         out(no_storage_note(uri, space.storage_path))
     warm = warm_start_trials(client(uri), space, out)  # before anything is written
+    check_artifacts_writable(client(uri), experiment_id_for(uri, space.experiment_name))  # before Ray starts
     with ray_session(address, out=out):
         parent = start_parent_run(space, name=name, ray_path=ray_path, tracking_uri=uri, space_text=space_text)
-        log_floor(parent, estimate)
         parent_run_id = parent.run_id
-        open_writer(uri, journal_path(ray_path, name)).adopt_run(parent_run_id)  # a replay can recreate it
-        tag_study(client(uri), parent_run_id, study_url, name, warm)
-        write_state(ray_path, {"space": space.model_dump(by_alias=True, exclude_none=True), "tracking_uri": uri,
-                               "parent_run_id": parent_run_id, "floor": floor, "name": name, "attempt": 1,
-                               "trial_base": trial_base, "study_storage": study_url})
-        tuner = build_tuner(space, name=name, storage=storage, ray_path=ray_path, tracking_uri=uri,
-                            parent_run_id=parent_run_id, floor=floor, out=out, study_storage=study_storage,
-                            warm_trials=warm.trials if warm else ())
+        try:
+            log_floor(parent, estimate)
+            open_writer(uri, journal_path(ray_path, name)).adopt_run(parent_run_id)  # a replay can recreate it
+            tag_study(client(uri), parent_run_id, study_url, name, warm)
+            write_state(ray_path, {"space": space.model_dump(by_alias=True, exclude_none=True), "tracking_uri": uri,
+                                   "parent_run_id": parent_run_id, "floor": floor, "name": name, "attempt": 1,
+                                   "trial_base": trial_base, "study_storage": study_url})
+            tuner = build_tuner(space, name=name, storage=storage, ray_path=ray_path, tracking_uri=uri,
+                                parent_run_id=parent_run_id, floor=floor, out=out, study_storage=study_storage,
+                                warm_trials=warm.trials if warm else ())
+        except BaseException as e:  # nothing ran: the parent run ends, not left RUNNING
+            client(uri).set_terminated(parent_run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
         if study_url:
             out(f"Optuna study '{name}' in {study_url} (watch it: scoretune dashboard --search {name})")
         if warm and warm.trials and space.sampler.type == "tpe":
