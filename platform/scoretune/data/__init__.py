@@ -31,7 +31,17 @@ from typing import Callable
 
 import numpy as np
 
-from .base import _REGISTRY, Dataset, DatasetError, DatasetInfo, Split, available_datasets, register_dataset, to_float
+from .base import (
+    _REGISTRY,
+    Dataset,
+    DatasetError,
+    DatasetInfo,
+    Split,
+    available_datasets,
+    eval_subset,
+    register_dataset,
+    to_float,
+)
 from .builtin import TOY_MEANS, TOY_PRIOR, TOY_VARIANCES, toy_posterior
 from .files import _load_ddpm
 from .loader import BatchLoader
@@ -45,6 +55,7 @@ __all__ = [
     "available_datasets",
     "load_dataset",
     "to_float",
+    "eval_subset",
     "toy_posterior",
     "BatchLoader",
     "TOY_PRIOR",
