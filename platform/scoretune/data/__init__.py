@@ -19,6 +19,12 @@ and mixed into batches by :class:`BatchLoader` (``extra_fraction``).
 Images are stored as uint8 (N,C,H,W) and turned into float32 in [0, 1] at batch time by
 :func:`to_float`; models normalise internally with ``DatasetInfo.mean/std``.
 
+Split order: splits keep their source's order, and mnist5k's csv is sorted by class, so its train,
+val and test splits are in class order (its first 200 test digits are 0s and 1s). digits (the
+scikit-learn file cycles through the classes), toy (i.i.d. samples) and the CIFAR and SVHN files
+(shuffled at the source) are not. Never evaluate a prefix of a split: :func:`eval_subset` gives the
+fixed, seeded, class-stratified sample every ``n_ex``/``max_samples`` evaluation uses.
+
 This module imports only torch, numpy, scipy and scikit-learn.
 """
 
