@@ -252,13 +252,14 @@ class AlwaysZero(torch.nn.Module):
         return torch.nn.functional.one_hot(torch.zeros(x.shape[0], dtype=torch.long), 10).to(x.dtype)
 
 
-def test_n_ex_evaluates_a_class_stratified_sample_of_a_class_sorted_split(tmp_path):
+def test_n_ex_evaluates_a_class_stratified_sample_of_a_class_sorted_split(tmp_path, monkeypatch):
     """mnist5k's test split is stored in class order (its first 200 digits are 0s and 1s, where a
     constant-0 model would score 50%): --n-ex 200 evaluates 20 digits of each class, and the run
     records n_ex and the subset seed."""
     from mlflow import MlflowClient
     from scoretune.evaluate import benchmark
 
+    monkeypatch.chdir(tmp_path)  # the new run's artifact store
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = benchmark(AlwaysZero(), data="mnist5k", n_ex=200, subset_seed=3, attack="clean", eps=0.3,
                        device="cpu", tracking_uri=uri, log_to="auto")
