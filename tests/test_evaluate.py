@@ -381,14 +381,15 @@ def test_cli_logs_a_checkpoint_into_a_new_eval_run(trained, tmp_path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     uri = trained["uri"]
-    rc, out, err = _cli(["evaluate", trained["ckpt"], "--attack", "pgd-20", "--n-ex", str(N_EX), "--json",
-                         "--tracking-uri", uri], capsys)
+    rc, out, err = _cli(["evaluate", trained["ckpt"], "--attack", "pgd-20", "--n-ex", str(N_EX), "--subset-seed", "2",
+                         "--json", "--tracking-uri", uri], capsys)
     assert rc == 0, err
     res = json.loads(out)
     assert res["mlflow"]["where"] == "new run in 'scoretune-eval'"
     run = MlflowClient(uri).get_run(res["mlflow"]["run_id"])
     assert run.data.metrics["pgd20_acc"] == pytest.approx(res["robust_acc"])
     assert run.data.params["model"] == trained["ckpt"] and run.data.params["n_ex"] == str(N_EX)
+    assert run.data.params["subset_seed"] == "2" and res["split_size"] == 449  # of digits' 449 test images
     assert run.data.tags["scoretune.kind"] == "eval"
 
 
