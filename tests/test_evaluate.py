@@ -39,11 +39,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread):
-    """Train 4 epochs, logged to MLflow (best epoch 3: 95% clean, 49% PGD-20, 17% AutoAttack on the
-    first 100 test digits)."""
+    """Train 4 epochs, logged to MLflow; ``x``/``y`` are the 100 test digits ``--n-ex 100`` evaluates."""
     from scoretune.drivers.train import train
     from scoretune.config import build_config
-    from scoretune.data import load_dataset
+    from scoretune.data import eval_subset, load_dataset
 
     root = tmp_path_factory.mktemp("evaltrain")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -55,12 +54,12 @@ def trained(tmp_path_factory, one_thread):
         "optim": {"lr": 0.2}, "epochs": 4, "batch_size": 64, "device": "cpu", "output_dir": str(root / "runs"),
     }, [])
     summary = train(cfg, tracking_uri=uri, experiment="eval-fixture", out=lambda s: None)
-    ds = load_dataset("digits", val_size=0.1)
+    sample = eval_subset(load_dataset("digits", val_size=0.1).test, N_EX)
     loaded = load_model(summary["best_checkpoint"])
     return {
         "uri": uri, "root": root, "ckpt": summary["best_checkpoint"], "run_id": summary["run_id"],
         "model_uri": summary["model_uri"], "net": loaded.net,
-        "x": ds.test.x[:N_EX].float(), "y": ds.test.y[:N_EX],
+        "x": sample.x.float(), "y": sample.y,
     }
 
 
@@ -246,6 +245,37 @@ def test_autoattack_refuses_inputs_outside_the_unit_box(trained):
         autoattack_accuracy(trained["net"], trained["x"][:4] * 2 - 0.5, trained["y"][:4], EPS)
 
 
+class AlwaysZero(torch.nn.Module):
+    """Predicts class 0 for every input: its accuracy is the share of 0s among the examples evaluated."""
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(torch.zeros(x.shape[0], dtype=torch.long), 10).to(x.dtype)
+
+
+def test_n_ex_evaluates_a_class_stratified_sample_of_a_class_sorted_split(tmp_path, monkeypatch):
+    """mnist5k's test split is stored in class order (its first 200 digits are 0s and 1s, where a
+    constant-0 model would score 50%): --n-ex 200 evaluates 20 digits of each class, and the run
+    records n_ex and the subset seed."""
+    from mlflow import MlflowClient
+    from scoretune.evaluate import benchmark
+
+    monkeypatch.chdir(tmp_path)  # the new run's artifact store
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = benchmark(AlwaysZero(), data="mnist5k", n_ex=200, subset_seed=3, attack="clean", eps=0.3,
+                       device="cpu", tracking_uri=uri, log_to="auto")
+    assert result.n == 200 and result.split_size == 1000
+    assert result.clean_acc == pytest.approx(0.1, abs=1e-12)
+    params = MlflowClient(uri).get_run(result.logged["run_id"]).data.params
+    assert (params["n_ex"], params["subset_seed"]) == ("200", "3")
+
+
+def test_n_ex_at_least_the_split_evaluates_all_of_it():
+    from scoretune.evaluate import benchmark
+
+    result = benchmark(AlwaysZero(), data="mnist5k", n_ex=5000, attack="clean", eps=0.3, device="cpu")
+    assert result.n == 1000 and result.split_size is None and result.clean_acc == pytest.approx(0.1, abs=1e-12)
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -351,14 +381,15 @@ def test_cli_logs_a_checkpoint_into_a_new_eval_run(trained, tmp_path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     uri = trained["uri"]
-    rc, out, err = _cli(["evaluate", trained["ckpt"], "--attack", "pgd-20", "--n-ex", str(N_EX), "--json",
-                         "--tracking-uri", uri], capsys)
+    rc, out, err = _cli(["evaluate", trained["ckpt"], "--attack", "pgd-20", "--n-ex", str(N_EX), "--subset-seed", "2",
+                         "--json", "--tracking-uri", uri], capsys)
     assert rc == 0, err
     res = json.loads(out)
     assert res["mlflow"]["where"] == "new run in 'scoretune-eval'"
     run = MlflowClient(uri).get_run(res["mlflow"]["run_id"])
     assert run.data.metrics["pgd20_acc"] == pytest.approx(res["robust_acc"])
     assert run.data.params["model"] == trained["ckpt"] and run.data.params["n_ex"] == str(N_EX)
+    assert run.data.params["subset_seed"] == "2" and res["split_size"] == 449  # of digits' 449 test images
     assert run.data.tags["scoretune.kind"] == "eval"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from scoretune.config import ALIASES, ConfigError
 from scoretune.search.space import build_space, load_space
 
@@ -67,6 +68,26 @@ def test_cifar_spaces_follow_the_paper_settings(stem, model, method, epochs):
     assert cfg.attack.step_size == pytest.approx(2 / 255, abs=1e-6) and cfg.attack.steps == 10
     assert (cfg.optim.momentum, cfg.optim.weight_decay) == (0.9, 5e-4)
     assert s.resources.workers == 4 and s.resources.gpus == 1
+
+
+def test_table3_space_is_the_official_lse_recipe():
+    """WRN-28-10 SiLU, 70% DDPM images, EMA, TRADES-SE beta 3 and 4, and trades_loss_LSE's attack:
+    batch statistics with frozen running statistics, a uniform start."""
+    from scoretune.models import build_model
+
+    s = load_space(ROOT / "search_spaces/cifar10_table3_trades_se.yaml")
+    cfg = s.base_config()
+    assert (cfg.model.name, cfg.model.activation, cfg.data.name) == ("wrn-28-10", "silu", "cifar10")
+    assert cfg.data.ddpm_path and cfg.data.ddpm_fraction == 0.7 and cfg.ema_decay == 0.995
+    assert (cfg.objective.method, cfg.objective.loss, cfg.objective.label_smoothing, cfg.objective.clip_mode) == (
+        "trades", "se", 0.0, "none")
+    assert s.params["beta"].choice == [3.0, 4.0] and s.total_samples == 2
+    attack = cfg.attack.build((0.0, 1.0))
+    assert (attack.bn, attack.start, attack.steps) == ("train_frozen", "uniform", 10)
+    assert attack.eps == pytest.approx(8 / 255, abs=1e-6) and attack.alpha == pytest.approx(2 / 255, abs=1e-6)
+    net = build_model(cfg.model.name, input_shape=(3, 32, 32), num_classes=10, activation=cfg.model.activation,
+                      device="meta")
+    assert any(isinstance(m, torch.nn.SiLU) for m in net.modules())
 
 
 def test_aliases_and_dotted_keys_write_the_sampled_values_into_the_experiment():

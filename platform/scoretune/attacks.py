@@ -14,10 +14,16 @@ How the training attack runs BatchNorm is a setting (:data:`BN_MODES`, ``attack.
 - ``train_frozen``: batch statistics, running statistics untouched (the official SCORE
   ``trades_loss_LSE``, which switches ``track_bn_stats`` off for its attack).
 
+The start point is a setting (:data:`STARTS`, ``attack.start``): ``normal``, x + 0.001 N(0, I)
+(TRADES' ``trades_loss`` and the SCORE code's ``attack_trades_divergence``), or ``uniform``, a
+uniform point of B(x) (the SCORE PGD-AT attack, and ``trades_loss_LSE``, the TRADES pipeline of the
+paper's Tables 3-4, which with ``bn: train_frozen`` it reproduces).
+
 The PGD-AT attack's target is a setting too (:data:`TARGETS`, ``attack.target``): ``onehot``
 (the official code: label smoothing enters the loss only) or ``smoothed`` (the label-smoothed
 one-hot of the loss). ``auto`` (the default of both) is the official code's choice for the
-objective (:func:`resolve_attack_mode`): PGD-AT ``bn=train, target=onehot``, TRADES ``bn=eval``.
+objective (:func:`resolve_attack_mode`, :func:`resolve_start`): PGD-AT ``bn=train, target=onehot,
+start=uniform``, TRADES ``bn=eval, start=normal``.
 ``bn=eval, target=smoothed`` is how scoretune ran PGD-AT before these settings existed.
 The evaluation attack (:func:`pgd_ce`) always runs in eval mode.
 """
@@ -39,6 +45,10 @@ from .losses import Objective, smooth_onehot
 NORMS = ("linf", "l2")
 BN_MODES = ("eval", "train", "train_frozen")
 """How BatchNorm runs during the training attack (module docstring); ``auto`` picks per objective."""
+STARTS = ("normal", "uniform")
+"""The training attack's start: x + 0.001 N(0, I), or uniform in B(x) (``auto``: per objective)."""
+OFFICIAL_STARTS = {"pgdat": "uniform", "trades": "normal"}
+"""The start of the official SCORE code's training attack per method (``without_DDPM/train_cifar.py``)."""
 TARGETS = ("onehot", "smoothed")
 """The PGD-AT attack's target: the plain one-hot or the label-smoothed one (``auto``: per objective)."""
 OFFICIAL_ATTACK_MODES = {"pgdat": ("train", "onehot"), "trades": ("eval", "onehot")}
@@ -51,6 +61,12 @@ def resolve_attack_mode(method: str, bn: str = "auto", target: str = "auto") -> 
     the official SCORE code's choice (:data:`OFFICIAL_ATTACK_MODES`)."""
     official_bn, official_target = OFFICIAL_ATTACK_MODES[method]
     return (official_bn if bn == "auto" else bn), (official_target if target == "auto" else target)
+
+
+def resolve_start(method: str, start: str = "auto") -> str:
+    """The start point the training attack of ``method`` uses: ``auto`` replaced by the official
+    SCORE code's choice (:data:`OFFICIAL_STARTS`)."""
+    return OFFICIAL_STARTS[method] if start == "auto" else start
 
 
 def eps_problem(eps: float, norm: str, pixel_range: tuple[float, float] | None,
@@ -84,9 +100,10 @@ class AttackConfig:
 
     ``eps`` is the radius of B(x) in ``norm``; ``step_size`` defaults to 2.5 eps / steps
     (Madry et al.); ``pixel_range`` is the valid input box (``None`` for unbounded inputs
-    such as the 1-D toy). ``bn`` and ``target`` say how the *training* attack runs BatchNorm
-    and what PGD-AT attacks toward (module docstring; ``auto``: as the official code for the
-    objective); :func:`pgd` and the evaluation attack ignore them.
+    such as the 1-D toy). ``bn``, ``target`` and ``start`` say how the *training* attack runs
+    BatchNorm, what PGD-AT attacks toward and where the attack starts (module docstring; ``auto``:
+    as the official code for the objective); :func:`pgd` and the evaluation attack ignore them.
+    ``random_start=False`` makes a ``uniform`` start (and :func:`pgd`'s own start) x itself.
     """
 
     eps: float
@@ -97,6 +114,7 @@ class AttackConfig:
     pixel_range: tuple[float, float] | None = (0.0, 1.0)
     bn: str = "auto"
     target: str = "auto"
+    start: str = "auto"
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -105,6 +123,8 @@ class AttackConfig:
             raise ValueError(f"unknown attack bn mode {self.bn!r}; choose one of: auto, {', '.join(BN_MODES)}")
         if self.target not in ("auto",) + TARGETS:
             raise ValueError(f"unknown attack target {self.target!r}; choose one of: auto, {', '.join(TARGETS)}")
+        if self.start not in ("auto",) + STARTS:
+            raise ValueError(f"unknown attack start {self.start!r}; choose one of: auto, {', '.join(STARTS)}")
         problem = eps_problem(self.eps, self.norm, None)
         if problem:
             raise ValueError(f"eps {problem}")
@@ -257,6 +277,11 @@ def pgd(
     return x_adv.detach()
 
 
+def _normal_start(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """TRADES' start point x + 0.001 N(0, I) (Zhang et al. 2019), projected by :func:`pgd`."""
+    return x + 0.001 * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 def training_attack(
     model: nn.Module,
     x: torch.Tensor,
@@ -268,20 +293,20 @@ def training_attack(
 ) -> torch.Tensor:
     """The inner maximisation of adversarial training for ``objective``.
 
-    BatchNorm runs as ``cfg.bn`` says and PGD-AT attacks toward ``cfg.target``
-    (:func:`resolve_attack_mode`; by default as the official SCORE code).
-    TRADES: start at x + 0.001 N(0, I) (Zhang et al.), maximise D(p(x), p(x')) with p(x)
-    computed once (in the same BatchNorm mode, no gradient) and held fixed.  PGD-AT: uniform
-    random start, maximise D(target, p(x')) (cross-entropy for KL), target = one-hot(y)
-    (``onehot``) or the objective's label-smoothed one-hot (``smoothed``).
+    BatchNorm runs as ``cfg.bn`` says, PGD-AT attacks toward ``cfg.target`` and the attack starts
+    as ``cfg.start`` says (:func:`resolve_attack_mode`, :func:`resolve_start`; by default as the
+    official SCORE code: TRADES at x + 0.001 N(0, I) as Zhang et al., PGD-AT uniformly in B(x)).
+    TRADES maximises D(p(x), p(x')) with p(x) computed once (in the same BatchNorm mode, no
+    gradient) and held fixed.  PGD-AT maximises D(target, p(x')) (cross-entropy for KL), target =
+    one-hot(y) (``onehot``) or the objective's label-smoothed one-hot (``smoothed``).
     """
     div = objective.divergence
     bn, target_kind = resolve_attack_mode(objective.method, cfg.bn, cfg.target)
+    start = resolve_start(objective.method, cfg.start)
     if objective.method == "trades":
         with bn_mode(model, bn), torch.no_grad():
             p_nat = F.softmax(_loss_dtype(model(x)), dim=-1)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_init = x + 0.001 * noise
+        x_init = _normal_start(x, generator) if start == "normal" else None  # None: pgd starts uniformly
 
         def attack_loss(logits: torch.Tensor) -> torch.Tensor:
             logits = _loss_dtype(logits)
@@ -300,7 +325,8 @@ def training_attack(
             return -(target * F.log_softmax(logits, dim=-1)).sum(-1)
         return div(target, F.softmax(logits, dim=-1))
 
-    return pgd(model, x, pgdat_loss, cfg, generator=generator, bn=bn)
+    x_init = _normal_start(x, generator) if start == "normal" else None
+    return pgd(model, x, pgdat_loss, cfg, x_init=x_init, generator=generator, bn=bn)
 
 
 def pgd_ce(

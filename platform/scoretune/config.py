@@ -164,7 +164,11 @@ class AttackSettings(_Strict):
     one-hot of the loss; TRADES attacks toward p(x) and ignores it). ``auto`` is the official
     SCORE code's choice for the objective: PGD-AT ``train``/``onehot``, TRADES ``eval``
     (:func:`scoretune.attacks.resolve_attack_mode`); ``bn: eval, target: smoothed`` is how
-    scoretune ran PGD-AT before these settings. The evaluation attack always runs in eval mode.
+    scoretune ran PGD-AT before these settings. ``start`` is where the training attack starts:
+    ``normal`` (x + 0.001 N(0, I)) or ``uniform`` (a uniform point of B(x)); ``auto`` = PGD-AT
+    ``uniform``, TRADES ``normal`` (:func:`scoretune.attacks.resolve_start`). TRADES with ``bn:
+    train_frozen, start: uniform`` is the official ``trades_loss_LSE`` (the paper's Tables 3-4).
+    The evaluation attack always runs in eval mode.
     """
 
     eps: float = Field(8 / 255, ge=0.0)
@@ -173,6 +177,7 @@ class AttackSettings(_Strict):
     step_size: Optional[float] = Field(None, gt=0.0)
     bn: Literal["auto", "eval", "train", "train_frozen"] = "auto"
     target: Literal["auto", "onehot", "smoothed"] = "auto"
+    start: Literal["auto", "normal", "uniform"] = "auto"
 
     def resolved(self, method: str) -> tuple[str, str]:
         """``(bn, target)`` the training attack of ``method`` runs with (``auto`` resolved)."""
@@ -190,7 +195,7 @@ class AttackSettings(_Strict):
         n = self.steps if steps is None else steps
         return AttackConfig(eps=self.eps, norm=self.norm, steps=n,
                             step_size=self.step_size if n == self.steps else None, pixel_range=pixel_range,
-                            bn=self.bn, target=self.target)
+                            bn=self.bn, target=self.target, start=self.start)
 
 
 class EvalSettings(_Strict):

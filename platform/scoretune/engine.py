@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .attacks import AttackConfig, eval_mode, pgd_ce, training_attack
 from .config import ConfigError, ExperimentConfig, OptimConfig, batch_split_problem
-from .data import BatchLoader, Dataset, Split, load_dataset, to_float
+from .data import BatchLoader, Dataset, Split, eval_subset, load_dataset, to_float
 from .errors import UserError
 from .losses import Objective, madry_kl
 from .models import build_model
@@ -494,11 +494,13 @@ class Trainer:
             memory_format=self.memory_format,
         )
         eval_bs = max(per_rank, 256)
-        self.val_loader = BatchLoader(ds.val, eval_bs, shuffle=False, device=self.device,
-                                      rank=self.rank, world_size=self.world_size,
+        # eval.max_samples: a fixed class-stratified sample of each split (eval_subset), not its first
+        # examples (mnist5k's val and test splits are stored in class order)
+        self.val_loader = BatchLoader(eval_subset(ds.val, cfg.eval.max_samples), eval_bs, shuffle=False,
+                                      device=self.device, rank=self.rank, world_size=self.world_size,
                                       memory_format=self.memory_format) if len(ds.val) else None
-        self.test_loader = BatchLoader(ds.test, eval_bs, shuffle=False, device=self.device,
-                                       rank=self.rank, world_size=self.world_size,
+        self.test_loader = BatchLoader(eval_subset(ds.test, cfg.eval.max_samples), eval_bs, shuffle=False,
+                                       device=self.device, rank=self.rank, world_size=self.world_size,
                                        memory_format=self.memory_format)
         probe = probe_indices(len(ds.train), cfg.early_stop.probe_fraction, _derive_probe_seed(cfg.seed))
         self.probe_loader = BatchLoader(
@@ -541,10 +543,10 @@ class Trainer:
         return row
 
     def c_l1_at_best(self, row: dict[str, float]) -> dict[str, float]:
-        """``val_c_l1`` +- ``val_c_l1_se``: C^l1 of the model on the first ``early_stop.refine_samples``
-        validation points (the inner max the automatic floor's proxy is measured with,
-        :func:`scoretune.bounds.c_l1_pgd`, with a seeded generator of its own: every rank gets
-        the same value), when ``row`` improves on the best
+        """``val_c_l1`` +- ``val_c_l1_se``: C^l1 of the model on ``early_stop.refine_samples``
+        validation points (a fixed class-stratified sample, :func:`~scoretune.data.eval_subset`) with
+        the inner max the automatic floor's proxy is measured with (:func:`scoretune.bounds.c_l1_pgd`,
+        a seeded generator of its own: every rank gets the same value), when ``row`` improves on the best
         ``val_pgd_acc`` of the history; {} otherwise. The floor rule's refiner reads it."""
         acc = row.get("val_pgd_acc")
         if acc is None or not len(self.dataset.val) or any(
@@ -554,7 +556,7 @@ class Trainer:
 
         t0 = time.perf_counter()
         info = self.dataset.info
-        xs = to_float(self.dataset.val.x[: self.cfg.early_stop.refine_samples]).to(self.device)
+        xs = to_float(eval_subset(self.dataset.val, self.cfg.early_stop.refine_samples).x).to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(int(self.cfg.seed) * 1000 + 31 + self.epoch)
         inner = c_l1_pgd(self.cfg.attack.eps, self.cfg.attack.norm, info.pixel_range, gen)
         with eval_mode(self.eval_model):

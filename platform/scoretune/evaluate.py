@@ -10,8 +10,14 @@ MLflow run. ``scoretune evaluate`` is a thin argument parser over it.
 
 Tag scheme (``scoretune.tracking.tags``): the metrics of :meth:`EvalResult.metrics` (``clean_acc``,
 ``<attack>_acc``, ``aa_<stage>_acc``), ``eval.<metric>.<setting>`` for every setting (model, eps,
-norm, dataset, split, n_ex, seed, batch_size, seconds; ``aa_checks`` for AutoAttack) and
+norm, dataset, split, n_ex, subset_seed, seed, batch_size, seconds; ``aa_checks`` for AutoAttack) and
 ``aa_check.<name>`` per AutoAttack check that fired.
+
+``n_ex`` evaluates a fixed, seeded, class-stratified sample of the split
+(:func:`scoretune.data.eval_subset` with ``subset_seed``), never its first N examples: a split stored
+in class order (mnist5k's test split) would otherwise be evaluated on a few classes only. The sample
+depends on the split, N and ``subset_seed`` alone (not on the attack ``seed``), so models compared with
+the same N see the same examples.
 
 The eps rule: with pixel range [lo, hi] (width w) and d input values per example, the eps-ball
 already contains the whole box once eps >= w (linf) or eps >= w * sqrt(d) (l2, the box's diagonal):
@@ -48,6 +54,7 @@ def benchmark(
     data: Any = None,
     split: str = "test",
     n_ex: int | None = None,
+    subset_seed: int = 0,
     attack: str = "aa-standard",
     eps: float | None = None,
     norm: str | None = None,
@@ -68,7 +75,8 @@ def benchmark(
     ``model_ref``: a reference (``REF_HELP``), an already loaded :class:`LoadedModel`, or an
     in-memory ``nn.Module`` (then ``data`` and ``eps`` are required; ``norm`` defaults to linf).
     ``data``: a dataset name (default: the model's training dataset, with its root, val split and
-    options) or a loaded ``scoretune.data.Dataset``. ``split``: test | val; ``n_ex``: the first N.
+    options) or a loaded ``scoretune.data.Dataset``. ``split``: test | val; ``n_ex``: N examples of it,
+    the class-stratified sample :func:`scoretune.data.eval_subset` draws with ``subset_seed`` (None: all).
     ``eps``/``norm`` default to the model's training attack. ``log_to``: None (no MLflow), a run id,
     or ``"auto"``: the model's own run when it came from MLflow, else a new run in experiment
     ``scoretune-eval``. ``state_path`` (a file) or ``state_dir`` (a file named after the evaluation
@@ -83,14 +91,15 @@ def benchmark(
         loaded = LoadedModel(net=model_ref, ref=type(model_ref).__name__, kind="module")
     else:
         loaded = load_model(model_ref, dev, tracking_uri=tracking_uri)
-    x, y, info, dataset = _eval_data(loaded, data, split, n_ex, data_root)
+    x, y, info, dataset, split_size = _eval_data(loaded, data, split, n_ex, subset_seed, data_root)
     eps = eps if eps is not None else loaded.eps
     if eps is None:
         raise UserError(f"no eps is known for {loaded.ref}; pass --eps (e.g. --eps 8/255)")
     norm = norm or loaded.norm or "linf"
     check_eps(float(eps), norm, info.pixel_range, tuple(x.shape[1:]))
     settings = {"model": loaded.ref, "attack": attack, "eps": eps, "norm": norm, "dataset": dataset,
-                "split": split, "n_ex": int(x.shape[0]), "seed": seed, "batch_size": batch_size}
+                "split": split, "n_ex": int(x.shape[0]), "subset_seed": subset_seed, "seed": seed,
+                "batch_size": batch_size}
     if state_path is None and state_dir is not None and attack.startswith("aa-"):
         key = json.dumps({**settings, "weights": model_fingerprint(loaded.net)}, sort_keys=True)
         state_path = Path(state_dir) / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
@@ -99,6 +108,7 @@ def benchmark(
                               state_path=state_path if attack.startswith("aa-") else None, log=log,
                               progress=progress)
     result.settings, result.source_run_id = settings, loaded.run_id
+    result.split_size = split_size if split_size > x.shape[0] else None
     result.state_path = str(state_path) if state_path is not None and attack.startswith("aa-") else None
     if log_to is not None:
         result.logged = log_result(result, loaded, settings, tracking_uri,
@@ -121,9 +131,11 @@ def check_eps(eps: float, norm: str, pixel_range: tuple[float, float] | None, in
                         f"input is reachable under {norm}; give eps in the data's units, e.g. --eps 8/255")
 
 
-def _eval_data(loaded: LoadedModel, data: Any, split: str, n_ex: int | None, data_root: str | None):
-    """(x, y, dataset info, dataset name) for the requested split, first ``n_ex`` examples."""
-    from .data import DatasetError, available_datasets, load_dataset, to_float
+def _eval_data(loaded: LoadedModel, data: Any, split: str, n_ex: int | None, subset_seed: int,
+               data_root: str | None):
+    """(x, y, dataset info, dataset name, the split's size) for the requested split: ``n_ex`` examples
+    of it, the stratified sample :func:`scoretune.data.eval_subset` draws with ``subset_seed``."""
+    from .data import DatasetError, available_datasets, eval_subset, load_dataset, to_float
 
     if split not in ("test", "val"):
         raise UserError(f"split must be test or val, got {split!r}")
@@ -149,13 +161,16 @@ def _eval_data(loaded: LoadedModel, data: Any, split: str, n_ex: int | None, dat
     part = ds.test if split == "test" else ds.val
     if len(part) == 0:
         raise UserError(f"the {split} split of {name} is empty (trained with data.val_size=0?); use --split test")
-    n = min(len(part), n_ex or len(part))
-    x, y = to_float(part.x[:n]), part.y[:n]
+    try:
+        sample = eval_subset(part, n_ex, subset_seed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    x, y = to_float(sample.x), sample.y
     spec_shape = tuple(loaded.spec["input_shape"]) if loaded.spec and loaded.spec.get("input_shape") else None
     if spec_shape is not None and spec_shape != tuple(x.shape[1:]):
         raise UserError(f"the model takes inputs of shape {spec_shape} but {name} has {tuple(x.shape[1:])}; "
                         "pass the --data it was trained on")
-    return x, y, ds.info, name
+    return x, y, ds.info, name, len(part)
 
 
 def log_result(result: EvalResult, loaded: LoadedModel, settings: dict[str, Any], tracking_uri: str | None,

@@ -131,7 +131,10 @@ def _proxy_config(cfg: Any, epochs: int, beta: float) -> Any:
     return ExperimentConfig.model_validate(data)
 
 
-def _cache_key(cfg: Any, epochs: int, beta: float, samples: int) -> dict[str, Any]:
+def _cache_key(cfg: Any, epochs: int, beta: float, samples: int, split_size: int) -> dict[str, Any]:
+    """What a cached proxy floor depends on. ``samples`` below ``split_size`` measure C^l1 on a
+    stratified sample (:func:`scoretune.data.eval_subset`; records from before it took the first
+    ``samples`` points, and so do not match); otherwise on the whole split."""
     d = cfg.data
     root = None
     if d.name not in ("toy", "digits", "mnist5k"):
@@ -142,7 +145,7 @@ def _cache_key(cfg: Any, epochs: int, beta: float, samples: int) -> dict[str, An
         "model": {"name": cfg.model.name, "options": cfg.model.options, "activation": cfg.model.activation},
         "proxy": {"method": "trades", "loss": "kl", "beta": float(beta), "epochs": int(epochs),
                   "optim": cfg.optim.model_dump(), "batch_size": cfg.batch_size, "steps": cfg.attack.steps},
-        "samples": int(samples),
+        "samples": int(samples), **({"sample": "stratified"} if int(samples) < split_size else {}),
     }
 
 
@@ -188,7 +191,7 @@ def estimate_floor(
     cached under ``cache_dir`` (None: no cache). ``floor_key`` names the config key in errors.
     """
     from .bounds import InnerMax, c_l1_pgd, estimate_C, madry_floor
-    from .data import load_dataset, to_float, toy_posterior
+    from .data import eval_subset, load_dataset, to_float, toy_posterior
 
     t0 = time.perf_counter()
     if int(samples) < 1:
@@ -219,7 +222,7 @@ def estimate_floor(
         raise FloorEstimateError(f"{floor_key}: 'auto' trains a proxy on the training split and measures it on "
                                  f"the validation split, but dataset '{cfg.data.name}' has no samples there; "
                                  "give the floor as a number")
-    key = _cache_key(cfg, epochs, proxy_beta, samples)
+    key = _cache_key(cfg, epochs, proxy_beta, samples, len(split))
     fingerprint = data_fingerprint(ds)
     record_path = ckpt_path = None
     if cache_dir is not None:
@@ -250,7 +253,7 @@ def estimate_floor(
         if not math.isfinite(row.get("train_loss", float("nan"))):
             raise FloorEstimateError(f"{floor_key}: the proxy's training loss is not finite; lower optim.lr")
     net = trainer.eval_model.eval()
-    xs = to_float(split.x[: int(samples)]).to(trainer.device)
+    xs = to_float(eval_subset(split, int(samples)).x).to(trainer.device)  # stratified: val may be class-sorted
     gen = torch.Generator(device=trainer.device).manual_seed(int(cfg.seed) + 17)
     if len(ds.info.input_shape) == 1 and ds.info.input_shape[0] == 1:
         inner = InnerMax(eps=eps, norm=norm, grid=_TOY_GRID, pixel_range=ds.info.pixel_range)

@@ -117,6 +117,7 @@ class EvalResult:
     source_run_id: str | None = None
     logged: dict[str, str] | None = None
     state_path: str | None = None
+    split_size: int | None = None  # the split's size when n_ex took a sample of it
 
     @property
     def metric_name(self) -> str | None:

@@ -36,7 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="aa-standard (RobustBench's AutoAttack; the number to report), aa-fast (APGD-CE + "
                         "APGD-T), pgd-20, pgd-50 or clean (default: aa-standard)")
     p.add_argument("--n-ex", type=positive_int, default=None, metavar="N",
-                   help="evaluate the first N examples of the split (default: all)")
+                   help="evaluate N examples of the split: a fixed class-stratified sample, the same for every "
+                        "model given the same --subset-seed (default: all)")
+    p.add_argument("--subset-seed", type=int, default=0, metavar="S",
+                   help="seed of the --n-ex sample (default 0); independent of --seed")
     p.add_argument("--eps", type=eps_value, default=None, metavar="E",
                    help="perturbation radius, e.g. 8/255 (default: the model's training attack.eps)")
     p.add_argument("--norm", choices=("linf", "l2"), default=None,
@@ -69,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
                 args.norm or ref.norm or "linf", device)
     bars = _Bars()
     try:
-        result = benchmark(ref, data=args.data, split=args.split, n_ex=args.n_ex, attack=args.attack, eps=args.eps,
+        result = benchmark(ref, data=args.data, split=args.split, n_ex=args.n_ex, subset_seed=args.subset_seed,
+                           attack=args.attack, eps=args.eps,
                            norm=args.norm, batch_size=args.batch_size, device=args.device, seed=args.seed,
                            restarts=args.restarts, data_root=args.data_root, tracking_uri=args.tracking_uri,
                            log_to=None if args.no_mlflow else "auto",
@@ -137,7 +141,7 @@ def format_result(result: Any) -> str:
     src = settings["model"] + (f" (run {run_id})" if run_id and run_id != settings["model"] else "")
     lines = [
         f"model    {src}",
-        f"data     {settings['dataset']} {settings['split']}, n={result.n}",
+        f"data     {settings['dataset']} {settings['split']}, n={result.n}" + _sample_note(result),
         f"threat   {result.norm} eps={result.eps:.6g}",
         "",
         f"{'attack':<14}{'accuracy':>10}{'removed':>9}",
@@ -164,6 +168,13 @@ def format_result(result: Any) -> str:
     return "\n".join(lines)
 
 
+def _sample_note(result: Any) -> str:
+    """' of M (class-stratified sample, subset seed S)' when --n-ex took part of the split."""
+    if not result.split_size:
+        return ""
+    return f" of {result.split_size} (class-stratified sample, subset seed {result.settings.get('subset_seed', 0)})"
+
+
 def _rel(path: str | None) -> str | None:
     return os.path.relpath(path) if path and not os.path.isabs(path) else path
 
@@ -174,6 +185,6 @@ def _as_json(result: Any) -> dict[str, Any]:
         **result.settings, "run_id": result.source_run_id, "clean_acc": result.clean_acc, "robust_acc": result.robust_acc,
         "per_attack": result.per_attack, "removed": result.removed, "metrics": result.metrics(),
         "checks": [{"name": c.name, "message": c.message, "count": c.count} for c in result.checks],
-        "seconds": result.seconds, "resumed": result.resumed,
+        "split_size": result.split_size, "seconds": result.seconds, "resumed": result.resumed,
         "state_path": str(state_path) if state_path else None, "mlflow": logged,
     }

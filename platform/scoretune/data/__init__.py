@@ -19,6 +19,12 @@ and mixed into batches by :class:`BatchLoader` (``extra_fraction``).
 Images are stored as uint8 (N,C,H,W) and turned into float32 in [0, 1] at batch time by
 :func:`to_float`; models normalise internally with ``DatasetInfo.mean/std``.
 
+Split order: splits keep their source's order, and mnist5k's csv is sorted by class, so its train,
+val and test splits are in class order (its first 200 test digits are 0s and 1s). digits (the
+scikit-learn file cycles through the classes), toy (i.i.d. samples) and the CIFAR and SVHN files
+(shuffled at the source) are not. Never evaluate a prefix of a split: :func:`eval_subset` gives the
+fixed, seeded, class-stratified sample every ``n_ex``/``max_samples`` evaluation uses.
+
 This module imports only torch, numpy, scipy and scikit-learn.
 """
 
@@ -31,7 +37,17 @@ from typing import Callable
 
 import numpy as np
 
-from .base import _REGISTRY, Dataset, DatasetError, DatasetInfo, Split, available_datasets, register_dataset, to_float
+from .base import (
+    _REGISTRY,
+    Dataset,
+    DatasetError,
+    DatasetInfo,
+    Split,
+    available_datasets,
+    eval_subset,
+    register_dataset,
+    to_float,
+)
 from .builtin import TOY_MEANS, TOY_PRIOR, TOY_VARIANCES, toy_posterior
 from .files import _load_ddpm
 from .loader import BatchLoader
@@ -45,6 +61,7 @@ __all__ = [
     "available_datasets",
     "load_dataset",
     "to_float",
+    "eval_subset",
     "toy_posterior",
     "BatchLoader",
     "TOY_PRIOR",

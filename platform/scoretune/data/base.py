@@ -155,6 +155,23 @@ def _stratified_holdout(labels: np.ndarray, n_hold: int, seed: int) -> tuple[np.
     return np.flatnonzero(mask), hold
 
 
+def eval_subset(split: Split, n: int | None, seed: int = 0) -> Split:
+    """The ``n`` examples of ``split`` an evaluation of ``n`` examples (``--n-ex``) runs on.
+
+    A fixed, seeded, class-stratified sample (class counts within one of proportional, the
+    examples of each class drawn at random with ``seed``, kept in their split order), so every
+    model evaluated with the same ``(n, seed)`` sees the same examples and a split stored in class
+    order (mnist5k) gives no class-biased prefix. ``n`` None or >= len(split): the whole split.
+    """
+    if n is None or n >= len(split):
+        return split
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n_ex must be a positive integer (or None for the whole split), got {n!r}")
+    _, idx = _stratified_holdout(split.y.cpu().numpy(), int(n), int(seed))
+    idx_t = torch.from_numpy(idx).to(split.y.device)
+    return Split(split.x.index_select(0, idx_t.to(split.x.device)), split.y.index_select(0, idx_t))
+
+
 def _split(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor) -> Split:
     xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
     yt = y if isinstance(y, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(y).astype(np.int64))
