@@ -564,3 +564,14 @@ def test_with_mlflow_in_postgresql_the_study_gets_its_own_schema_in_the_same_dat
     assert ("public", "runs") in tables and ("public", "studies") not in tables
     assert len(optuna.load_study(study_name="pg-search", storage=open_storage(url)).trials) == 2
     assert cl.get_experiment(exp).name == "e"  # MLflow's store is untouched
+
+
+def test_a_grid_search_tells_its_last_point_like_the_others():
+    """Optuna's grid sampler stops the study after its last point; outside ``optimize`` Optuna raises on
+    that, and the last trial of every grid search failed."""
+    space = crafted_space(params={"beta": {"choice": [1.0, 3.0]}, "lr": {"choice": [0.01, 0.1]}},
+                          sampler={"type": "grid"}, num_samples=4, constraints=[])
+    study = drive(space)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    assert sorted((t.params["beta"], t.params["lr"]) for t in study.trials) == [(1.0, 0.01), (1.0, 0.1), (3.0, 0.01),
+                                                                              (3.0, 0.1)]

@@ -349,7 +349,8 @@ def test_a_grid_search_over_seeds_reports_each_configuration_as_mean_std_and_n(r
     report = cl.download_artifacts(parent.info.run_id, "report.md", str(tmp_path))
     table = Path(report).read_text().splitlines()
     assert table[0] == "| beta | clean (%) | PGD (%) | AutoAttack (%) |" and len(table) == 4
-    assert all(row.replace("**", "").endswith("| - |") and "(2)" in row for row in table[2:])  # 2 seeds; no AA
+    assert [t.status for t in summary.trials] == ["completed"] * 4
+    assert all(row.replace("**", "").endswith("| - |") and "(2)" in row for row in table[2:]), table  # no AA run
     pgd = {t.point["beta"]: [] for t in summary.trials}
     for t in summary.trials:
         pgd[t.point["beta"]].append(t.value("val_pgd_acc"))

@@ -407,7 +407,7 @@ def _from_checkpoint(space: SearchSpace, f: Any) -> FloorEstimate:
     import torch
 
     from ..bounds import c_l1_pgd, estimate_C, madry_floor
-    from ..data import load_dataset, to_float
+    from ..data import eval_subset, load_dataset, to_float
     from ..engine import model_from_checkpoint
 
     t0 = time.perf_counter()
@@ -418,7 +418,7 @@ def _from_checkpoint(space: SearchSpace, f: Any) -> FloorEstimate:
     split = ds.val if len(ds.val) else ds.train
     if len(split) == 0:
         raise UserError("stoppers.floor.proxy_checkpoint: the dataset has no samples to measure C^l1 on")
-    xs = to_float(split.x[: f.samples])
+    xs = to_float(eval_subset(split, f.samples).x)
     gen = torch.Generator().manual_seed(space.seed)
     inner = c_l1_pgd(base.attack.eps, base.attack.norm, ds.info.pixel_range, gen)
     c = estimate_C(net, xs, inner, "l1", logits=True, keep_values=False)

@@ -375,20 +375,20 @@ def autoattack_net(net: Any, cfg: Any, aa: AutoAttackSpec, **log_to: Any):
         raise ValueError(f"AutoAttack needs inputs in [0, 1]; {cfg.data.name} has unbounded inputs "
                          "(set autoattack.version: none in the search space)")
     split = aa.split if aa.split == "test" or len(ds.val) else "test"
-    return benchmark(net, data=ds, split=split, n_ex=aa.n_ex, attack=f"aa-{aa.version}", eps=cfg.attack.eps,
-                     norm=cfg.attack.norm, batch_size=aa.batch_size, device="auto", seed=cfg.seed, **log_to)
+    return benchmark(net, data=ds, split=split, n_ex=aa.n_ex, subset_seed=aa.subset_seed, attack=f"aa-{aa.version}",
+                     eps=cfg.attack.eps, norm=cfg.attack.norm, batch_size=aa.batch_size, device="auto", seed=cfg.seed,
+                     **log_to)
 
 
 def attack_checkpoint(checkpoint: Any, aa: AutoAttackSpec, threads: int | None = None):
     """:func:`autoattack_net` of the network in ``checkpoint`` (nothing is logged)."""
-    import torch
-
     from trainables.ray_checkpoint import load_state
 
     from ..engine import model_from_checkpoint
+    from ..threads import set_torch_threads
 
     if threads:
-        torch.set_num_threads(max(1, int(threads)))
+        set_torch_threads(threads)
     net, cfg = model_from_checkpoint(load_state(checkpoint))
     return autoattack_net(net, cfg, aa)
 

@@ -224,11 +224,13 @@ class PlateauSpec(_Strict):
 
 class AutoAttackSpec(_Strict):
     """AutoAttack on the top-k trials' best models once the search ends (``version: none`` turns it
-    off). Runs on the first ``n_ex`` examples of the held-out ``split`` at the trials' own eps/norm and
-    logs ``aa_<version>_acc`` and ``aa_acc`` to each trial's child run (``promote --metric aa_acc``)."""
+    off). Runs on a fixed class-stratified sample of ``n_ex`` examples of the held-out ``split``
+    (:func:`scoretune.data.eval_subset`, seeded by ``subset_seed``: the same examples for every model)
+    at the trials' own eps/norm and logs ``aa_<version>_acc`` and ``aa_acc`` to each trial's child run."""
 
     version: Literal["fast", "standard", "none"] = "fast"
     n_ex: int = Field(200, ge=1)
+    subset_seed: int = Field(0, ge=0)
     split: Literal["val", "test"] = "val"
     batch_size: int = Field(250, ge=1)
 

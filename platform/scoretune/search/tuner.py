@@ -126,7 +126,11 @@ class StudySearcher(Searcher):
                 trial.set_user_attr(CONSTRAINT_ATTR, measured)
                 for key, v in constraint_values(self._constraints, measured).items():
                     trial.set_constraint(key, v)
-        self.study.tell(self._numbers[trial_id], values, state=state)
+        try:
+            self.study.tell(self._numbers[trial_id], values, state=state)
+        except RuntimeError as e:  # the grid sampler stops the study after its last point, which Optuna refuses
+            if "Study.stop" not in str(e):  # outside optimize(); the trial is told all the same
+                raise
 
     # --- Tune's save and restore of the searcher (the experiment folder), and the reconciliation
     def save(self, checkpoint_path: str) -> None:
