@@ -61,16 +61,19 @@ class StudySearcher(Searcher):
         self._rows: dict[str, list[dict[str, float]]] = {}  # Tune trial id -> its watched metrics per epoch
         self._done: set[str] = set()  # Tune trial ids told (or finished in the database before a restore)
         self._orphans: list[int] = []  # Optuna trial numbers a killed attempt asked for, in no Tune trial
+        self._live: dict[str, Any] = {}  # Tune trial id -> its optuna.Trial (not pickled: made again on use)
 
     # --- the study's trials by Tune trial id
     def _trial(self, trial_id: str):
-        """The live ``optuna.Trial`` of a Tune trial (the constructor is public; Optuna documents it
-        for this use: a trial resumed by number)."""
+        """The live ``optuna.Trial`` of a Tune trial: the one ``ask`` gave, or (a restored searcher, an
+        orphan handed on) one made by number through Optuna's public ``Trial`` constructor."""
         import optuna
 
-        sid = self._storage.get_study_id_from_name(self.study.study_name)
-        return optuna.Trial(self.study, self._storage.get_trial_id_from_study_id_trial_number(
-            sid, self._numbers[trial_id]))
+        if trial_id not in self._live:
+            sid = self._storage.get_study_id_from_name(self.study.study_name)
+            self._live[trial_id] = optuna.Trial(self.study, self._storage.get_trial_id_from_study_id_trial_number(
+                sid, self._numbers[trial_id]))
+        return self._live[trial_id]
 
     def params_of(self, trial_id: str) -> dict[str, Any]:
         """The params Optuna gave the Tune trial ``trial_id``."""
@@ -81,7 +84,8 @@ class StudySearcher(Searcher):
             if self._orphans:
                 self._numbers[trial_id] = self._orphans.pop(0)
             else:
-                self._numbers[trial_id] = self.study.ask(fixed_distributions=self._distributions).number
+                self._live[trial_id] = self.study.ask(fixed_distributions=self._distributions)
+                self._numbers[trial_id] = self._live[trial_id].number
         return self.params_of(trial_id)
 
     def _remember(self, trial_id: str, result: dict | None) -> None:
@@ -131,15 +135,17 @@ class StudySearcher(Searcher):
         except RuntimeError as e:  # the grid sampler stops the study after its last point, which Optuna refuses
             if "Study.stop" not in str(e):  # outside optimize(); the trial is told all the same
                 raise
+        self._live.pop(trial_id, None)
 
     # --- Tune's save and restore of the searcher (the experiment folder), and the reconciliation
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
+            pickle.dump({k: v for k, v in self.__dict__.items() if k != "_live"}, f)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+        self._live = {}
         self._reconcile()
 
     def _reconcile(self) -> None:
