@@ -35,6 +35,10 @@ def one_line_error(capsys, argv: list[str]) -> str:
 
 
 def scoretune(*args, cwd, env=None, timeout=300):
+    """``scoretune ARGS`` in a child process; by default with this environment less what an earlier test in
+    this process may have left there for MLflow and Ray (``mlflow.set_tracking_uri`` exports its URI)."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     return subprocess.run([sys.executable, "-m", "scoretune.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
