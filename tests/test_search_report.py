@@ -291,3 +291,12 @@ def test_scoretune_report_reads_a_seeded_search_from_mlflow(tmp_path, capsys):
     assert cli.main(["report", "--search", "seeded", "--tracking-uri", uri, "--by", "beta"]) != 0
     err = capsys.readouterr().err
     assert "--by: beta is not a searched param of 'seeded' (searched: loss, seed)" in err and err.count("\n") == 1
+
+
+def test_configurations_without_autoattack_rank_after_those_with_it_then_by_pgd():
+    from scoretune.search.report import group_by_config
+
+    no_aa = [{"point": {"loss": loss, "seed": 0}, "run": loss, "metrics": {"best_val_pgd_acc": pgd}}
+             for loss, pgd in (("js", 0.5), ("l1", 0.7))]
+    rows = group_by_config(seeded("se", 3.0, [0.2], [0.1]) + no_aa, ["loss"])
+    assert [r.config["loss"] for r in rows] == ["se", "l1", "js"]

@@ -380,8 +380,8 @@ def config_id(point: Mapping[str, Any], exclude: Sequence[str] = (SEED,)) -> str
 def group_by_config(trials: Sequence[Mapping[str, Any]], by: Sequence[str],
                     columns: Mapping[str, Sequence[str]] = COLUMNS) -> list[ConfigRow]:
     """Trials (``{"point": params, "metrics": ..., "run": id}``) grouped by the values of ``by``; each
-    column is the mean +- std over the group of the first of its metric names a trial has. Best first
-    (by the last column that has values, AutoAttack before PGD)."""
+    column is the mean +- std over the group of the first of its metric names a trial has. Best first:
+    by the last column (AutoAttack), rows without it after those with it, then by the one before (PGD)."""
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for t in trials:
         groups.setdefault(tuple(str(t["point"].get(k)) for k in by), []).append(t)
@@ -390,9 +390,7 @@ def group_by_config(trials: Sequence[Mapping[str, Any]], by: Sequence[str],
         stats = {col: Stat.of([next((m["metrics"][n] for n in names if finite(m["metrics"].get(n))), None)
                                for m in members]) for col, names in columns.items()}
         rows.append(ConfigRow({k: members[0]["point"].get(k) for k in by}, stats, [m.get("run") for m in members]))
-    key = next((c for c in reversed(list(columns)) if any(r.stats[c] for r in rows)), None)
-    if key is not None:
-        rows.sort(key=lambda r: -r.stats[key].mean if r.stats[key] else math.inf)
+    rows.sort(key=lambda r: tuple(-r.stats[c].mean if r.stats[c] else math.inf for c in reversed(list(columns))))
     return rows
 
 
