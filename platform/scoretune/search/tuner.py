@@ -76,8 +76,8 @@ class StudySearcher(Searcher):
         return self._live[trial_id]
 
     def params_of(self, trial_id: str) -> dict[str, Any]:
-        """The params Optuna gave the Tune trial ``trial_id``."""
-        return dict(self.study.trials[self._numbers[trial_id]].params)
+        """The params Optuna gave the Tune trial ``trial_id`` (from its live trial: no read of the study)."""
+        return dict(self._trial(trial_id).params)
 
     def suggest(self, trial_id: str) -> dict | None:
         if trial_id not in self._numbers:
