@@ -271,7 +271,7 @@ def run_size(trials: int, concurrent: int, epochs: int, work: Path, tracking_uri
     METER.reset()
     server_cpu0 = server_cpu(server)
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    with driver._quiet_tune():
+    with driver.quiet_tune():
         results = tuner.fit()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     srv_cpu = server_cpu(server) - server_cpu0 if server is not None else None

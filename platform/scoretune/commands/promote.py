@@ -9,8 +9,10 @@ HELP = "register the best model of a search in the MLflow Model Registry and set
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search", required=True, help="the search name (as given to `scoretune search`)")
-    p.add_argument("--metric", default="val_pgd_acc",
-                   help="rank the trials by this metric (default val_pgd_acc; any logged metric, e.g. aa_acc)")
+    p.add_argument("--metric", default=None,
+                   help="rank the search's trials by this metric (any logged metric, e.g. aa_acc); default: the "
+                        "confirmation's ranking (mean AutoAttack accuracy, the median seed's model) when the search "
+                        "ran one, else val_pgd_acc")
     p.add_argument("--mode", default="max", choices=("max", "min"), help="max (accuracies) or min (losses)")
     p.add_argument("--alias", default="champion", help="the alias to point at the new version (default champion)")
     p.add_argument("--model-name", default=None, help="registered model name (default scoretune-<search>)")

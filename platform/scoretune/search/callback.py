@@ -155,9 +155,13 @@ class MlflowSearchCallback(Callback):
     checkpoint it brought) goes in one ``log_batch``. Picklable (Tune stores it with the experiment).
     """
 
+    stage: str | None = None  # (a class default too: a callback pickled before stages existed has none)
+
     def __init__(self, space: SearchSpace, *, tracking_uri: str, parent_run_id: str, experiment_id: str,
-                 stoppers: Sequence[Any] = (), floor: float | None = None, journal: str | None = None):
+                 stoppers: Sequence[Any] = (), floor: float | None = None, journal: str | None = None,
+                 stage: str | None = None):
         self.space = space
+        self.stage = stage  # "confirm": the runs are tagged scoretune.stage and scoretune.config_id
         self.journal = journal
         self.tracking_uri = tracking_uri
         self.parent_run_id = parent_run_id
@@ -230,7 +234,7 @@ class MlflowSearchCallback(Callback):
             run = self.client.create_run(
                 self.experiment_id, run_name=trial_run_name(tid, point),
                 tags={tags.PARENT: self.parent_run_id, tags.KIND: "trial", tags.TRIAL: tid, tags.SEARCH: search,
-                      tags.STATUS: "running"})
+                      tags.STATUS: "running", **self.stage_tags(point)})
             params: dict[str, Any] = dict(point)
             try:
                 cfg = trial_experiment(trial.config, tid)
@@ -254,6 +258,14 @@ class MlflowSearchCallback(Callback):
         rec.budget = self.space.epoch_budget(point)
         self.trials[tid] = rec
         return rec
+
+    def stage_tags(self, point: Mapping[str, Any]) -> dict[str, str]:
+        """``scoretune.stage`` and ``scoretune.config_id`` of a confirmation run ({} in the search)."""
+        if self.stage is None:
+            return {}
+        from .report import config_id
+
+        return {tags.STAGE: self.stage, tags.CONFIG_ID: config_id(point)}
 
     def _write(self, run_id: str, metrics: Mapping[str, Any] | None = None, step: int = 0,
                run_tags: Mapping[str, Any] | None = None) -> None:

@@ -19,7 +19,6 @@ or joined through :func:`scoretune.drivers.ray_session.ray_session`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -40,6 +39,7 @@ from ..tracking import (
 )
 from ..tracking.buffer import is_transient, journal_path, open_writer, replay_leftover, settle
 from .callback import MlflowSearchCallback, ProgressCallback, experiment_id_for, log_metrics, start_parent_run
+from .confirm import run_confirmation
 from .finalize import finalize_search
 from .report import SearchSummary
 from .resume import attempt_label, end_superseded, read_state, restore_pruned_checkpoints, saved_trials, write_state
@@ -61,6 +61,8 @@ from .tuner import (
     build_stoppers,
     build_trial_scheduler,
     combined_stopper,
+    interrupted,
+    quiet_tune,
     trainable_for,
     trial_name,
     trial_settings,
@@ -150,7 +152,7 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
             tuner = tune.Tuner.restore(ray_path, trainable=trainable_for(space), resume_unfinished=True,
                                        restart_errored=True)
             return _fit(tuner, space, name=name, uri=uri, parent_run_id=parent_run_id, ray_path=ray_path,
-                        superseded_by=label, out=out, study_url=state.get("study_storage"))
+                        superseded_by=label, out=out, study_url=state.get("study_storage"), floor=state.get("floor"))
     if tune.Tuner.can_restore(ray_path):
         raise UserError(f"search '{name}' already exists in {ray_path}: add --resume to continue it, pass "
                         f"--name {name}-2 to start another, or delete that folder")
@@ -193,18 +195,20 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
                 f"TPE starts after {n - len(warm.trials)} random trial(s) ({len(warm.trials)} of its {n} start-up "
                 "trials come from the warm start)")
         return _fit(tuner, space, name=name, uri=uri, parent_run_id=parent_run_id, ray_path=ray_path,
-                    superseded_by=attempt_label(name, 1), out=out, study_url=study_url)
+                    superseded_by=attempt_label(name, 1), out=out, study_url=study_url, floor=floor)
 
 
 def _fit(tuner: Any, space: SearchSpace, *, name: str, uri: str, parent_run_id: str, ray_path: str,
-         superseded_by: str, out: Callable[[str], None], study_url: str | None = None) -> SearchSummary | None:
-    """Run the tuner; finalize the search, or (interrupted) mark the parent run KILLED."""
+         superseded_by: str, out: Callable[[str], None], study_url: str | None = None,
+         floor: float | None = None) -> SearchSummary | None:
+    """Run the tuner; finalize the search and run its confirmation stage (:mod:`.confirm`), or
+    (interrupted) mark the parent run KILLED."""
     out(f"MLflow: {uri}  experiment '{space.experiment_name}'  parent run {parent_run_id}")
     out(f"Ray results: {ray_path}")
-    with _quiet_tune():
+    with quiet_tune():
         results = tuner.fit()
     writer = open_writer(uri, journal_path(ray_path, name))  # the MLflow callback's buffered writer
-    if _interrupted(results):
+    if interrupted(results, ray_path, space.total_samples):
         writer.set_terminated(parent_run_id, status="KILLED")
         writer.drain(10.0)
         if writer.close():
@@ -228,6 +232,14 @@ def _fit(tuner: Any, space: SearchSpace, *, name: str, uri: str, parent_run_id: 
         summary.importance = study_importance(study_url, name, space, uri, parent_run_id, out)
     else:
         out("parameter importance not computed: the study has no storage (set study_storage: in the space)")
+    if space.confirm is not None:
+        summary.confirmed = run_confirmation(space, summary, name=name, uri=uri, parent_run_id=parent_run_id,
+                                             ray_path=ray_path, floor=floor, superseded_by=superseded_by, out=out)
+        if summary.confirmed is None:
+            client(uri).set_terminated(parent_run_id, status="KILLED")
+            out(f"search '{name}' interrupted in its confirmation stage; continue it with --resume (seeds that "
+                "finished are not trained again)")
+            return None
     return summary
 
 
@@ -307,36 +319,6 @@ def build_tuner(space: SearchSpace, *, name: str, storage: str, ray_path: str, t
     settings = trial_settings(space, name=name, ray_path=ray_path)
     return tune.Tuner(trainable_for(space), param_space={SETTINGS_KEY: settings},
                       tune_config=tune_config, run_config=run_config)
-
-
-@contextlib.contextmanager
-def _quiet_tune():
-    """Our progress lines replace Tune's: its status tables, per-failure tracebacks (the failed line
-    names the error; the traceback stays in the trial's error.txt) and snapshot warnings are muted, and
-    its per-trial result loggers are off (MLflow has every result)."""
-    import logging
-
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # MLflow is the search's record: Tune's per-trial JSON/CSV/TensorBoard loggers cost the driver ~7% of
-    # its time per result (benchmarks/driver_scale.py); TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 brings them back
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    names = ("ray.tune.execution.tune_controller", "ray.tune.tune", "ray.tune.execution.experiment_state",
-             "ray.tune.analysis.experiment_analysis")  # "no result.json": the loggers are off
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
-
-
-def _interrupted(results: Any) -> bool:
-    """True when the Tuner returned before every trial ended (Ctrl-C)."""
-    return results.num_terminated + results.num_errors < len(results)
 
 
 # ----------------------------------------------------------------------------- the floor (C^l1)^2/2 of the floor stopper (Corollary 1)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 from ..engine import ENGINE_METRICS
 from ..tracking import client as mlflow_client
 from ..tracking import tags
-from ..tracking.runs import child_runs
+from ..tracking.runs import SEARCH_STAGE, child_runs
 from .callback import log_metrics
 from .plots import log_plots
 from .report import (
@@ -54,16 +54,37 @@ from .tuner import trial_id_of
 def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri: str, parent_run_id: str,
                     ray_path: str, superseded_by: str = "a resumed attempt",
                     out: Callable[[str], None] = print) -> SearchSummary:
-    """Bring MLflow in line with the finished search (see the module docstring); returns its summary.
+    """Bring MLflow in line with the finished search (see the module docstring); returns its summary."""
+    cl = mlflow_client(tracking_uri)
+    parent = cl.get_run(parent_run_id)
+    trials, result_of = settle_trials(cl, space, results, parent, superseded_by=superseded_by, out=out)
+    mark_feasibility(cl, trials, space, out)  # constraints (a no-op without them)
+    trials = feasible_first(rank_trials(trials, space.objective))
+    pareto = front_of(trials, space.objective) if space.multi_objective else []
+    summary = SearchSummary(name=name, trials=trials, pareto=pareto, parent_run_id=parent_run_id,
+                            experiment_id=parent.info.experiment_id, tracking_uri=tracking_uri,
+                            ray_path=ray_path, objectives=list(space.objective), space=space)
+    chosen = (pareto if space.multi_objective else [t for t in trials if t.value(space.primary.metric) is not None
+                                                     and t.status != "diverged"])
+    log_and_attack(cl, tracking_uri, chosen[: space.top_k], result_of, space, out)
+    log_plots(cl, summary, space)
+    log_parent_summary(cl, summary, space)
+    return summary
+
+
+def settle_trials(cl: Any, space: SearchSpace, results: Any, parent: Any, *, stage: str = SEARCH_STAGE,
+                  superseded_by: str = "a resumed attempt",
+                  out: Callable[[str], None] = print) -> tuple[list[TrialSummary], dict[str, Any]]:
+    """The trials of one Tune experiment of the search (``stage``: the search, or its confirmation) as
+    :class:`TrialSummary` rows, their MLflow runs brought in line with Tune's results, and each trial's
+    Tune ``Result`` by trial id.
 
     Child runs of trials Tune does not know (a killed driver started them, the resumed search re-ran
     their slot) are tagged ``scoretune.superseded`` and deleted; failed runs of trials that ``--resume``
     restarted under a new id are kept, tagged ``scoretune.superseded`` = ``superseded_by``."""
     from trainables.tune_trainable import sampled_point
 
-    cl = mlflow_client(tracking_uri)
-    parent = cl.get_run(parent_run_id)
-    by_trial = {r.data.tags.get(tags.TRIAL): r for r in child_runs(cl, parent)}
+    by_trial = {r.data.tags.get(tags.TRIAL): r for r in child_runs(cl, parent, stage)}
     result_of = {}
     for res in results:
         tid = trial_id_of(res)
@@ -108,16 +129,17 @@ def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri
         ))
         if run is not None:
             drop_missing_checkpoint_tag(cl, run)
-    mark_feasibility(cl, trials, space, out)  # constraints (a no-op without them)
-    trials = feasible_first(rank_trials(trials, space.objective))
-    pareto = front_of(trials, space.objective) if space.multi_objective else []
-    summary = SearchSummary(name=name, trials=trials, pareto=pareto, parent_run_id=parent_run_id,
-                            experiment_id=parent.info.experiment_id, tracking_uri=tracking_uri,
-                            ray_path=ray_path, objectives=list(space.objective), space=space)
-    chosen = (pareto if space.multi_objective else [t for t in trials if t.value(space.primary.metric) is not None
-                                                     and t.status != "diverged"])
+    return trials, result_of
+
+
+def log_and_attack(cl: Any, tracking_uri: str, chosen: list[TrialSummary], result_of: Mapping[str, Any],
+                   space: SearchSpace, out: Callable[[str], None] = print) -> None:
+    """Log the best checkpoint of each ``chosen`` trial as an MLflow model (:func:`log_trial_model`) and
+    AutoAttack them (``space.autoattack``) side by side as Ray tasks; a model logged by an earlier
+    run of this that MLflow cut short gets only the AutoAttack it still owes. Sets ``model_uri``,
+    ``aa_acc`` and ``aa_se`` on the rows."""
     aa_jobs: list[AutoAttackJob] = []
-    for t in chosen[: space.top_k]:
+    for t in chosen:
         if t.run_id is None:
             continue
         if t.model_uri:  # logged by an earlier finalize; one that MLflow cut short may still owe its AutoAttack
@@ -132,25 +154,23 @@ def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri
             out(f"logged model of trial {t.trial_id} as trial-{t.trial_id}: {t.model_uri}")
         except Exception as e:  # a missing checkpoint must not lose the rest of the summary
             out(f"could not log the model of trial {t.trial_id}: {type(e).__name__}: {e}")
-    if aa_jobs:  # the top-k AutoAttacks side by side, as Ray tasks (see .aa_tasks)
-        ends = {j.run_id: _keep_end(cl, j.run_id) for j in aa_jobs}
-        by_id = {t.trial_id: t for t in trials}
-        start = time.time()
-        out(f"[{time.strftime('%H:%M:%S')}] AutoAttack ({space.autoattack.version}, {space.autoattack.split} split, "
-            f"n_ex={space.autoattack.n_ex}) of {len(aa_jobs)} models in parallel: "
-            + ", ".join(f"trial {j.trial_id} (epoch {j.epoch})" for j in aa_jobs))
-        for tid, aa in run_autoattack_jobs(cl, tracking_uri, aa_jobs, space.autoattack, space.resources, out).items():
-            t = by_id.get(tid)
-            if aa is not None and t is not None:
-                t.aa_acc, t.aa_se = aa, aa_se(aa, space.autoattack.n_ex)
-            out(f"[{time.strftime('%H:%M:%S')}]   trial {tid}: " + (f"aa_acc={format_aa(t)}" if aa is not None and t
-                                                                   else "failed (see the run's scoretune.autoattack_error tag)")
-                + f"  ({time.time() - start:.0f} s)")
-        for restore in ends.values():
-            restore()
-    log_plots(cl, summary, space)
-    log_parent_summary(cl, summary, space)
-    return summary
+    if not aa_jobs:
+        return
+    ends = {j.run_id: _keep_end(cl, j.run_id) for j in aa_jobs}
+    by_id = {t.trial_id: t for t in chosen}
+    start = time.time()
+    aa = space.autoattack
+    out(f"[{time.strftime('%H:%M:%S')}] AutoAttack ({aa.version}, {aa.split} split, n_ex={aa.n_ex}) of "
+        f"{len(aa_jobs)} models in parallel: " + ", ".join(f"trial {j.trial_id} (epoch {j.epoch})" for j in aa_jobs))
+    for tid, acc in run_autoattack_jobs(cl, tracking_uri, aa_jobs, aa, space.resources, out).items():
+        t = by_id.get(tid)
+        if acc is not None and t is not None:  # its standard error from the points attacked (the split may be smaller)
+            t.aa_acc, t.aa_se = acc, cl.get_run(t.run_id).data.metrics.get("aa_acc_se", aa_se(acc, aa.n_ex))
+        out(f"[{time.strftime('%H:%M:%S')}]   trial {tid}: " + (f"aa_acc={format_aa(t)}" if acc is not None and t
+                                                               else "failed (see the run's scoretune.autoattack_error tag)")
+            + f"  ({time.time() - start:.0f} s)")
+    for restore in ends.values():
+        restore()
 
 
 def summary_from_history(cl: Any, run_id: str, space: SearchSpace) -> dict[str, float]:

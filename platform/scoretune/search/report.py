@@ -204,6 +204,7 @@ class SearchSummary:
     objectives: list[Any]
     space: Any = None
     importance: dict[str, dict[str, float]] = field(default_factory=dict)  # see .importance
+    confirmed: Any = None  # the confirmation stage's result (.confirm.Confirmation), when the space has one
 
     @property
     def best(self) -> TrialSummary | None:
@@ -312,6 +313,10 @@ def format_report(summary: SearchSummary, space: Any) -> str:
     if SEED in space.params:
         by = [k for k in space.params if k != SEED]
         lines += ["", "over seeds (mean ± std (n), %):", format_groups(group_by_config(summary_trials(summary), by), by)]
+    if summary.confirmed is not None and summary.confirmed.rows:
+        c = summary.confirmed
+        lines += ["", f"confirmed with seeds {c.seeds} (mean ± std (n), %; best mean AutoAttack first):",
+                  format_groups(c.rows, c.by)]
     infeasible = [t.trial_id for t in summary.trials if t.feasible is False]
     if infeasible:
         lines.append(f"infeasible (marked !, never best or on the front): {len(infeasible)} trials")

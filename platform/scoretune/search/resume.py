@@ -26,7 +26,7 @@ from trainables.ray_checkpoint import read_json_file, storage_fs
 
 from ..errors import UserError
 from ..tracking import tags
-from ..tracking.runs import child_runs
+from ..tracking.runs import SEARCH_STAGE, child_runs
 
 OPEN = ("RUNNING", "SCHEDULED")
 
@@ -46,12 +46,13 @@ def saved_trials(ray_path: str) -> dict[str, str]:
 
 
 def end_superseded(cl: Any, parent_run_id: str, saved: Mapping[str, str], label: str,
-                   out: Callable[[str], None] = print) -> list[str]:
+                   out: Callable[[str], None] = print, stage: str = SEARCH_STAGE) -> list[str]:
     """Tag (``scoretune.superseded`` = ``label``) and, when open, KILL every child run of the parent
     whose trial Tune will not continue: not in ``saved``, or saved as ERROR (restarted under a new id).
-    Runs an earlier attempt already superseded are left as they are. Returns the run ids it changed."""
+    Runs an earlier attempt already superseded are left as they are; only the runs of ``stage`` (the
+    search's, or its confirmation's: each is its own Tune experiment). Returns the run ids it changed."""
     changed = []
-    for run in child_runs(cl, cl.get_run(parent_run_id)):
+    for run in child_runs(cl, cl.get_run(parent_run_id), stage):
         tid = run.data.tags.get(tags.TRIAL)
         if saved.get(tid) not in (None, "ERROR") or tags.SUPERSEDED in run.data.tags:
             continue

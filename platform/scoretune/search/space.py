@@ -235,6 +235,48 @@ class AutoAttackSpec(_Strict):
     batch_size: int = Field(250, ge=1)
 
 
+class ConfirmSpec(_Strict):
+    """The confirmation stage (:mod:`.confirm`): after the search, each of the ``top_k`` best
+    configurations is trained again with ``seeds`` new seeds (a count: the first seeds the search did not
+    use; or a list) at its full epoch budget (no ASHA; the floor and plateau stoppers as configured), and
+    AutoAttack (``attack``) on ``n_ex`` examples of ``split`` ranks them by mean accuracy. The winner of a
+    search picked on one seed's validation PGD is otherwise a winner's curse: the paper's differences are
+    0.2-1.2 AutoAttack points, within one seed's spread."""
+
+    top_k: int = Field(3, ge=1)
+    seeds: Union[int, list[int]] = 5
+    split: Literal["val", "test"] = "test"
+    attack: Literal["aa-standard", "aa-fast"] = "aa-standard"
+    n_ex: int = Field(1000, ge=1)
+    subset_seed: int = Field(0, ge=0)
+    batch_size: int = Field(250, ge=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("give a number of seeds >= 1 (e.g. 5) or a list of seeds")
+        if isinstance(v, list) and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError("give distinct seeds >= 0, e.g. [100, 101, 102]")
+        return v
+
+    def seed_list(self, used: set[int]) -> list[int]:
+        """The confirmation's seeds: the list given, or the first ``seeds`` integers above those in ``used``."""
+        if isinstance(self.seeds, list):
+            return list(self.seeds)
+        start = max(used, default=-1) + 1
+        return list(range(start, start + self.seeds))
+
+    def autoattack(self) -> AutoAttackSpec:
+        """The AutoAttack settings of the confirmation runs."""
+        return AutoAttackSpec(version=self.attack[len("aa-"):], n_ex=self.n_ex, subset_seed=self.subset_seed,
+                              split=self.split, batch_size=self.batch_size)
+
+    def describe(self) -> str:
+        return (f"top_k={self.top_k} seeds={self.seeds} {self.attack} on {self.split} (n_ex={self.n_ex}, "
+                f"subset_seed={self.subset_seed})")
+
+
 class WarmStartSpec(_Strict):
     """Start the Optuna study from an earlier search's finished trials (:mod:`.study`): ``from`` is a
     search name (the ``scoretune.search_name`` of its parent run) or an MLflow experiment name;
@@ -311,6 +353,12 @@ class SearchSpace(_Strict):
     warm_start: Optional[WarmStartSpec] = None
     constraints: list[ConstraintSpec] = Field(default_factory=list)
     study_storage: Optional[str] = None  # Optuna RDB URL; default: see search.study_storage
+    confirm: Optional[ConfirmSpec] = None  # the confirmation stage; none by default
+
+    @field_validator("confirm", mode="before")
+    @classmethod
+    def _confirm_none(cls, v: Any) -> Any:
+        return None if v in (None, False, "none", "None", "null") else v
 
     @field_validator("params")
     @classmethod
@@ -391,6 +439,17 @@ class SearchSpace(_Strict):
                 return int(max(self.params[name].probe_values()))
         return self.base_config().epochs
 
+    def seeds_used(self) -> set[int]:
+        """The seeds the search's trials train with: the base's, and every value a ``seed`` param can take."""
+        used = {int(self.base.get("seed", 0) or 0)}
+        spec = self.params.get("seed")
+        if spec is not None:
+            if spec.choice:
+                used |= {int(v) for v in spec.choice}
+            elif spec.int_:
+                used |= set(range(int(spec.int_[0]), int(spec.int_[1]) + 1))
+        return used
+
     def grid_size(self) -> int:
         """The number of grid points: the product of the ``choice`` params' lengths."""
         n = 1
@@ -419,6 +478,8 @@ class SearchSpace(_Strict):
             f = self.stoppers.floor
             out["search.stopper.floor"] = (f"value={f.value:g}" if f.value is not None else "estimate=auto") + \
                 f" patience={f.patience} metric={f.metric}" + (" refine=best" if f.refine else "")
+        if self.confirm is not None:
+            out["search.confirm"] = self.confirm.describe()
         if self.warm_start is not None:
             out["search.warm_start"] = self.warm_start.from_ + (
                 f" (max_trials={self.warm_start.max_trials})" if self.warm_start.max_trials else "")

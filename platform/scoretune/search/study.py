@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, quote, unquote, urlparse
 
 from ..errors import UserError
 from ..tracking import file_lock, tags
-from ..tracking.runs import child_runs, find_parent_runs, search_by_tags
+from ..tracking.runs import SEARCH_STAGE, child_runs, find_parent_runs, search_by_tags
 from .space import SearchSpace
 
 STUDY_FILE = "optuna.db"
@@ -286,7 +286,7 @@ def collect(cl: Any, space: SearchSpace, source: str, *, max_trials: int | None 
     rows = []
     for parent in parents:
         searched = {k[len("space."):] for k in parent.data.params if k.startswith("space.")}
-        for run in child_runs(cl, parent):
+        for run in child_runs(cl, parent, SEARCH_STAGE):  # a confirmation's runs repeat its configurations
             t = run.data.tags
             if t.get(tags.KIND) != "trial":
                 continue

@@ -10,7 +10,9 @@ trainable with the settings every trial shares.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import pickle
 from pathlib import Path
 from typing import Any, Sequence
@@ -227,6 +229,44 @@ def combined_stopper(stoppers: list[Any]):
     from ray.tune.stopper import CombinedStopper
 
     return CombinedStopper(*stoppers)
+
+
+@contextlib.contextmanager
+def quiet_tune():
+    """Our progress lines replace Tune's: its status tables, per-failure tracebacks (the failed line
+    names the error; the traceback stays in the trial's error.txt) and snapshot warnings are muted, and
+    its per-trial result loggers are off (MLflow has every result)."""
+    import logging
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # MLflow is the search's record: Tune's per-trial JSON/CSV/TensorBoard loggers cost the driver ~7% of
+    # its time per result (benchmarks/driver_scale.py); TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=0 brings them back
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    names = ("ray.tune.execution.tune_controller", "ray.tune.tune", "ray.tune.execution.experiment_state",
+             "ray.tune.analysis.experiment_analysis")  # "no result.json": the loggers are off
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def interrupted(results: Any, path: str, expected: int) -> bool:
+    """True when the Tuner at ``path`` returned before its ``expected`` trials all ended (Ctrl-C). The
+    ResultGrid alone cannot say: Tune stops the running trials after its last snapshot (they come back
+    TERMINATED) and never creates the trials it had not started, so the snapshot is read: an unfinished
+    trial there, or fewer than ``expected`` trials, is an interrupted experiment."""
+    from .resume import saved_trials
+
+    if results.num_terminated + results.num_errors < len(results):
+        return True
+    saved = saved_trials(path)
+    return len(saved) < expected or any(status not in ("TERMINATED", "ERROR") for status in saved.values())
 
 
 # ----------------------------------------------------------------------------- the trainable and its shared settings

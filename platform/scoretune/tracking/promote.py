@@ -4,8 +4,11 @@
     result.uri                                # "models:/scoretune-quickstart@champion"
 
 The search's parent run is found by its ``scoretune.search_name`` tag (the newest one when a name was
-reused); among its child runs that have a logged model (tag ``scoretune.model_uri``), the best by
-``metric`` wins. A child's value is its best-epoch value ``best_<metric>`` when the search optimised
+reused). When the search ran a confirmation stage (runs tagged ``scoretune.stage=confirm``) and no
+``metric`` is given, the confirmed ranking decides (:func:`pick_confirmed`): the configuration with the
+best mean AutoAttack accuracy over its seeds wins, and the model registered is that of its median seed.
+Otherwise, among the search's child runs that have a logged model (tag ``scoretune.model_uri``), the
+best by ``metric`` (default ``val_pgd_acc``) wins. A child's value is its best-epoch value ``best_<metric>`` when the search optimised
 that metric in that mode, else the best value in the metric's history (so ``--metric aa_acc`` works
 once the evaluation logs it).
 
@@ -21,7 +24,7 @@ from typing import Any
 
 from ..errors import UserError
 from . import client, resolve_tracking_uri, tags
-from .runs import all_parent_runs, child_runs, find_parent_runs
+from .runs import CONFIRM_STAGE, SEARCH_STAGE, all_parent_runs, child_runs, find_parent_runs
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ def pick_best(cl: Any, parent: Any, metric: str, mode: str, allow_infeasible: bo
     """The best child run of ``parent`` that has a logged model, and its value; trials tagged infeasible
     (``scoretune.feasible`` = false..., the search's constraints) only with ``allow_infeasible``."""
     optimised = {s.strip() for s in parent.data.params.get("search.objective", "").split(",") if s.strip()}
-    children = child_runs(cl, parent)
+    children = child_runs(cl, parent, SEARCH_STAGE)
     with_model = [r for r in children if r.data.tags.get(tags.MODEL_URI)]
     name = parent.data.tags.get(tags.SEARCH, parent.info.run_name)
     if not with_model:
@@ -76,6 +79,58 @@ def pick_best(cl: Any, parent: Any, metric: str, mode: str, allow_infeasible: bo
         known = sorted({k for r in with_model for k in r.data.metrics})
         raise UserError(f"no trial with a model has metric '{metric}'; available: {', '.join(known)}")
     return max(scored, key=lambda rv: rv[1] if mode == "max" else -rv[1])
+
+
+@dataclass(frozen=True)
+class ConfirmedPick:
+    """The confirmation's winner: its configuration id, mean +- std of AutoAttack accuracy over its n
+    seeds, and the run of its median seed (the model promoted)."""
+
+    config_id: str
+    mean: float
+    std: float
+    n: int
+    run: Any
+
+
+def pick_confirmed(cl: Any, parent: Any) -> ConfirmedPick | None:
+    """The configuration with the best mean AutoAttack accuracy (``aa_acc``) over its confirmation runs
+    that have a logged model (ties: more seeds, then the id), and the run of its median seed (the lower
+    middle one for an even count); None when the search has no confirmation runs with AutoAttack."""
+    import statistics
+
+    groups: dict[str, list[Any]] = {}
+    for r in child_runs(cl, parent, CONFIRM_STAGE):
+        if tags.SUPERSEDED in r.data.tags or not r.data.tags.get(tags.MODEL_URI) or "aa_acc" not in r.data.metrics:
+            continue
+        groups.setdefault(r.data.tags.get(tags.CONFIG_ID, ""), []).append(r)
+    if not groups:
+        return None
+    mean = {c: statistics.fmean(r.data.metrics["aa_acc"] for r in runs) for c, runs in groups.items()}
+    win = max(groups, key=lambda c: (mean[c], len(groups[c]), c))
+    runs = sorted(groups[win], key=lambda r: (r.data.metrics["aa_acc"], r.info.run_id))
+    std = statistics.stdev(r.data.metrics["aa_acc"] for r in runs) if len(runs) > 1 else 0.0
+    return ConfirmedPick(win, mean[win], std, len(runs), runs[(len(runs) - 1) // 2])
+
+
+def confirmed_description(parent: Any, pick: ConfirmedPick, alias: str) -> str:
+    """Why this version was promoted (markdown), for a confirmed pick."""
+    t = pick.run.data.tags
+    search = parent.data.tags.get(tags.SEARCH, parent.info.run_name)
+    seed = pick.run.data.params.get("seed", "?")
+    return "\n".join([
+        f"Promoted as `{alias}`: the configuration of search '{search}' that won its confirmation stage, "
+        f"AutoAttack accuracy **{pick.mean:.4f} ± {pick.std:.4f}** (mean ± std over {pick.n} seeds).",
+        f"- this model: the median seed ({seed}), aa_acc = {pick.run.data.metrics['aa_acc']:.4f}; trial "
+        f"{t.get(tags.TRIAL, '?')}, run `{pick.run.info.run_id}`, model from epoch {t.get(tags.MODEL_EPOCH, '?')}",
+        f"- configuration `{pick.config_id}`: " + ", ".join(
+            f"{k}={v}" for k, v in pick.run.data.params.items() if k in _searched(parent) and k != "seed"),
+        "- the table of every confirmed configuration: the search's parent run, `confirmed.md`",
+    ])
+
+
+def _searched(parent: Any) -> set[str]:
+    return {k[len("space."):] for k in parent.data.params if k.startswith("space.")}
 
 
 def version_description(parent: Any, best: Any, *, metric: str, mode: str, value: float, alias: str) -> str:
@@ -102,9 +157,11 @@ def version_description(parent: Any, best: Any, *, metric: str, mode: str, value
     return "\n".join(lines)
 
 
-def promote(search: str, *, metric: str = "val_pgd_acc", mode: str = "max", alias: str = "champion",
+def promote(search: str, *, metric: str | None = None, mode: str = "max", alias: str = "champion",
             model_name: str | None = None, tracking_uri: str | None = None, allow_infeasible: bool = False) -> Promotion:
-    """Register the best model of search ``search`` and point ``alias`` at the new version."""
+    """Register the best model of search ``search`` and point ``alias`` at the new version: the confirmed
+    winner's median seed when the search has a confirmation and ``metric`` is None, else the best trial by
+    ``metric`` (default ``val_pgd_acc``)."""
     import mlflow
 
     if mode not in ("max", "min"):
@@ -119,7 +176,12 @@ def promote(search: str, *, metric: str = "val_pgd_acc", mode: str = "max", alia
         hint = f"; searches in this store: {', '.join(names)}" if names else "; this store has no searches"
         raise UserError(f"no search named '{search}' in {uri}{hint} (check --tracking-uri)")
     parent = parents[0]
-    best, value = pick_best(cl, parent, metric, mode, allow_infeasible)
+    confirmed = pick_confirmed(cl, parent) if metric is None else None
+    if confirmed is not None:
+        best, value, metric = confirmed.run, confirmed.mean, "confirmed_aa_acc_mean"
+    else:
+        metric = metric or "val_pgd_acc"
+        best, value = pick_best(cl, parent, metric, mode, allow_infeasible)
     name = model_name or f"scoretune-{search}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -128,8 +190,9 @@ def promote(search: str, *, metric: str = "val_pgd_acc", mode: str = "max", alia
                                                         tags.TRIAL: best.data.tags.get(tags.TRIAL, ""),
                                                         tags.METRIC: f"{metric}={value:.6g}"})
     cl.set_registered_model_alias(name, alias, version.version)
-    cl.update_model_version(name, version.version, description=version_description(
-        parent, best, metric=metric, mode=mode, value=value, alias=alias))
+    cl.update_model_version(name, version.version, description=confirmed_description(parent, confirmed, alias)
+                            if confirmed is not None else version_description(
+                                parent, best, metric=metric, mode=mode, value=value, alias=alias))
     if not (cl.get_registered_model(name).description or "").strip():
         cl.update_registered_model(name, description=(
             f"Adversarially trained models of the scoretune search '{search}' "

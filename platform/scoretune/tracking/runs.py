@@ -85,13 +85,22 @@ def all_parent_runs(cl: Any, max_results: int = 200) -> list[Any]:
                           max_results=max_results)
 
 
-def child_runs(cl: Any, parent: Any) -> list[Any]:
-    """Every child run of ``parent`` (a Run), oldest first."""
+SEARCH_STAGE, CONFIRM_STAGE = "search", "confirm"
+
+
+def stage_of(run: Any) -> str:
+    """The stage a search's child run belongs to: ``confirm`` (tag ``scoretune.stage``) or ``search``."""
+    return run.data.tags.get(tags.STAGE, SEARCH_STAGE)
+
+
+def child_runs(cl: Any, parent: Any, stage: str | None = None) -> list[Any]:
+    """Every child run of ``parent`` (a Run), oldest first; only those of ``stage`` (``search`` or
+    ``confirm``, see :func:`stage_of`) when given."""
     out, token = [], None
     while True:
         page = search_by_tags(cl, [parent.info.experiment_id], {tags.PARENT: parent.info.run_id},
                               order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
-        out.extend(page)
+        out.extend(r for r in page if stage is None or stage_of(r) == stage)
         token = page.token
         if not token:
             return out
@@ -119,13 +128,15 @@ def param_number(text: str) -> Any:
     return text
 
 
-def search_trials(cl: Any, parent: Any) -> list[dict[str, Any]]:
-    """The trials of search ``parent`` (a Run) as rows ``{"point", "metrics", "run"}``: the searched params
-    (those the parent logged as ``space.<name>``) with their values, the run's metrics and its id. Runs a
-    resume superseded and trials that failed are left out."""
+def search_trials(cl: Any, parent: Any, stage: str = SEARCH_STAGE) -> list[dict[str, Any]]:
+    """The trials of search ``parent`` (a Run) in ``stage`` (``search``, or ``confirm``: the confirmation
+    runs) as rows ``{"point", "metrics", "run"}``: the searched params (those the parent logged as
+    ``space.<name>``, and ``seed``) with their values, the run's metrics and its id. Runs a resume
+    superseded and trials that failed are left out."""
     searched = [k[len("space."):] for k in parent.data.params if k.startswith("space.")]
+    searched += ["seed"] if "seed" not in searched else []
     rows = []
-    for run in child_runs(cl, parent):
+    for run in child_runs(cl, parent, stage):
         t = run.data.tags
         if tags.SUPERSEDED in t or t.get(tags.STATUS) == "failed":
             continue
