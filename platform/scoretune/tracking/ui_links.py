@@ -121,7 +121,7 @@ def publish_view(cl: Any, experiment_id: str, state: dict[str, Any]) -> str:
 def search_links(cl: Any, base_url: str, *, search: str | None = None, top_k: int = 3) -> SearchLinks | None:
     """The links of search ``search`` (default: the newest search in the store); None when the store
     has no search. Publishes the runs table's view state on the experiment (idempotent)."""
-    from .runs import all_parent_runs, child_runs, find_parent_runs
+    from .runs import SEARCH_STAGE, all_parent_runs, child_runs, find_parent_runs, stage_of
 
     parents = find_parent_runs(cl, search) if search else all_parent_runs(cl, max_results=1)
     if not parents:
@@ -134,7 +134,8 @@ def search_links(cl: Any, base_url: str, *, search: str | None = None, top_k: in
     base = base_url.rstrip("/")
     ml = "workflowType=machine_learning"
     metric, mode = objectives_of(parent)[0]
-    scored = [r for r in children if f"best_{metric}" in r.data.metrics and r.data.tags.get(tags.STATUS) != "diverged"]
+    scored = [r for r in children if f"best_{metric}" in r.data.metrics and r.data.tags.get(tags.STATUS) != "diverged"
+              and stage_of(r) == SEARCH_STAGE]  # the search's trials (a confirmation's runs repeat them)
     scored.sort(key=lambda r: r.data.metrics[f"best_{metric}"], reverse=mode == "max")
     top = [r.info.run_id for r in scored[: max(top_k, 0)]]
     compare = None
