@@ -5,7 +5,7 @@
 * ``default``: the paper's recipe, TRADES-SE with beta 6 at the space's lr, schedule and epochs,
   trained with the confirmation's seeds (a grid over ``seed``; nothing stops it early);
 * ``search``: seeded multivariate TPE + ASHA (grace 2, factor 2) + SCORE's floor stopper (the automatic
-  floor) over beta, lr, loss (KL/SE) and the clip (none, or the floor's smoothing clip), ``--samples``
+  floor) over beta, lr, loss (KL/SE) and the clip (0-0.3, as the quickstart), ``--samples``
   trials, followed by the confirmation stage (``confirm:``) of its top ``--top-k`` configurations with
   the same seeds.
 
@@ -24,7 +24,8 @@ counts; AutoAttack on a fixed sample is deterministic given the model.
     OMP_NUM_THREADS=1 python benchmarks/search_payoff.py --out /tmp/payoff          # ~2 h on 2 idle cores
     python benchmarks/search_payoff.py --epochs 2 --samples 4 --seeds 2 --n-ex 100 --attack aa-fast  # smoke
 
-Extra ``--set key=value`` overrides go to both arms' spaces (e.g. ``--set base.attack.steps=3``).
+Extra ``--set key=value`` overrides go to both arms' spaces (e.g. ``--set base.attack.steps=3``),
+``--search-set`` ones to the search arm only (e.g. ``--search-set stoppers.floor.proxy_epochs=2``).
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import ROOT, machine_info  # noqa: E402  (also puts platform/ on sys.path)
 from scoretune.drivers.ray_session import ray_session  # noqa: E402
 from scoretune.search import build_space, run_search  # noqa: E402
 from scoretune.search.report import Stat  # noqa: E402
 from scoretune.tracking import client  # noqa: E402
 from scoretune.tracking.runs import CONFIRM_STAGE, search_trials  # noqa: E402
+
+from benchmarks._common import ROOT, machine_info  # noqa: E402  (also puts platform/ on sys.path)
 
 MNIST_SPACE = ROOT / "search_spaces" / "mnist5k.yaml"
 
@@ -81,17 +83,17 @@ def default_space(args: argparse.Namespace, root: Path, uri: str):
 def search_space(args: argparse.Namespace, root: Path, uri: str):
     """TPE + ASHA + floor over beta, lr, loss and clip, then the confirmation with the same seeds."""
     base = base_experiment(args)
-    base["objective"] = {"method": "trades", "loss": "se", "beta": 6.0, "clip": "auto"}
+    base["objective"] = {"method": "trades", "loss": "se", "beta": 6.0, "clip_mode": "smoothing", "clip": 0.0}
     raw = {"name": "payoff-search", "base": base, **common(args, root, uri),
            "params": {"beta": {"loguniform": [1.0, 8.0]}, "lr": {"loguniform": [0.03, 0.3]},
-                      "loss": {"choice": ["kl", "se"]}, "clip_mode": {"choice": ["none", "smoothing"]}},
+                      "loss": {"choice": ["kl", "se"]}, "clip": {"uniform": [0.0, 0.3]}},
            "num_samples": args.samples, "seed": 0,
            "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
            "stoppers": {"floor": {"estimate": "auto", "patience": 2, "proxy_epochs": 6, "samples": 400}},
            "top_k": 0, "autoattack": {"version": "none"},
            "confirm": {"top_k": args.top_k, "seeds": seeds_of(args), "split": "test", "attack": args.attack,
                        "n_ex": args.n_ex}}
-    return build_space(raw, list(args.set or []), source="search arm")
+    return build_space(raw, list(args.set or []) + list(args.search_set or []), source="search arm")
 
 
 def epochs_of(rows: list[dict[str, Any]]) -> int:
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-ex", type=int, default=1000, help="test digits AutoAttacked (default 1000: all)")
     p.add_argument("--out", default=None, help="folder for MLflow and Ray (default: a temporary one)")
     p.add_argument("--set", action="append", help="KEY=VALUE override for both arms' spaces")
+    p.add_argument("--search-set", action="append", help="KEY=VALUE override for the search arm only "
+                   "(e.g. stoppers.floor.proxy_epochs=2)")
     args = p.parse_args(argv)
     import tempfile
 
@@ -127,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     print(f"machine {machine_info()}")
     t0 = time.time()
+    spaces = default_space(args, root, uri), search_space(args, root, uri)  # both valid before anything runs
     with ray_session(None, out=print):
-        d_summary = run_search(default_space(args, root, uri))
-        s_summary = run_search(search_space(args, root, uri))
+        d_summary = run_search(spaces[0])
+        s_summary = run_search(spaces[1])
     if d_summary is None or s_summary is None:
         print("interrupted")
         return 1

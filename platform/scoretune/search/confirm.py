@@ -82,16 +82,18 @@ def confirm_path(ray_path: str) -> str:
     return f"{ray_path.rstrip('/')}/{CONFIRM_DIR}"
 
 
-def confirm_space(space: SearchSpace, seeds: list[int]) -> SearchSpace:
-    """The space the confirmation runs under: ``seed`` a param over the confirmation's seeds, no ASHA,
-    AutoAttack as ``confirm`` says; everything else (base, resources, stoppers, objective) as the search."""
+def confirm_space(space: SearchSpace, seeds: list[int], runs: int) -> SearchSpace:
+    """The space the ``runs`` confirmation runs train under: ``seed`` a param over the confirmation's
+    seeds, no ASHA, AutoAttack as ``confirm`` says; everything else (base, resources, stoppers,
+    objective) as the search."""
     assert space.confirm is not None
     raw = space.model_dump(by_alias=True, exclude_none=True)
     raw["params"] = {**raw["params"], SEED: {"choice": list(seeds)}}
     raw["scheduler"] = {"type": "none"}
     raw["autoattack"] = space.confirm.autoattack().model_dump()
     raw["points_to_evaluate"] = []
-    for key in ("confirm", "warm_start", "num_samples"):
+    raw["num_samples"] = max(runs, 1)
+    for key in ("confirm", "warm_start"):
         raw.pop(key, None)
     return SearchSpace.model_validate(raw)
 
@@ -125,11 +127,12 @@ def run_confirmation(space: SearchSpace, summary: SearchSummary, *, name: str, u
     conf = space.confirm
     assert conf is not None
     seeds = conf.seed_list(space.seeds_used())
-    cspace = confirm_space(space, seeds)
+    configs = top_configs(summary, space, conf.top_k)
+    expected = len(configs) * len(seeds)
+    cspace = confirm_space(space, seeds, expected)
     path = confirm_path(ray_path)
     cl = client(uri)
     cl.update_run(parent_run_id, status="RUNNING")
-    expected = len(top_configs(summary, space, conf.top_k)) * len(seeds)
     if tune.Tuner.can_restore(path):
         out(f"the confirmation of search '{name}' goes on from {path} (seeds that finished are not trained again)")
         end_superseded(cl, parent_run_id, saved_trials(path), superseded_by, out, stage=CONFIRM_STAGE)
@@ -137,7 +140,6 @@ def run_confirmation(space: SearchSpace, summary: SearchSummary, *, name: str, u
         tuner = tune.Tuner.restore(path, trainable=trainable_for(cspace), resume_unfinished=True,
                                    restart_errored=True)
     else:
-        configs = top_configs(summary, space, conf.top_k)
         if not configs:
             out("nothing to confirm: no trial of the search has a value")
             return Confirmation([], seeds, [])

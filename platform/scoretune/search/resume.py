@@ -40,9 +40,23 @@ def attempt_label(name: str, attempt: int) -> str:
 
 def saved_trials(ray_path: str) -> dict[str, str]:
     """Trial id -> Tune status (PENDING, RUNNING, TERMINATED, ERROR, ...) in the experiment's last snapshot."""
+    return {t.trial_id: t.status for t in snapshot_trials(ray_path)}
+
+
+def snapshot_trials(ray_path: str) -> list[Any]:
+    """The trials of the experiment's last snapshot (``ExperimentAnalysis(ray_path).trials``), without
+    its warning per trial that ``result.json`` is missing (the search turns Tune's file loggers off)."""
+    import logging
+
     from ray.tune import ExperimentAnalysis
 
-    return {t.trial_id: t.status for t in ExperimentAnalysis(ray_path).trials}
+    log = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return ExperimentAnalysis(ray_path).trials
+    finally:
+        log.setLevel(level)
 
 
 def end_superseded(cl: Any, parent_run_id: str, saved: Mapping[str, str], label: str,
@@ -72,12 +86,10 @@ def restore_pruned_checkpoints(ray_path: str, out: Callable[[str], None] = print
     (object stores have no pruning race: Tune writes the snapshot there after the upload)."""
     import shutil
 
-    from ray.tune import ExperimentAnalysis
-
     if "://" in ray_path:
         return []
     restored = []
-    for trial in ExperimentAnalysis(ray_path).trials:
+    for trial in snapshot_trials(ray_path):
         ckpt = trial.checkpoint
         if trial.status in ("TERMINATED", "ERROR") or ckpt is None or Path(ckpt.path).exists():
             continue
