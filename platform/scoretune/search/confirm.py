@@ -142,6 +142,7 @@ def run_confirmation(space: SearchSpace, summary: SearchSummary, *, name: str, u
     else:
         if not configs:
             out("nothing to confirm: no trial of the search has a value")
+            cl.set_terminated(parent_run_id, status="FINISHED")
             return Confirmation([], seeds, [])
         points = [{**c, SEED: s} for c in configs for s in seeds]
         out(f"confirmation: the top {len(configs)} configuration(s) x seeds {seeds} = {len(points)} runs at the full "
