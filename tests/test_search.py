@@ -155,7 +155,7 @@ def test_quickstart_logs_the_best_trials_model_with_plots(quickstart):
     assert best.data.metrics["aa_fast_acc"] == best.data.metrics["aa_acc"]
     assert 0.0 <= best.data.metrics["aa_acc"] <= best.data.metrics["clean_acc"]
     assert best.data.metrics["clean_acc"] == pytest.approx(best.data.metrics["model_val_clean_acc"], abs=1e-6)
-    assert re.search(r"\[\d\d:\d\d:\d\d\]   trial \w+: aa_acc=0\.\d{4}\+-0\.\d{4}", quickstart.out)
+    assert re.search(r"\[\d\d:\d\d:\d\d\]   trial \w+: aa_acc=0\.\d{4}±0\.\d{4}", quickstart.out)
     arts = {a.path for a in cl.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/learning_curves.png", "plots/objective_vs_params.png"} <= arts
     assert "search_space.yaml" in {a.path for a in cl.list_artifacts(parent.info.run_id)}

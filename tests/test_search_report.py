@@ -111,7 +111,7 @@ def test_table_has_aa_acc_best_epoch_and_run_id(summary, space):
                                 "aa_acc", "run"]
     first = lines[1].split()
     assert first[:4] == ["aaaa1111", "completed", "4", "3"]
-    assert first[-2] == "0.3000+-0.0324" and first[-1] == summary.trials[0].run_id
+    assert first[-2] == "0.3000±0.0324" and first[-1] == summary.trials[0].run_id
     assert lines[3].split()[-2] == "-"
 
 
@@ -180,12 +180,65 @@ def test_view_state_sorts_by_the_best_objective_with_params_and_summary_columns(
 
     parent = SimpleNamespace(info=SimpleNamespace(run_id="P1"), data=SimpleNamespace(params={"search.objective": "val_pgd_acc:max"}))
     child = SimpleNamespace(data=SimpleNamespace(params={"beta": "3", "lr": "0.1", "method": "trades", "eps": "0.2",
-                                                         "floor": "0.2"}))
+                                                         "floor": "0.2"}, metrics={}))
     st = view_state(parent, [child])
     assert st["orderByKey"] == "metrics.`best_val_pgd_acc`" and st["orderByAsc"] is False
     assert st["searchFilter"] == "tags.`mlflow.parentRunId` = 'P1'"
     assert st["selectedColumns"][:3] == ["params.`beta`", "params.`lr`", "metrics.`best_val_pgd_acc`"]
     assert "metrics.`aa_acc`" in st["selectedColumns"] and "tags.`scoretune.stop_reason`" in st["selectedColumns"]
+
+
+def test_a_ranked_search_sorts_its_runs_table_by_the_logged_rank():
+    from scoretune.tracking.ui_links import view_state
+
+    parent = SimpleNamespace(info=SimpleNamespace(run_id="P1"), data=SimpleNamespace(params={"search.objective": "val_pgd_acc:max"}))
+    child = SimpleNamespace(data=SimpleNamespace(params={"beta": "3"}, metrics={"rank": 1.0}))
+    st = view_state(parent, [child])
+    assert st["orderByKey"] == "metrics.`rank`" and st["orderByAsc"] is True
+
+
+# -- one ranking rule: value, then the earlier best epoch, then the trial id
+def _ranked(*rows):
+    from scoretune.search.report import TrialSummary
+
+    return [TrialSummary(trial_id=tid, run_id=None, status="completed", point={}, epochs=4,
+                         best={"best_val_pgd_acc": v, "best_epoch": ep}) for tid, v, ep in rows]
+
+
+def test_a_tie_goes_to_the_earlier_best_epoch_then_the_smaller_trial_id():
+    from scoretune.search.report import rank_trials
+    from scoretune.search.space import ObjectiveSpec
+
+    trials = _ranked(("c", 0.4519, 3), ("b", 0.4519, 2), ("a", 0.4519, 3), ("d", 0.46, 4))
+    order = [t.trial_id for t in rank_trials(trials, [ObjectiveSpec()])]
+    assert order == ["d", "b", "a", "c"]
+
+
+def test_tied_trials_are_marked_in_the_summary_table():
+    from scoretune.search.report import SearchSummary, rank_trials, table_rows
+    from scoretune.search.space import ObjectiveSpec
+
+    trials = rank_trials(_ranked(("c", 0.4519, 3), ("b", 0.4519, 2), ("d", 0.46, 4)), [ObjectiveSpec()])
+    summary = SearchSummary(name="s", trials=trials, pareto=[], parent_run_id="P", experiment_id="0",
+                            tracking_uri="", ray_path="", objectives=[ObjectiveSpec()])
+    _, rows = table_rows(summary, [])
+    assert [r[0] for r in rows] == ["d", "b=", "c="]
+
+
+def test_promote_breaks_a_tie_as_the_summary_does(monkeypatch):
+    from scoretune.tracking.promote import pick_best
+
+    def run(tid, v, ep):
+        return SimpleNamespace(info=SimpleNamespace(run_id=f"r{tid}"),
+                               data=SimpleNamespace(tags={"scoretune.trial_id": tid, "scoretune.model_uri": "m"},
+                                                    metrics={"best_val_pgd_acc": v, "best_epoch": ep}, params={}))
+
+    runs = [run("c", 0.4519, 3), run("b", 0.4519, 2), run("a", 0.4519, 3)]
+    parent = SimpleNamespace(info=SimpleNamespace(run_id="P", experiment_id="0", run_name="p"),
+                             data=SimpleNamespace(params={"search.objective": "val_pgd_acc:max"}, tags={}))
+    monkeypatch.setattr("scoretune.tracking.promote.child_runs", lambda cl, p, stage=None: runs)
+    best, value = pick_best(None, parent, "val_pgd_acc", "max")
+    assert best.data.tags["scoretune.trial_id"] == "b" and value == 0.4519
 
 
 # -- the best checkpoint outlives Ray's pruning

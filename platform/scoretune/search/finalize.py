@@ -32,8 +32,10 @@ from .report import (
     STATUSES,
     SearchSummary,
     TrialSummary,
+    aa_n_of,
     aa_reranks,
     aa_se,
+    aa_setting,
     feasible_first,
     finite,
     format_aa,
@@ -60,6 +62,7 @@ def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri
     trials, result_of = settle_trials(cl, space, results, parent, superseded_by=superseded_by, out=out)
     mark_feasibility(cl, trials, space, out)  # constraints (a no-op without them)
     trials = feasible_first(rank_trials(trials, space.objective))
+    log_ranks(cl, trials)
     pareto = front_of(trials, space.objective) if space.multi_objective else []
     summary = SearchSummary(name=name, trials=trials, pareto=pareto, parent_run_id=parent_run_id,
                             experiment_id=parent.info.experiment_id, tracking_uri=tracking_uri,
@@ -125,11 +128,22 @@ def settle_trials(cl: Any, space: SearchSpace, results: Any, parent: Any, *, sta
             point=sampled_point(res.config or {}), epochs=int(metrics.get("epoch", 0)),
             best={k: v for k, v in metrics.items() if k.startswith("best_")},
             reason=run_tags.get(tags.ERROR) or run_tags.get(tags.REASON, ""), model_uri=run_tags.get(tags.MODEL_URI),
-            aa_acc=metrics.get("aa_acc"), aa_se=metrics.get("aa_acc_se"),
+            aa_acc=metrics.get("aa_acc"), aa_se=metrics.get("aa_acc_se"), aa_n=aa_n_of(run_tags),
+            rank=int(metrics["rank"]) if finite(metrics.get("rank")) else None,
         ))
         if run is not None:
             drop_missing_checkpoint_tag(cl, run)
     return trials, result_of
+
+
+def log_ranks(cl: Any, trials: list[TrialSummary]) -> None:
+    """Each trial's place in the search's ranking as the metric ``rank`` (1 = best) on its run: the runs
+    table ``scoretune ui`` saves sorts by it, so the UI, the summary, the plots and ``promote`` agree on
+    ties. A rank already logged is not logged again."""
+    for i, t in enumerate(trials, start=1):
+        if t.run_id is not None and t.rank != i:
+            log_metrics(cl, t.run_id, {"rank": float(i)}, step=0)
+            t.rank = i
 
 
 def log_and_attack(cl: Any, tracking_uri: str, chosen: list[TrialSummary], result_of: Mapping[str, Any],
@@ -165,7 +179,8 @@ def log_and_attack(cl: Any, tracking_uri: str, chosen: list[TrialSummary], resul
     for tid, acc in run_autoattack_jobs(cl, tracking_uri, aa_jobs, aa, space.resources, out).items():
         t = by_id.get(tid)
         if acc is not None and t is not None:  # its standard error from the points attacked (the split may be smaller)
-            t.aa_acc, t.aa_se = acc, cl.get_run(t.run_id).data.metrics.get("aa_acc_se", aa_se(acc, aa.n_ex))
+            run = cl.get_run(t.run_id)
+            t.aa_acc, t.aa_se, t.aa_n = acc, run.data.metrics.get("aa_acc_se", aa_se(acc, aa.n_ex)), aa_n_of(run.data.tags)
         out(f"[{time.strftime('%H:%M:%S')}]   trial {tid}: " + (f"aa_acc={format_aa(t)}" if acc is not None and t
                                                                else "failed (see the run's scoretune.autoattack_error tag)")
             + f"  ({time.time() - start:.0f} s)")
@@ -330,8 +345,10 @@ def parent_description(summary: SearchSummary, space: SearchSpace, ui_base: str 
     ``promote --metric aa_acc`` command."""
     p = space.primary
     eid = summary.experiment_id
-    link = lambda t: f"[{t.trial_id}]({ui_base}#/experiments/{eid}/runs/{t.run_id})" if t.run_id else t.trial_id
-    lines = [f"### Search `{summary.name}`: {len(summary.trials)} trials, ranked by {p.metric} ({p.mode})", ""]
+    link = lambda t: (f"[{t.trial_id}]({ui_base}#/experiments/{eid}/runs/{t.run_id}?workflowType=machine_learning)"
+                      if t.run_id else t.trial_id)  # the training view: MLflow 3 opens in GenAI mode otherwise
+    lines = [f"### Search `{summary.name}`: {len(summary.trials)} trials, ranked by {p.metric} ({p.mode}); ties "
+             "(marked =) by the earlier best epoch, then the trial id", ""]
     best = summary.best
     if best is not None:
         lines.append(f"**Best: {link(best)}** {p.metric} = {best.value(p.metric):.4f} at epoch {best.best_epoch} "
@@ -348,7 +365,7 @@ def parent_description(summary: SearchSummary, space: SearchSpace, ui_base: str 
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in rows:
-        t = by_id.get(r[0].rstrip("*"))
+        t = by_id.get(r[0].rstrip("*!="))
         cells = [link(t) if t else r[0]] + [_md_cell(c) for c in r[1:-1]] + [f"`{r[-1][:8]}`" if r[-1] != "-" else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -363,7 +380,7 @@ def parent_description(summary: SearchSummary, space: SearchSpace, ui_base: str 
                   f"--search {summary.name}`):", "", format_groups(group_by_config(summary_trials(summary), by), by)]
     if space.autoattack.version != "none":
         aa = space.autoattack
-        lines += ["", f"AutoAttack: {aa.version}, {aa.split} split, n_ex={aa.n_ex} (aa_acc +- binomial standard error)."]
+        lines += ["", aa_setting(summary.trials, aa) + "."]
     lines += ["", f"Next: `scoretune promote --search {summary.name}" + (" --metric aa_acc" if top is not None else "")
               + "`; plots: this run's artifacts, `plots/`."]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..stopping import Stop
 from ..tracking import finite, tags
+from ..tracking.runs import rank_key
 from .space import ObjectiveSpec
 
 STATUSES = ("completed", "stopped_asha", "stopped_floor", "stopped_plateau", "diverged", "failed")
@@ -179,6 +180,8 @@ class TrialSummary:
     feasible: bool | None = None  # None: the space has no constraints (see .feasibility)
     aa_acc: float | None = None
     aa_se: float | None = None
+    aa_n: int | None = None  # the examples AutoAttack attacked (the split may hold fewer than n_ex)
+    rank: int | None = None  # the run's ``rank`` metric as logged (1 = best; see finalize.log_ranks)
 
     def value(self, metric: str) -> float | None:
         v = self.best.get(f"best_{metric}")
@@ -229,9 +232,20 @@ def rank_trials(trials: list[TrialSummary], objectives: Sequence[Any]) -> list[T
     primary = objectives[0]
     with_value = [t for t in trials if ranks(t, primary.metric)]
     without = [t for t in trials if t not in with_value]
-    sign = -1.0 if primary.mode == "max" else 1.0
-    with_value.sort(key=lambda t: sign * float(t.value(primary.metric)))  # type: ignore[arg-type]
-    return with_value + sorted(without, key=lambda t: t.status)
+    with_value.sort(key=lambda t: rank_key(float(t.value(primary.metric)), primary.mode,  # type: ignore[arg-type]
+                                           t.best_epoch, t.trial_id))
+    return with_value + sorted(without, key=lambda t: (t.status, t.trial_id))
+
+
+def tied(trials: Sequence[TrialSummary], metric: str) -> set[str]:
+    """The ids of trials whose ``metric`` (4 decimals, as the tables print it) equals another trial's:
+    marked ``=`` in the tables, ranked by :func:`~scoretune.tracking.runs.rank_key`'s tie-breakers."""
+    seen: dict[str, list[str]] = {}
+    for t in trials:
+        v = t.value(metric)
+        if v is not None and t.status != "diverged":
+            seen.setdefault(f"{v:.4f}", []).append(t.trial_id)
+    return {tid for ids in seen.values() if len(ids) > 1 for tid in ids}
 
 
 def front_of(trials: Sequence[TrialSummary], objectives: Sequence[Any]) -> list[TrialSummary]:
@@ -250,8 +264,10 @@ def table_rows(summary: SearchSummary, params: Sequence[str]) -> tuple[list[str]
     head += ["aa_acc", "run"]
     rows = []
     front = {t.trial_id for t in summary.pareto}
+    ties = tied(summary.trials, objs[0].metric)
     for t in summary.trials:
-        cells = [t.trial_id + ("*" if t.trial_id in front else "") + ("!" if t.feasible is False else ""), t.status, str(t.epochs),
+        mark = ("*" if t.trial_id in front else "") + ("!" if t.feasible is False else "") + ("=" if t.trial_id in ties else "")
+        cells = [t.trial_id + mark, t.status, str(t.epochs),
                  "-" if t.best_epoch is None else str(t.best_epoch)]
         for p in params:
             v = t.point.get(p)
@@ -266,10 +282,29 @@ def table_rows(summary: SearchSummary, params: Sequence[str]) -> tuple[list[str]
 
 
 def format_aa(t: TrialSummary) -> str:
-    """``0.4650+-0.0353`` (AutoAttack accuracy and its binomial standard error), ``-`` when not run."""
+    """``0.4650±0.0353`` (AutoAttack accuracy and its binomial standard error), ``-`` when not run."""
     if t.aa_acc is None:
         return "-"
-    return f"{t.aa_acc:.4f}" + (f"+-{t.aa_se:.4f}" if t.aa_se is not None else "")
+    return f"{t.aa_acc:.4f}" + (f"±{t.aa_se:.4f}" if t.aa_se is not None else "")
+
+
+def aa_n_of(run_tags: Mapping[str, str]) -> int | None:
+    """The number of examples a run's AutoAttack attacked (its ``eval.aa_<version>_acc.n_ex`` tag)."""
+    for k, v in run_tags.items():
+        if k.startswith(f"{tags.EVAL_PREFIX}aa_") and k.endswith("_acc.n_ex"):
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
+def aa_setting(trials: Sequence[TrialSummary], aa: Any) -> str:
+    """``AutoAttack: fast, val split, n=135 (aa_acc ± binomial standard error)``: the n actually attacked
+    (every n when the models differ), else the requested n_ex."""
+    ns = sorted({t.aa_n for t in trials if t.aa_n is not None})
+    n = ", ".join(map(str, ns)) if ns else str(aa.n_ex)
+    return f"AutoAttack: {aa.version}, {aa.split} split, n={n} (aa_acc ± binomial standard error)"
 
 
 def aa_se(acc: float, n: int) -> float:
@@ -317,6 +352,12 @@ def format_report(summary: SearchSummary, space: Any) -> str:
         c = summary.confirmed
         lines += ["", f"confirmed with seeds {c.seeds} (mean ± std (n), %; best mean AutoAttack first):",
                   format_groups(c.rows, c.by)]
+    if any(t.aa_acc is not None for t in summary.trials) and getattr(space, "autoattack", None) is not None:
+        lines.append(aa_setting(summary.trials, space.autoattack))
+    ties = tied(summary.trials, space.primary.metric)
+    if ties:
+        lines.append(f"tied on {space.primary.metric} (marked =): {len(ties)} trials, ranked by the earlier best epoch, "
+                     "then the trial id")
     infeasible = [t.trial_id for t in summary.trials if t.feasible is False]
     if infeasible:
         lines.append(f"infeasible (marked !, never best or on the front): {len(infeasible)} trials")

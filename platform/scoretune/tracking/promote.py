@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import UserError
 from . import client, resolve_tracking_uri, tags
-from .runs import CONFIRM_STAGE, SEARCH_STAGE, all_parent_runs, child_runs, find_parent_runs
+from .runs import CONFIRM_STAGE, SEARCH_STAGE, all_parent_runs, child_runs, find_parent_runs, rank_key
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ def pick_best(cl: Any, parent: Any, metric: str, mode: str, allow_infeasible: bo
     if not scored:
         known = sorted({k for r in with_model for k in r.data.metrics})
         raise UserError(f"no trial with a model has metric '{metric}'; available: {', '.join(known)}")
-    return max(scored, key=lambda rv: rv[1] if mode == "max" else -rv[1])
+    return min(scored, key=lambda rv: rank_key(rv[1], mode, rv[0].data.metrics.get("best_epoch"),
+                                               rv[0].data.tags.get(tags.TRIAL, "")))
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,16 @@ def stage_of(run: Any) -> str:
     return run.data.tags.get(tags.STAGE, SEARCH_STAGE)
 
 
+def rank_key(value: float, mode: str, best_epoch: float | None, trial_id: str) -> tuple:
+    """The one ranking rule of a search's trials (summary, description, plots, ``promote``, the runs
+    table's ``rank`` metric): the better value first; on a tie the earlier best epoch (it got there with
+    less training), then the smaller trial id (a stable order)."""
+    import math
+
+    epoch = best_epoch if best_epoch is not None and math.isfinite(best_epoch) else math.inf
+    return (-value if mode == "max" else value, epoch, trial_id)
+
+
 def child_runs(cl: Any, parent: Any, stage: str | None = None) -> list[Any]:
     """Every child run of ``parent`` (a Run), oldest first; only those of ``stage`` (``search`` or
     ``confirm``, see :func:`stage_of`) when given."""

@@ -32,7 +32,7 @@ VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 EXPERIMENT_KIND = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 IDENTITY_PARAMS = ("method", "model", "data", "eps", "norm", "epochs", "workers", "floor")
-SUMMARY_METRICS = ("best_epoch", "epochs_run", "aa_acc")
+SUMMARY_METRICS = ("rank", "best_epoch", "epochs_run", "aa_acc")
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,12 @@ def view_state(parent: Any, children: Sequence[Any]) -> dict[str, Any]:
     cols += [column("metrics", f"best_{m}") for m, _ in objs]
     cols += [column("metrics", m) for m in SUMMARY_METRICS]
     cols += [column("tags", tags.REASON)]
+    ranked = any("rank" in r.data.metrics for r in children)
     return {
         "searchFilter": tag_filter({tags.PARENT: parent.info.run_id}),
-        "orderByKey": column("metrics", f"best_{metric}"),
-        "orderByAsc": mode == "min",
+        # the search's ranking (finalize logs ``rank``: ties broken as the summary breaks them), else the objective
+        "orderByKey": column("metrics", "rank") if ranked else column("metrics", f"best_{metric}"),
+        "orderByAsc": ranked or mode == "min",
         "startTime": "ALL",
         "lifecycleFilter": "Active",
         "modelVersionFilter": "All Runs",
@@ -121,7 +123,7 @@ def publish_view(cl: Any, experiment_id: str, state: dict[str, Any]) -> str:
 def search_links(cl: Any, base_url: str, *, search: str | None = None, top_k: int = 3) -> SearchLinks | None:
     """The links of search ``search`` (default: the newest search in the store); None when the store
     has no search. Publishes the runs table's view state on the experiment (idempotent)."""
-    from .runs import SEARCH_STAGE, all_parent_runs, child_runs, find_parent_runs, stage_of
+    from .runs import SEARCH_STAGE, all_parent_runs, child_runs, find_parent_runs, rank_key, stage_of
 
     parents = find_parent_runs(cl, search) if search else all_parent_runs(cl, max_results=1)
     if not parents:
@@ -136,7 +138,8 @@ def search_links(cl: Any, base_url: str, *, search: str | None = None, top_k: in
     metric, mode = objectives_of(parent)[0]
     scored = [r for r in children if f"best_{metric}" in r.data.metrics and r.data.tags.get(tags.STATUS) != "diverged"
               and stage_of(r) == SEARCH_STAGE]  # the search's trials (a confirmation's runs repeat them)
-    scored.sort(key=lambda r: r.data.metrics[f"best_{metric}"], reverse=mode == "max")
+    scored.sort(key=lambda r: rank_key(r.data.metrics[f"best_{metric}"], mode, r.data.metrics.get("best_epoch"),
+                                       r.data.tags.get(tags.TRIAL, "")))
     top = [r.info.run_id for r in scored[: max(top_k, 0)]]
     compare = None
     if len(top) >= 2:
