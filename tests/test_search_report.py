@@ -132,7 +132,7 @@ def test_parent_description_is_a_markdown_table_with_links_reasons_and_the_aa_li
     from scoretune.search.finalize import parent_description
 
     md = parent_description(summary, space)
-    assert "**Best: [aaaa1111](#/experiments/7/runs/runaaaa1111" in md
+    assert "**Best: [aaaa1111](#/experiments/7/runs/runaaaa1111" + "0" * 24 + "?workflowType=machine_learning)" in md
     assert "| trial | status | ep | best_ep | lr | loss | beta | val_pgd_acc(max) | aa_acc | run |" in md
     assert md.count("\n| [") == 4  # one linked row per trial
     assert "dddd4444 **diverged**: val_clean_acc=0.100" in md
@@ -157,8 +157,10 @@ def test_plots_exist_with_labelled_axes_and_the_floor_on_the_clipped_loss_panel(
     assert obj.get_xlabel() == "epoch" and obj.get_ylabel() == "val_pgd_acc"
     assert loss.get_ylabel().startswith("R_Madry")
     labels = [t.get_text() for t in obj.get_legend().get_texts()]
-    assert labels[0].startswith("#2 bbbb2222") or labels[0].startswith("#1 aaaa1111")
-    assert any(lab.startswith("#1 aaaa1111  0.460") for lab in labels)
+    assert labels[0].startswith("#1 aaaa1111  0.460") and labels[1].startswith("#2 bbbb2222")  # in rank order
+    first, second = (next(ln for ln in obj.get_lines() if ln.get_label() == lab) for lab in labels[:2])
+    assert first.get_color() != second.get_color()
+    assert all(float(x).is_integer() for x in obj.get_xticks())  # epochs: no tick at 1.5
     assert any("floor" in lab for lab in [t.get_text() for t in loss.get_legend().get_texts()])
     lo, hi = loss.get_ylim()
     assert hi < 1.0 and lo <= 0.2  # the diverged trial's 200 is clipped away, the floor is on the panel

@@ -121,6 +121,16 @@ def _colour(plt: Any, scores: Mapping[str, float], mode: str):
     return (lambda tid: cmap(norm(scores[tid])) if tid in scores else "0.6"), mpl.cm.ScalarMappable(norm, cmap)
 
 
+TOP_COLOURS = ("crimson", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+
+
+def _legend_order(label: str) -> tuple[int, str]:
+    """Legend entries ``#1 ...``, ``#2 ...`` in rank order, the others after them."""
+    if label.startswith("#") and label[1:].split(" ", 1)[0].isdigit():
+        return int(label[1:].split(" ", 1)[0]), label
+    return 10**6, label
+
+
 def _style(t: TrialSummary) -> dict[str, Any]:
     if t.status == "diverged":
         return {"ls": ":", "color": "0.55", "lw": 1.0, "alpha": 0.9}
@@ -158,6 +168,8 @@ def draw_learning_curves(plt: Any, summary: SearchSummary, space: SearchSpace, c
         st = _style(t)
         if t.status == "completed" or t.trial_id in top:
             st = {**st, "color": colour(t.trial_id)}
+        if t.trial_id in top:  # the top-k apart at a glance (viridis gives near-equal scores one colour)
+            st = {**st, "color": TOP_COLOURS[top.index(t.trial_id) % len(TOP_COLOURS)]}
         if t.trial_id == best:
             st = {**st, "lw": 2.8, "ls": "-", "zorder": 5}
         label = None
@@ -176,7 +188,8 @@ def draw_learning_curves(plt: Any, summary: SearchSummary, space: SearchSpace, c
     extra = [Line2D([], [], color="0.6", ls="--", label="stopped early (ASHA / floor / plateau)")]
     if any(t.status == "diverged" for t in summary.trials):
         extra.append(Line2D([], [], color="0.55", ls=":", label="diverged"))
-    handles, _ = ax_obj.get_legend_handles_labels()
+    handles, labels = ax_obj.get_legend_handles_labels()
+    handles = [h for _, h in sorted(zip(labels, handles), key=lambda lh: _legend_order(lh[0]))]  # #1, #2, ... first
     ax_obj.legend(handles=handles + extra, fontsize=7.5, loc="lower right", title=f"top {len(top)} by {primary.metric}",
                   title_fontsize=8)
     ax_obj.set(xlabel="epoch", ylabel=primary.metric, title=f"{primary.metric} per epoch ({len(summary.trials)} trials)")
@@ -196,8 +209,11 @@ def draw_learning_curves(plt: Any, summary: SearchSummary, space: SearchSpace, c
                          transform=ax_loss.transAxes, fontsize=7, va="top", color="0.4")
     if ax_loss.get_legend_handles_labels()[0]:
         ax_loss.legend(fontsize=8, loc="upper right")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 1.5
     cb = fig.colorbar(mappable, ax=axes, fraction=0.025, pad=0.01)
     cb.set_label(f"best {primary.metric}")
     return fig
