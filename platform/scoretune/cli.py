@@ -15,7 +15,7 @@ import sys
 import traceback
 
 SUBCOMMANDS = ("train", "search", "report", "promote", "evaluate", "bound", "toy", "ui", "dashboard", "launch",
-               "status", "server", "sync")
+               "status", "server", "sync", "data")
 
 
 def _available() -> list[str]:
