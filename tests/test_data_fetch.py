@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-
 from scoretune import cli
 from scoretune.data import DatasetError, load_dataset
 from scoretune.data.download import ByteProgress
@@ -36,7 +35,7 @@ class Served:
 
 def _handler(served: Served):
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             body = served.files.get(self.path)
             rng = self.headers.get("Range")
             served.ranges.append(rng)
@@ -160,6 +159,13 @@ def test_fetch_cifar10_loads_with_the_loader_and_ls_lists_it(server, tmp_path, c
     ls = capsys.readouterr().out
     assert "cifar10   loads     60 train + 12 test images; not the official files" in ls
     assert "cifar100  missing" in ls and "svhn      missing" in ls
+    # --force replaces it (with another copy, here 7 images per batch)
+    other = cifar10_tar(n=7, seed=5)
+    server.files["/m/cifar-10-python.tar.gz"] = other
+    assert fetch(tmp_path, "cifar10", "--force", "--url", f"{server.base}/m/cifar-10-python.tar.gz",
+                 "--sha256", sha256(other)) == 0
+    assert len(load_dataset("cifar10", root=tmp_path, val_size=0).test) == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py"]
 
 
 def test_fetch_cifar100_from_a_mirror_folder_checks_the_published_md5(server, tmp_path, capsys):

@@ -281,7 +281,8 @@ def estimate_floor(
 
 def proxy_epoch_line(row: dict[str, float], epochs: int) -> str:
     """The progress line of one proxy epoch: ``floor: proxy epoch 3/10  train loss 0.412  val acc 0.81  (4.2 s)``."""
-    parts = [f"floor: proxy epoch {int(row.get('epoch', 0))}/{epochs}", f"train loss {row.get('train_loss', float('nan')):.4f}"]
+    parts = [f"floor: proxy epoch {int(row.get('epoch', 0))}/{epochs}",
+             f"train loss {row.get('train_loss', float('nan')):.4f}"]
     for key, label in (("val_clean_acc", "val acc"), ("train_acc", "train acc")):
         if key in row:
             parts.append(f"{label} {row[key]:.3f}")

@@ -160,7 +160,7 @@ def _fetch_into(remote: Remote, part: Path, stream: TextIO) -> None:
                     f.write(chunk)
                     done += len(chunk)
                     bar.update(done)
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # the connection dropped: the .part is kept for a resume
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # dropped: .part kept to resume
             raise OfflineError(f"download of {remote.url} interrupted at {done} bytes ({type(e).__name__}: {e}); "
                                "run the same command again to resume") from None
         bar.update(done, final=True)

@@ -27,9 +27,10 @@ import tarfile
 import tempfile
 import urllib.parse
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import TextIO
 
 from .download import FetchError, OfflineError, Remote, download
 
@@ -80,7 +81,8 @@ def recipes() -> dict[str, Recipe]:
             "svhn", "svhn", "files",
             (Remote(_SVHN + "train_32x32.mat", "train_32x32.mat", "md5", "e26dedcc434d2e4c54c9b2d4a06d8373"),
              Remote(_SVHN + "test_32x32.mat", "test_32x32.mat", "md5", "eb5a983be6a315427106f1b164d9cef3")),
-            (("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"), ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3")),
+            (("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
+             ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3")),
         ),
     }
 
@@ -118,7 +120,8 @@ def with_mirror(base: Recipe, urls: Sequence[str], sha256s: Sequence[str]) -> Re
         hits = [k for k, r in enumerate(remotes) if r.filename == name] or ([0] if len(remotes) == 1 else [])
         if not hits:
             raise FetchError(f"--url {url}: {name} is none of {base.dataset}'s files "
-                             f"({', '.join(r.filename for r in remotes)}); give one URL per file, or a folder URL ending in /")
+                             f"({', '.join(r.filename for r in remotes)}); give one URL per file, or a folder URL "
+                             "ending in /")
         k = hits[0]
         remotes[k] = replace(remotes[k], url=url, **({"algorithm": "sha256", "digest": sha} if sha else {}))
     return replace(base, remotes=tuple(remotes))
@@ -149,10 +152,11 @@ class FetchResult:
 def manual_hint(r: Recipe, root: Path) -> str:
     """What to download by hand, and where to put it."""
     files = " and ".join(f"{x.url} ({x.algorithm} {x.digest})" for x in r.remotes)
+    them = "them" if len(r.remotes) > 1 else "it"
     where = {"tar": f"extract it in {root} (it makes {root / r.target})",
-             "files": f"put {'them' if len(r.remotes) > 1 else 'it'} in {root / r.target}",
+             "files": f"put {them} in {root / r.target}",
              "file": f"save it as {root / r.target}"}[r.kind]
-    return f"download {files} by hand and {where}, or save {'them' if len(r.remotes) > 1 else 'it'} in {root / DOWNLOADS} and run this again"
+    return f"download {files} by hand and {where}, or save {them} in {root / DOWNLOADS} and run this again"
 
 
 def fetch(r: Recipe, root: Path, *, force: bool = False, keep_downloads: bool = False,
@@ -164,7 +168,8 @@ def fetch(r: Recipe, root: Path, *, force: bool = False, keep_downloads: bool = 
     if target.exists() and not force:
         missing = [m for m, _ in r.members if not (target / m).is_file()]
         if missing:
-            raise FetchError(f"{target} exists but lacks {', '.join(missing)}: move it away, or pass --force to replace it")
+            raise FetchError(f"{target} exists but lacks {', '.join(missing)}: move it away, or pass --force to "
+                             "replace it")
         return FetchResult(r.dataset, target, fetched=False)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{STAGING_PREFIX}{r.dataset}-*"):  # left by a killed fetch: never read by a loader
@@ -207,7 +212,8 @@ def _assemble(r: Recipe, files: list[Path], stage: Path, stream: TextIO) -> Path
             raise FetchError(f"refusing {archive.name}: {e} (an unsafe archive; it was deleted)") from None
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             archive.unlink(missing_ok=True)
-            raise FetchError(f"cannot extract {archive.name} ({type(e).__name__}: {e}); it was deleted: run this again") from None
+            raise FetchError(f"cannot extract {archive.name} ({type(e).__name__}: {e}); it was deleted: run this "
+                             "again") from None
         staged = stage / r.target
         missing = [m for m, _ in r.members if not (staged / m).is_file()]
         if missing:
