@@ -68,7 +68,7 @@ def gather(refs: Mapping[str, Any], names: Mapping[str, str], progress: TaskProg
         key = pending.pop(done[0])
         try:
             outcomes[key] = get(done[0])
-        except Exception as e:  # a RayTaskError: keep the cause
+        except Exception as e:  # noqa: BLE001 - a RayTaskError: keep the cause
             outcomes[key] = getattr(e, "cause", None) or e
         progress.finished(names[key], isinstance(outcomes[key], BaseException), [names[k] for k in pending.values()])
     return outcomes
