@@ -30,6 +30,7 @@ class Served:
 
     files: dict[str, bytes] = field(default_factory=dict)
     ranges: list[str | None] = field(default_factory=list)
+    honour_range: bool = True  # False: a server that ignores Range and sends the whole file (200)
     base: str = ""
 
 
@@ -43,7 +44,7 @@ def _handler(served: Served):
                 self.send_error(404)
                 return
             start = 0
-            if rng and rng.startswith("bytes=") and rng.endswith("-"):
+            if served.honour_range and rng and rng.startswith("bytes=") and rng.endswith("-"):
                 start = int(rng[len("bytes="):-1])
                 if start >= len(body):
                     self.send_response(416)
@@ -207,6 +208,21 @@ def test_resumes_a_truncated_part(server, tmp_path, capsys):
     assert server.ranges == [f"bytes={len(tgz) // 3}-"]  # only the missing bytes were asked for
     assert "resuming at" in capsys.readouterr().err
     assert len(load_dataset("cifar10", root=tmp_path, val_size=0).train) == 200
+
+
+@pytest.mark.parametrize("part", ["complete", "ignored-range"])
+def test_a_complete_part_or_a_server_without_range_support(server, tmp_path, part):
+    tgz = cifar10_tar()
+    server.files["/cifar-10-python.tar.gz"] = tgz
+    (tmp_path / ".downloads").mkdir()
+    if part == "complete":  # the server answers 416 (nothing after the end): the digest decides
+        (tmp_path / ".downloads" / "cifar-10-python.tar.gz.part").write_bytes(tgz)
+    else:  # the server sends the whole file again: it is written from the start, not appended
+        server.honour_range = False
+        (tmp_path / ".downloads" / "cifar-10-python.tar.gz.part").write_bytes(b"stale bytes")
+    assert fetch(tmp_path, "cifar10", "--url", f"{server.base}/cifar-10-python.tar.gz", "--sha256", sha256(tgz)) == 0
+    assert server.ranges[0] is not None
+    assert len(load_dataset("cifar10", root=tmp_path, val_size=0).test) == 12
 
 
 def test_checksum_mismatch_is_refused_and_leaves_no_dataset(server, tmp_path, capsys):
