@@ -321,3 +321,30 @@ def test_progress_bar_lines_when_not_a_terminal():
     bar.update(100 * 2**20, final=True)
     lines = out.getvalue().splitlines()
     assert 10 <= len(lines) <= 12 and lines[-1].startswith("  f.bin [##############################] 100.0%")
+
+
+def test_ctrl_c_mid_download_keeps_the_part_and_the_rerun_resumes(server, tmp_path, capsys, monkeypatch):
+    from scoretune.data import download
+
+    tgz = cifar10_tar(n=40)
+    server.files["/cifar-10-python.tar.gz"] = tgz
+    url = f"{server.base}/cifar-10-python.tar.gz"
+    monkeypatch.setattr(download, "_CHUNK", 4096)
+    calls = []
+
+    def interrupt(self, done, final=False):
+        calls.append(done)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(download.ByteProgress, "update", interrupt)
+        assert fetch(tmp_path, "cifar10", "--url", url, "--sha256", sha256(tgz)) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "scoretune data: interrupted; the partial download is kept (ROOT/.downloads/*.part): run the same command "
+        "again to resume")
+    part = tmp_path / ".downloads" / "cifar-10-python.tar.gz.part"
+    assert part.stat().st_size == 3 * 4096 and not (tmp_path / "cifar-10-batches-py").exists()
+    assert fetch(tmp_path, "cifar10", "--url", url, "--sha256", sha256(tgz)) == 0
+    assert server.ranges[-1] == f"bytes={3 * 4096}-"
+    assert len(load_dataset("cifar10", root=tmp_path, val_size=0).train) == 200

@@ -8,6 +8,8 @@ import argparse
 HELP = "fetch CIFAR-10/100, SVHN or a DDPM .npz into the data root (data fetch), or list what is there (data ls)"
 
 DATASETS = ("cifar10", "cifar100", "svhn")
+INTERRUPTED = "the partial download is kept (ROOT/.downloads/*.part): run the same command again to resume"
+
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
