@@ -166,7 +166,8 @@ def _load_svhn(root: Path, *, val_size: float | int, seed: int) -> Dataset:
         "svhn",
         ["train_32x32.mat", "test_32x32.mat"],
         "train_32x32.mat and test_32x32.mat (SVHN cropped digits)",
-        _FIX.format(name="svhn", root=root, what="them from http://ufldl.stanford.edu/housenumbers/", how="put them there"),
+        _FIX.format(name="svhn", root=root, what="them from http://ufldl.stanford.edu/housenumbers/",
+                    how="put them there"),
     )
     x_tr, y_tr = _load_svhn_mat(d / "train_32x32.mat")
     x_te, y_te = _load_svhn_mat(d / "test_32x32.mat")
