@@ -348,3 +348,17 @@ def test_ctrl_c_mid_download_keeps_the_part_and_the_rerun_resumes(server, tmp_pa
     assert fetch(tmp_path, "cifar10", "--url", url, "--sha256", sha256(tgz)) == 0
     assert server.ranges[-1] == f"bytes={3 * 4096}-"
     assert len(load_dataset("cifar10", root=tmp_path, val_size=0).train) == 200
+
+
+def test_progress_bar_redraws_in_place_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    bar = ByteProgress("f.bin", 2**20, out, interval_s=0.0)
+    bar.update(2**19)
+    bar.update(2**20, final=True)
+    text = out.getvalue()
+    assert text.startswith("\r  f.bin [###############") and text.count("\r") == 2 and text.endswith("\n")
+    assert "100.0%" in text.split("\r")[-1]

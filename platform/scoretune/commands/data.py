@@ -4,6 +4,7 @@ list what is there. See :mod:`scoretune.data.fetch` and :mod:`scoretune.data.inv
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "fetch CIFAR-10/100, SVHN or a DDPM .npz into the data root (data fetch), or list what is there (data ls)"
 
@@ -42,9 +43,9 @@ def _root(p: argparse.ArgumentParser) -> None:
                                                 "what data.root defaults to)")
 
 
-def data_root(arg: str | None):
+def data_root(arg: str | None) -> Path:
+    """``--root``, else ``$SCORETUNE_DATA``, else ``./data``, absolute (what ``data.root`` defaults to)."""
     import os
-    from pathlib import Path
 
     return Path(arg or os.environ.get("SCORETUNE_DATA") or "./data").expanduser().absolute()
 

@@ -68,6 +68,7 @@ class ByteProgress:
     _last: float = 0.0
     _last_tenth: int = -1
     _tty: bool | None = None
+    _width: int = 0  # of the line drawn last (a shorter one is padded over it)
 
     def update(self, done: int, final: bool = False) -> None:
         if self._tty is None:
@@ -77,7 +78,9 @@ class ByteProgress:
             if not final and now - self._last < self.interval_s:
                 return
             self._last = now
-            self.stream.write("\r" + self.line(done, now) + ("\n" if final else ""))
+            text = self.line(done, now)
+            text, self._width = text.ljust(self._width), len(text)
+            self.stream.write("\r" + text + ("\n" if final else ""))
         else:
             tenth = 10 * done // self.total if self.total else -1
             if not final and (tenth <= self._last_tenth or tenth >= 10):
