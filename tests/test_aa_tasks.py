@@ -47,8 +47,11 @@ def test_top_k_autoattack_as_ray_tasks_logs_the_in_driver_numbers(ray_local, che
     exp = cl.create_experiment("aa")
     runs = [cl.create_run(exp).info.run_id for _ in range(2)]
     jobs = [AutoAttackJob(trial_id=f"t{i}", run_id=r, checkpoint=checkpoint, epoch=1) for i, r in enumerate(runs)]
-    got = run_autoattack_jobs(cl, uri, jobs, space.autoattack, space.resources, out=lambda _: None)
+    lines: list[str] = []
+    got = run_autoattack_jobs(cl, uri, jobs, space.autoattack, space.resources, out=lines.append)
     assert got == {"t0": in_driver.robust_acc, "t1": in_driver.robust_acc}
+    assert sum("AutoAttack 1/2 finished: trial t" in x for x in lines) == 1  # progress as each model is done
+    assert sum("AutoAttack 2/2 finished: trial t" in x for x in lines) == 1
     for r in runs:
         m = cl.get_run(r).data.metrics
         assert m["aa_acc"] == in_driver.robust_acc and m["aa_fast_acc"] == in_driver.robust_acc
@@ -73,3 +76,35 @@ def test_a_failing_autoattack_task_tags_its_run_and_the_others_are_logged(ray_lo
     assert got["bad"] is None and 0.0 <= got["ok"] <= 1.0
     assert tags.AUTOATTACK_ERROR in cl.get_run(bad).data.tags
     assert "aa_acc" in cl.get_run(ok).data.metrics
+
+
+def test_task_progress_reports_each_model_as_it_finishes_and_a_heartbeat_meanwhile():
+    """:func:`gather` in completion order, with a line per finished task and one per silent ``heartbeat_s``."""
+    from scoretune.search.task_progress import TaskProgress, gather
+
+    finish_order = [[], ["b"], [], ["a"], ["c"]]  # what each wait() returns: nothing (a heartbeat) or one ref
+
+    def wait(pending, num_returns, timeout):
+        assert num_returns == 1 and timeout == 15.0
+        ready = finish_order.pop(0)
+        return [r for r in ready if r in pending], [r for r in pending if r not in ready]
+
+    def get(ref):
+        if ref == "c":
+            raise RuntimeError("boom")
+        return {"a": 0.5, "b": 0.25}[ref]
+
+    lines: list[str] = []
+    ticks = iter(range(0, 1000, 10))
+    progress = TaskProgress("AutoAttack", 3, lines.append, clock=lambda: float(next(ticks)))
+    got = gather({"ta": "a", "tb": "b", "tc": "c"}, {"ta": "trial ta", "tb": "trial tb", "tc": "trial tc"}, progress,
+                 wait=wait, get=get)
+    assert got["ta"] == 0.5 and got["tb"] == 0.25 and isinstance(got["tc"], RuntimeError)
+    tails = [line.split("]", 1)[1].strip() for line in lines]
+    assert tails == [
+        "AutoAttack 0/3 finished, still running: trial ta, trial tb, trial tc (10 s)",
+        "AutoAttack 1/3 finished: trial tb (20 s); still running: trial ta, trial tc",
+        "AutoAttack 1/3 finished, still running: trial ta, trial tc (30 s)",
+        "AutoAttack 2/3 finished: trial ta (40 s); still running: trial tc",
+        "AutoAttack 3/3 failed: trial tc (50 s)",
+    ]

@@ -120,6 +120,9 @@ def test_cached_proxy_is_reused_and_retrained_when_eps_or_data_change(tmp_path):
     cfg = toy_cfg()
     first = estimate_floor(cfg, cache_dir=tmp_path, force_proxy=True, proxy_epochs=2, samples=128, out=lines.append)
     assert not first.reused and Path(first.cache_path).is_file()
+    epochs = [line for line in lines if line.startswith("floor: proxy epoch ")]  # progress, one line per epoch
+    assert [e.split()[3] for e in epochs] == ["1/2", "2/2"] and all("train loss" in e for e in epochs)
+    assert any(line.startswith("floor: measuring C^l1 of the proxy on ") for line in lines)
     assert Path(first.cache_path).with_suffix(".pt").is_file()  # the proxy checkpoint
     again = estimate_floor(cfg, cache_dir=tmp_path, force_proxy=True, proxy_epochs=2, samples=128, out=lines.append)
     assert again.reused and again.floor == first.floor and again.cache_path == first.cache_path

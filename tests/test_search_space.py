@@ -235,3 +235,16 @@ def test_every_alias_points_at_a_real_experiment_key():
 
     for alias, dotted in ALIASES.items():
         assert _field_annotation(dotted)[0], alias
+
+
+def test_parent_run_params_follow_name_and_the_experiment_follows_the_space(tmp_path):
+    """``--name uiwalk`` of a space named ``t``: the parent's ``search.name`` param says uiwalk, like its tag and run
+    name; the MLflow experiment is the space's (``t``)."""
+    from scoretune.search.callback import start_parent_run
+    from scoretune.tracking import tags
+
+    logger = start_parent_run(build_space(space()), name="uiwalk", ray_path=str(tmp_path / "ray"),
+                              tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = logger.client.get_run(logger.run_id)
+    assert run.data.params["search.name"] == "uiwalk" == run.data.tags[tags.SEARCH] == run.info.run_name
+    assert logger.client.get_experiment(run.info.experiment_id).name == "t"

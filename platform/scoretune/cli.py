@@ -1,7 +1,7 @@
 """The ``scoretune`` command: one entry point, one module per subcommand.
 
 Each subcommand lives in ``scoretune.commands.<name>`` and provides ``HELP`` (one line),
-``add_arguments(parser)`` and ``run(args) -> int``; heavy imports (torch, Ray, MLflow)
+``add_arguments(parser)`` and ``run(args) -> int`` (and optionally ``INTERRUPTED``, what Ctrl-C keeps); heavy imports (torch, Ray, MLflow)
 happen inside ``run`` so ``scoretune --help`` stays fast.
 """
 
@@ -15,7 +15,10 @@ import sys
 import traceback
 
 SUBCOMMANDS = ("train", "search", "report", "promote", "evaluate", "bound", "toy", "ui", "dashboard", "launch",
-               "status", "server", "sync")
+               "status", "server", "sync", "data")
+
+
+INTERRUPTED = "finished epochs/trials are kept (see --resume)"  # a subcommand's INTERRUPTED replaces it
 
 
 def _available() -> list[str]:
@@ -35,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         mod = importlib.import_module(f"scoretune.commands.{name}")
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _interrupted=getattr(mod, "INTERRUPTED", INTERRUPTED))
     return parser
 
 
@@ -53,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scoretune {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"scoretune {args.command}: interrupted; finished epochs/trials are kept (see --resume)",
-              file=sys.stderr)
+        print(f"scoretune {args.command}: interrupted; {args._interrupted}", file=sys.stderr)
         return 130
     except Exception as e:  # an unexpected failure: one line, the traceback on request
         if os.environ.get("SCORETUNE_DEBUG"):

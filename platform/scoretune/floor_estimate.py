@@ -252,8 +252,10 @@ def estimate_floor(
         row = trainer.train_one_epoch()
         if not math.isfinite(row.get("train_loss", float("nan"))):
             raise FloorEstimateError(f"{floor_key}: the proxy's training loss is not finite; lower optim.lr")
+        out(proxy_epoch_line(row, epochs))
     net = trainer.eval_model.eval()
     xs = to_float(eval_subset(split, int(samples)).x).to(trainer.device)  # stratified: val may be class-sorted
+    out(f"floor: measuring C^l1 of the proxy on {len(xs)} {'val' if split is ds.val else 'train'} points ...")
     gen = torch.Generator(device=trainer.device).manual_seed(int(cfg.seed) + 17)
     if len(ds.info.input_shape) == 1 and ds.info.input_shape[0] == 1:
         inner = InnerMax(eps=eps, norm=norm, grid=_TOY_GRID, pixel_range=ds.info.pixel_range)
@@ -275,6 +277,19 @@ def estimate_floor(
         os.replace(tmp, record_path)
     return FloorEstimate(floor, c.mean, c.stderr, c.n, "proxy", detail, str(record_path) if record_path else None,
                          False, time.perf_counter() - t0, key)
+
+
+def proxy_epoch_line(row: dict[str, float], epochs: int) -> str:
+    """The progress line of one proxy epoch: ``floor: proxy epoch 3/10  train loss 0.412  val acc 0.81  (4.2 s)``."""
+    parts = [f"floor: proxy epoch {int(row.get('epoch', 0))}/{epochs}",
+             f"train loss {row.get('train_loss', float('nan')):.4f}"]
+    for key, label in (("val_clean_acc", "val acc"), ("train_acc", "train acc")):
+        if key in row:
+            parts.append(f"{label} {row[key]:.3f}")
+            break
+    if "epoch_time" in row:
+        parts.append(f"({row['epoch_time']:.1f} s)")
+    return "  ".join(parts)
 
 
 def resolve_auto(cfg: Any, *, cache_dir: str | os.PathLike | None = None, samples: int = 512,

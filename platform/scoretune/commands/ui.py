@@ -10,6 +10,10 @@ table; a compare page of the top-k trials; the Model Registry. See :mod:`scoretu
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..tracking.ui_links import SearchLinks
 
 HELP = "open the MLflow UI (runs, metrics, plots, registered models) on http://127.0.0.1:PORT"
 
@@ -33,17 +37,23 @@ def ui_command(tracking_uri: str, host: str, port: int) -> list[str]:
             "--host", host, "--port", str(port)]
 
 
-def print_links(uri: str, base_url: str, search: str | None, top_k: int) -> str | None:
-    """Print the search's links (publishing its view on the experiment); returns the runs-table link."""
+def find_links(uri: str, base_url: str, search: str | None, top_k: int) -> SearchLinks | None:
+    """The search's links (publishing its view on the experiment); None when the store has no search yet.
+    A ``--search`` that names no search is a UserError (raised before anything is printed)."""
     from ..errors import UserError
     from ..tracking import client
     from ..tracking.ui_links import search_links
 
     links = search_links(client(uri), base_url, search=search, top_k=top_k)
+    if links is None and search:
+        raise UserError(f"--search: no search named '{search}' in {uri} (scoretune ui without --search "
+                        "links the newest one)")
+    return links
+
+
+def print_links(links: SearchLinks | None, base_url: str) -> str | None:
+    """Print the links of :func:`find_links`; returns the runs-table link."""
     if links is None:
-        if search:
-            raise UserError(f"--search: no search named '{search}' in {uri} (scoretune ui without --search "
-                            "links the newest one)")
         print(f"{base_url}/#/?workflowType=machine_learning  (no search in this store yet)")
         return None
     print(f"search '{links.search}': trials best first, with params, best-epoch metrics and stop reasons:")
@@ -79,8 +89,9 @@ def run(args: argparse.Namespace) -> int:
 
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri.startswith(("http://", "https://")):
+        links = find_links(uri, uri, args.search, args.top_k)
         print(f"{uri} is an MLflow server already: open it in a browser")
-        print_links(uri, uri, args.search, args.top_k)
+        print_links(links, uri)
         return 0
     if uri.startswith("sqlite:///"):
         from pathlib import Path
@@ -94,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     base = f"http://{shown}:{args.port}"
+    links = find_links(uri, base, args.search, args.top_k)  # a bad --search fails before the header is printed
     print(f"MLflow UI for {uri} on {base} (Ctrl-C to stop)", flush=True)
-    link = print_links(uri, base, args.search, args.top_k)
+    link = print_links(links, base)
     print("", flush=True)
     if args.open and link:
         _open_when_up(link, shown, args.port)

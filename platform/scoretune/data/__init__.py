@@ -12,6 +12,9 @@ Datasets (``load_dataset(name)``):
 * ``cifar10`` / ``cifar100`` -- the official "python version" pickle batches.
 * ``svhn``    -- ``train_32x32.mat`` / ``test_32x32.mat`` (cropped digits format).
 
+``scoretune data fetch cifar10|cifar100|svhn`` (:mod:`.fetch`, :mod:`.download`) puts these files where the
+loaders read them; ``scoretune data ls`` (:mod:`.inventory`) says what is there and whether it loads.
+
 Optionally, DDPM-generated pseudo-labelled images (the ``.npz`` files of Gowal et al. / Rebuffi et al. /
 Wang et al., arrays ``image`` (N,H,W,C) uint8 and ``label`` (N,)) are attached as ``Dataset.extra``
 and mixed into batches by :class:`BatchLoader` (``extra_fraction``).

@@ -83,7 +83,7 @@ def _check_labels(name: str, y: np.ndarray, num_classes: int, path: Path) -> Non
         raise DatasetError(f"{name}: corrupt file {path} (labels outside 0..{num_classes - 1}); re-download it")
 
 
-_CIFAR_FIX = "download {tar}, extract it there, or pass --set data.root=DIR"
+_FIX = "run scoretune data fetch {name} --root {root} (or download {what} and {how}), or pass --set data.root=DIR"
 
 
 @register_dataset("cifar10")
@@ -96,7 +96,7 @@ def _load_cifar10(root: Path, *, val_size: float | int, seed: int) -> Dataset:
         "cifar-10-batches-py",
         train_files + ["test_batch"],
         "data_batch_1..data_batch_5 and test_batch (CIFAR-10 python version)",
-        _CIFAR_FIX.format(tar="cifar-10-python.tar.gz"),
+        _FIX.format(name="cifar10", root=root, what="cifar-10-python.tar.gz", how="extract it there"),
     )
     parts = [_load_cifar_batch(d / f, "cifar10", b"labels") for f in train_files]
     x_tr, y_tr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -127,7 +127,7 @@ def _load_cifar100(root: Path, *, val_size: float | int, seed: int) -> Dataset:
         "cifar-100-python",
         ["train", "test"],
         "train and test (CIFAR-100 python version)",
-        _CIFAR_FIX.format(tar="cifar-100-python.tar.gz"),
+        _FIX.format(name="cifar100", root=root, what="cifar-100-python.tar.gz", how="extract it there"),
     )
     x_tr, y_tr = _load_cifar_batch(d / "train", "cifar100", b"fine_labels")
     x_te, y_te = _load_cifar_batch(d / "test", "cifar100", b"fine_labels")
@@ -166,7 +166,8 @@ def _load_svhn(root: Path, *, val_size: float | int, seed: int) -> Dataset:
         "svhn",
         ["train_32x32.mat", "test_32x32.mat"],
         "train_32x32.mat and test_32x32.mat (SVHN cropped digits)",
-        "download them from http://ufldl.stanford.edu/housenumbers/, put them there, or pass --set data.root=DIR",
+        _FIX.format(name="svhn", root=root, what="them from http://ufldl.stanford.edu/housenumbers/",
+                    how="put them there"),
     )
     x_tr, y_tr = _load_svhn_mat(d / "train_32x32.mat")
     x_te, y_te = _load_svhn_mat(d / "test_32x32.mat")

@@ -471,7 +471,7 @@ def start_parent_run(space: SearchSpace, *, name: str, ray_path: str, tracking_u
     logger."""
     logger = RunLogger(tracking_uri, space.experiment_name, run_name=name,
                        tags={tags.KIND: "search", tags.SEARCH: name, tags.RAY_PATH: ray_path})
-    logger.log_params(space.summary())
+    logger.log_params({**space.summary(), "search.name": name})  # --name, like the tag (the space's name if none)
     resolved = json.dumps(space.model_dump(by_alias=True, exclude_none=True), indent=2)
     logger.log_text(space_text or resolved, "search_space.yaml")
     logger.log_text(resolved, "search_space_resolved.json")

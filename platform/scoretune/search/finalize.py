@@ -50,6 +50,7 @@ from .report import (
     table_rows,
 )
 from .space import AutoAttackSpec, ResourcesSpec, SearchSpace
+from .task_progress import TaskProgress, gather
 from .tuner import trial_id_of
 
 
@@ -442,23 +443,23 @@ def run_autoattack_jobs(cl: Any, tracking_uri: str, jobs: list[AutoAttackJob], a
 
     threads = max(1, int(resources.cpus))
     outcomes: dict[str, Any] = {}
+    names = {j.trial_id: f"trial {j.trial_id}" for j in jobs}
+    progress = TaskProgress("AutoAttack", len(jobs), out)
     if ray.is_initialized():
         res: dict[str, float] = {"num_cpus": float(resources.cpus)}
         if resources.gpus > 0:
             res["num_gpus"] = float(resources.gpus)
         task = ray.remote(max_retries=0, **res)(attack_checkpoint)
         refs = {j.trial_id: task.remote(j.checkpoint, aa, threads) for j in jobs}
-        for tid, ref in refs.items():
-            try:
-                outcomes[tid] = ray.get(ref)
-            except Exception as e:  # a RayTaskError: keep the cause
-                outcomes[tid] = getattr(e, "cause", None) or e
+        outcomes = gather(refs, names, progress)  # a line as each model is done, and every 15 s meanwhile
     else:
         for j in jobs:
+            progress.starting(names[j.trial_id])
             try:
                 outcomes[j.trial_id] = attack_checkpoint(j.checkpoint, aa, threads)
             except Exception as e:
                 outcomes[j.trial_id] = e
+            progress.finished(names[j.trial_id], isinstance(outcomes[j.trial_id], BaseException), [])
     return {j.trial_id: _log_outcome(cl, tracking_uri, j, outcomes[j.trial_id]) for j in jobs}
 
 
