@@ -178,6 +178,9 @@ class AttackSettings(_Strict):
     bn: Literal["auto", "eval", "train", "train_frozen"] = "auto"
     target: Literal["auto", "onehot", "smoothed"] = "auto"
     start: Literal["auto", "normal", "uniform"] = "auto"
+    # linear eps ramp of the training attack (the evaluation attack keeps eps): epoch e (0-based) of the
+    # first eps_warmup_epochs trains at eps * (e + 1) / eps_warmup_epochs (engine.eps_ramp_factor); 0: off
+    eps_warmup_epochs: float = Field(0.0, ge=0.0)
 
     def resolved(self, method: str) -> tuple[str, str]:
         """``(bn, target)`` the training attack of ``method`` runs with (``auto`` resolved)."""
@@ -489,6 +492,7 @@ ALIASES: dict[str, str] = {
     "eps": "attack.eps",
     "attack_steps": "attack.steps",
     "step_size": "attack.step_size",
+    "eps_warmup_epochs": "attack.eps_warmup_epochs",
     "model": "model.name",
     "activation": "model.activation",
     "epochs": "epochs",

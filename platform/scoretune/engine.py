@@ -10,6 +10,7 @@ evaluation use the unwrapped network, metric sums are all-reduced when
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -100,6 +101,25 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int, steps_per_epoch: in
     if cfg.schedule == "piecewise":
         return cfg.gamma ** sum(progress >= m for m in cfg.milestones)
     return 1.0
+
+
+def eps_ramp_factor(epoch: int, warmup_epochs: float) -> float:
+    """The share of eps the training attack uses in epoch ``epoch`` (0-based): ``(epoch + 1) /
+    warmup_epochs`` up to 1 (1 when ``warmup_epochs`` is 0). The linear eps ramp of the literature
+    (e.g. Gowal et al. 2018; Wong et al. 2020 on MNIST at eps 0.3): a from-scratch model facing the
+    full eps at once can stay at chance, the ramp lets it learn the clean task first."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, (epoch + 1) / warmup_epochs)
+
+
+def ramped_attack(attack: AttackConfig, factor: float) -> AttackConfig:
+    """``attack`` at ``factor`` times its eps (an explicit step size scales with it; the default
+    2.5 eps / steps follows eps by itself)."""
+    if factor >= 1.0:
+        return attack
+    step = attack.step_size * factor if attack.step_size is not None else None
+    return dataclasses.replace(attack, eps=attack.eps * factor, step_size=step)
 
 
 def build_lr_scheduler(
@@ -524,8 +544,10 @@ class Trainer:
         self.train_loader.set_epoch(self.epoch)
         t0 = time.perf_counter()
         row: dict[str, float] = {"epoch": float(self.epoch + 1), "lr": self.optimizer.param_groups[0]["lr"]}
+        factor = eps_ramp_factor(self.epoch, cfg.attack.eps_warmup_epochs)
         row.update(train_epoch(
-            self.model, self.train_loader, self.objective, self.train_attack, self.optimizer, self.scheduler,
+            self.model, self.train_loader, self.objective, ramped_attack(self.train_attack, factor), self.optimizer,
+            self.scheduler,
             device=self.device, amp=cfg.amp, ema=self.ema, generator=self.generator,
         ))
         row["train_time"] = time.perf_counter() - t0
