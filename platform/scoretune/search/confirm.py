@@ -154,7 +154,8 @@ def run_confirmation(space: SearchSpace, summary: SearchSummary, *, name: str, u
     writer = open_writer(uri, journal_path(path, name))
     if interrupted(results, path, expected):
         writer.drain(10.0)
-        writer.close()
+        if writer.close():
+            out(f"MLflow did not take every write; they are kept in {writer.journal} (scoretune sync replays it)")
         return None
     settle(writer, what=f"the confirmation of search '{name}'", parent_run_id=parent_run_id)
     parent = cl.get_run(parent_run_id)
