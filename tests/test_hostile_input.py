@@ -310,3 +310,60 @@ def test_no_yaml_document_makes_loading_a_config_slow_or_big(tmp_path_factory, t
                           YAML_TEXT), max_size=3))
 def test_no_set_string_makes_building_a_config_slow_or_big(pairs):
     _bounded(lambda: build_config({}, [f"{k}={v}" for k, v in pairs]))
+
+
+# ----------------------------------------------------------------------------- 9: the space, before anything starts
+def test_a_search_whose_base_eps_is_over_the_l2_diameter_fails_before_ray_or_mlflow(tmp_path):
+    """``--set base.attack.norm=l2 --set base.attack.eps=9`` on the digits quickstart (l2 diameter 8): one
+    line naming the field, in seconds, with neither Ray nor MLflow imported and nothing written."""
+    code = ("import sys; from scoretune.cli import main; rc = main(sys.argv[1:]); "
+            "print('started:', *(['ray'] if 'ray' in sys.modules and sys.modules['ray'].is_initialized() else []), "
+            "*(['mlflow-run'] if 'mlflow' in sys.modules and sys.modules['mlflow'].active_run() else [])); "
+            "sys.exit(rc)")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code, "search", str(REPO / "search_spaces" / "quickstart.yaml"),
+                        "--set", "base.attack.norm=l2", "--set", "base.attack.eps=9"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert time.monotonic() - t0 < 30  # about 4 s, imports included, on an idle core
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stdout.split() == ["started:"], r.stdout  # no Ray started, no MLflow run created
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "base: attack.eps: 9 is larger than the l2 diameter 8" in err[0], r.stderr
+    assert sorted(os.listdir(tmp_path)) == []  # no mlflow.db, no ray_results
+
+
+def _space_error(raw: dict) -> str:
+    from scoretune.search.space import build_space
+
+    with pytest.raises(ConfigError) as e:
+        build_space(raw, source="s.yaml")
+    assert len(str(e.value).splitlines()) == 1
+    return str(e.value)
+
+
+L2_BASE = {"data": {"name": "mnist5k"}, "model": {"name": "mlp"}, "attack": {"norm": "l2", "eps": 1.0}, "epochs": 2}
+
+
+def test_a_searched_eps_range_over_the_l2_diameter_is_named():
+    base = {**L2_BASE, "data": {"name": "digits"}}
+    msg = _space_error({"name": "t", "base": base, "params": {"eps": {"uniform": [0.1, 9.0]}}})
+    assert "params.eps.uniform: value 9.0 makes an invalid experiment: attack.eps: 9 is larger than the l2 " \
+           "diameter 8" in msg
+
+
+def test_eps_against_the_diameter_of_each_searched_dataset():
+    """eps 20 fits mnist5k's l2 diameter (28), not digits' (8): only the pair is invalid."""
+    params = {"eps": {"uniform": [0.5, 20.0]}, "data.name": {"choice": ["mnist5k", "digits"]}}
+    msg = _space_error({"name": "t", "base": L2_BASE, "params": params})
+    assert "the combination eps=20.0, data.name='digits' makes an invalid experiment: attack.eps: 20" in msg
+    # too many combinations for all of them (2 x 2 x 600 > 512): every pair is still checked
+    msg = _space_error({"name": "t", "base": L2_BASE,
+                        "params": {**params, "beta": {"choice": [float(b) for b in range(1, 601)]}}})
+    assert "the combination eps=20.0, data.name='digits' makes an invalid experiment" in msg
+
+
+def test_a_norm_choice_is_checked_against_the_searched_eps():
+    params = {"norm": {"choice": ["l2", "linf"]}, "eps": {"uniform": [0.1, 2.0]}}
+    msg = _space_error({"name": "t", "base": L2_BASE, "params": {"attack.norm": params["norm"], "eps": params["eps"]}})
+    assert "attack.norm='linf'" in msg and "eps=2.0" in msg and "attack.eps: 2 is out of range for linf" in msg

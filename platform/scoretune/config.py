@@ -7,8 +7,9 @@ values, on one line. Each rule lives once, on the model of its section (rules be
 
 Ranges: every float is finite and no number field takes a boolean. ``attack.eps`` follows
 :func:`scoretune.attacks.eps_problem`: at most the diameter of the input box, i.e. <= 1 for linf
-on [0, 1] pixels (checked here) and <= sqrt(number of input values) for l2 (checked when the data
-is known, by :meth:`AttackSettings.build`); the toy's inputs are unbounded (any finite eps).
+on [0, 1] pixels and <= sqrt(number of input values) for l2 (checked here for a dataset registered
+with its input shape, else when the data is loaded, by :meth:`AttackSettings.build`); the toy's
+inputs are unbounded (any finite eps).
 ``optim.milestones`` are fractions of the post-warm-up schedule in (0, 1), ``optim.gamma`` a decay
 factor in (0, 1], ``seed`` in [0, 2^32), ``name`` follows :func:`scoretune.names.name_problem`, and
 ``batch_size`` must be divisible by ``scaling.workers``.
@@ -302,9 +303,13 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _across_sections(self) -> "ExperimentConfig":
-        # eps in range for the data's input box (l2: the diameter check needs the input size, which
-        # only the loaded data knows: AttackSettings.build completes it)
-        problem = eps_problem(self.attack.eps, self.attack.norm, None if self.data.name == "toy" else PIXEL_RANGE)
+        # eps in range for the data's input box (l2: the diameter needs the input size, known here for
+        # a dataset registered with its shape; for another, AttackSettings.build completes it)
+        from .data import static_input_shape
+
+        shape = static_input_shape(self.data.name)
+        problem = eps_problem(self.attack.eps, self.attack.norm, None if self.data.name == "toy" else PIXEL_RANGE,
+                              math.prod(shape) if shape else None)
         if problem:
             raise ValueError(f"attack.eps: {problem}")
         problem = batch_split_problem(self.batch_size, self.scaling.workers)

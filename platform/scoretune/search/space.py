@@ -491,7 +491,8 @@ def load_space(path: str | os.PathLike, overrides: list[str] | None = None) -> S
 
 
 # ----------------------------------------------------------------------------- the rules pydantic cannot express (base x params)
-_MAX_JOINT_CHECKS = 512  # joint validation of every combination of probe values up to this many
+_MAX_JOINT_CHECKS = 512  # joint validation of every combination of probe values up to this many, else pairs
+_MAX_PAIR_CHECKS = 20_000  # pairs of probe values validated at most (about 1 s)
 
 
 def _field_annotation(dotted: str) -> tuple[bool, Any]:
@@ -659,15 +660,27 @@ def validate_space(space: Any, source: str = "") -> Any:
     return space
 
 
-def _check_joint(space: Any, source: str) -> None:
-    """Every combination of probe values (choices, range ends) together, when there are few enough:
-    catches cross-field rules such as clip_mode 'value' with method 'pgdat'."""
+def _joint_points(space: Any) -> Any:
+    """The points :func:`_check_joint` validates: every combination of probe values, or, when there are
+    more than ``_MAX_JOINT_CHECKS``, every combination of each pair of params' probe values (a rule
+    between two fields, such as eps against the norm's diameter, is still checked at every pair)."""
     names = list(space.params)
-    probes = [space.params[n].probe_values() for n in names]
-    if len(names) < 2 or math.prod(len(p) for p in probes) > _MAX_JOINT_CHECKS:
+    probes = {n: space.params[n].probe_values() for n in names}
+    if math.prod(len(p) for p in probes.values()) <= _MAX_JOINT_CHECKS:
+        for combo in itertools.product(*probes.values()):
+            yield dict(zip(names, combo))
         return
-    for combo in itertools.product(*probes):
-        point = dict(zip(names, combo))
+    pairs = (({a: va, b: vb} for va, vb in itertools.product(probes[a], probes[b]))
+             for a, b in itertools.combinations(names, 2))
+    yield from itertools.islice(itertools.chain.from_iterable(pairs), _MAX_PAIR_CHECKS)
+
+
+def _check_joint(space: Any, source: str) -> None:
+    """Probe values (choices, range ends) of several params together (:func:`_joint_points`): catches
+    cross-field rules such as clip_mode 'value' with method 'pgdat', or eps 9 with norm l2 on digits."""
+    if len(space.params) < 2:
+        return
+    for point in _joint_points(space):
         try:
             ExperimentConfig.model_validate(apply_params(space.base, space.targets, point))
         except ValidationError as e:
