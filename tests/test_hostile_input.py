@@ -367,3 +367,50 @@ def test_a_norm_choice_is_checked_against_the_searched_eps():
     params = {"norm": {"choice": ["l2", "linf"]}, "eps": {"uniform": [0.1, 2.0]}}
     msg = _space_error({"name": "t", "base": L2_BASE, "params": {"attack.norm": params["norm"], "eps": params["eps"]}})
     assert "attack.norm='linf'" in msg and "eps=2.0" in msg and "attack.eps: 2 is out of range for linf" in msg
+
+
+# ----------------------------------------------------------------------------- 11: a refused write is no outage
+def test_a_write_mlflow_refuses_is_not_an_outage():
+    from mlflow.exceptions import MlflowException, RestException
+
+    from scoretune.tracking.buffer import is_transient
+
+    assert not is_transient(MlflowException("Invalid artifact path: '../..'. Names may be treated as files"))
+    assert is_transient(MlflowException("API request to http://h:5000/api/2.0/mlflow/runs/create failed with "
+                                        "exception HTTPConnectionPool: Max retries exceeded"))
+    assert is_transient(RestException({"error_code": "INTERNAL_ERROR", "message": "server restarting"}))
+    try:
+        raise MlflowException("(sqlite3.OperationalError) database is locked")
+    except MlflowException as e:
+        assert is_transient(e)
+
+
+@pytest.mark.timeout(60)
+def test_sync_of_a_journal_with_a_dot_dot_artifact_reports_the_refused_write_and_keeps_the_journal(tmp_path):
+    import json
+
+    journal = tmp_path / "j.jsonl"
+    entries = [{"format": "scoretune-tracking-journal", "version": 1, "experiments": {"1": "evil"}},
+               {"seq": 1, "op": "create_run", "run": "pending-k1", "key": "k1",
+                "args": {"experiment_id": "1", "experiment": "evil", "run_name": "r", "tags": {}, "start_time": 1}},
+               {"seq": 2, "op": "log_text", "run": "pending-k1",
+                "args": {"text": "pwned", "artifact_file": "../../evil.txt"}},
+               {"seq": 3, "op": "set_tag", "run": "pending-k1", "args": {"key": "after", "value": "yes"}}]
+    journal.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    store = tmp_path / "store"
+    store.mkdir()
+    t0 = time.monotonic()
+    r = scoretune("sync", str(journal), "--tracking-uri", f"sqlite:///{store / 'm.db'}", "--timeout", "20",
+                  cwd=store, timeout=120)
+    assert time.monotonic() - t0 < 20  # not retried for --timeout as if the server were down
+    assert "degraded" not in r.stdout + r.stderr and "not answering" not in r.stdout + r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert r.returncode == 2 and len(errors) == 1, r.stderr
+    assert "refused 1 write" in errors[0] and "write 2 (log_text of '../../evil.txt'" in errors[0]
+    assert "Invalid artifact path" in errors[0] and "kept for inspection" in errors[0]
+    assert journal.exists() and not (tmp_path / "evil.txt").exists()
+    from mlflow import MlflowClient
+
+    cl = MlflowClient(tracking_uri=f"sqlite:///{store / 'm.db'}")
+    runs = cl.search_runs([cl.get_experiment_by_name("evil").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["after"] == "yes"  # the writes after it were delivered
