@@ -534,7 +534,8 @@ def describe_write(op: Mapping[str, Any], run: str | None = None) -> str:
             "set_tag": lambda: f"set_tag {a.get('key')!r}",
             "delete_tag": lambda: f"delete_tag {a.get('key')!r}",
             "set_terminated": lambda: f"set_terminated {a.get('status')}",
-            "create_run": lambda: f"create_run {a.get('run_name')!r} in experiment {a.get('experiment') or a.get('experiment_id')!r}",
+            "create_run": lambda: (f"create_run {a.get('run_name')!r} in experiment "
+                                   f"{a.get('experiment') or a.get('experiment_id')!r}"),
             "log_batch": lambda: "log_batch of " + ", ".join(
                 f"{len(a.get(k) or [])} {k}" for k in ("metrics", "params", "tags") if a.get(k))}.get(
         str(op.get("op")), lambda: str(op.get("op")))()
