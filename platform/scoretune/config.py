@@ -107,12 +107,33 @@ class ModelConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        from .models import available_models
+        from .models import model_name_problem
 
-        names = available_models()
-        if v not in names and not v.startswith("wrn-"):
-            raise ValueError(f"unknown model {v!r}; choose one of: {', '.join(names)} or wrn-<depth>-<width>")
+        problem = model_name_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
+
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, v: str | None) -> str | None:
+        from .models import available_activations
+
+        if v is not None and str(v).lower().replace("-", "_") not in available_activations():
+            raise ValueError(f"unknown activation {v!r}; choose one of: {', '.join(available_activations())} "
+                             "(or leave it out for the model's default)")
+        return v
+
+    @model_validator(mode="after")
+    def _known_options(self) -> "ModelConfig":
+        from .models import model_options
+
+        allowed = model_options(self.name)
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise ValueError(f"options: unknown option(s) {', '.join(map(repr, unknown))} for model {self.name!r}; "
+                             f"allowed: {', '.join(sorted(allowed)) or 'none'}")
+        return self
 
 
 class ObjectiveConfig(_Strict):
@@ -265,6 +286,14 @@ class ScalingSettings(_Strict):
     num_to_keep: Optional[int] = Field(2, ge=1)
 
 
+def device_problem(device: str) -> str | None:
+    """Why ``device`` names no device scoretune runs on (None when it does): the one rule for ``device`` and
+    every ``--device`` flag."""
+    if isinstance(device, str) and (device in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:[0-9]+", device)):
+        return None
+    return f"unknown device {device!r}; choose one of: auto, cpu, cuda, cuda:N, mps"
+
+
 def batch_split_problem(batch_size: int, workers: int) -> str | None:
     """Why ``batch_size`` cannot be split evenly over ``workers`` (None when it can): the one rule."""
     if batch_size % workers:
@@ -297,9 +326,10 @@ class ExperimentConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:[0-9]+", v):
-            return v
-        raise ValueError(f"unknown device {v!r}; choose one of: auto, cpu, cuda, cuda:N, mps")
+        problem = device_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _across_sections(self) -> "ExperimentConfig":

@@ -138,6 +138,7 @@ def _load_cifar100(root: Path, *, val_size: float | int, seed: int) -> Dataset:
 def _load_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One SVHN .mat -> (uint8 (N,3,32,32), int64 (N,)) with label 10 mapped to digit 0."""
     import scipy.io
+    from scipy.io.matlab import MatReadError
 
     try:
         m = scipy.io.loadmat(str(path))
@@ -151,8 +152,9 @@ def _load_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"'y' has {y.size} entries for {x.shape[3]} images")
         if y.size and (y.min() < 0 or y.max() > 10):
             raise ValueError("labels outside 0..10")
-    except (OSError, EOFError, KeyError, ValueError, TypeError, NotImplementedError) as e:
-        raise DatasetError(f"svhn: corrupt file {path} ({_one_line(e)}); re-download it") from None
+    except (OSError, EOFError, KeyError, ValueError, TypeError, NotImplementedError, MatReadError) as e:
+        raise DatasetError(f"svhn: {path} is not a readable SVHN MATLAB file ({_one_line(e)}); re-download it from "
+                           "http://ufldl.stanford.edu/housenumbers/ (cropped digits, *_32x32.mat)") from None
     y[y == 10] = 0
     return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), y
 

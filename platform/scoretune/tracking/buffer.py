@@ -574,7 +574,13 @@ def read_journal(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str
     if not p.is_file():
         raise JournalError(f"{path}: no such file (scoretune search prints the journal's path when MLflow "
                            "stayed unreachable)")
-    lines = p.read_text(errors="strict").splitlines()
+    try:
+        lines = p.read_text(encoding="utf-8", errors="strict").splitlines()
+    except UnicodeDecodeError as e:
+        raise JournalError(f"{path} is not a scoretune tracking journal (not UTF-8 text: byte {e.object[e.start]:#04x} "
+                           f"at offset {e.start}); pass the tracking-journal.jsonl file a search named") from None
+    except OSError as e:
+        raise JournalError(f"{path} cannot be read ({e.strerror or type(e).__name__})") from None
     if not lines:
         raise JournalError(f"{path} is empty: not a scoretune tracking journal")
     try:
@@ -584,7 +590,11 @@ def read_journal(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str
     if not isinstance(header, dict) or header.get("format") != JOURNAL_FORMAT:
         raise JournalError(f"{path} is not a scoretune tracking journal (its first line has no "
                            f"\"format\": \"{JOURNAL_FORMAT}\")")
-    if int(header.get("version", 0)) > JOURNAL_VERSION:
+    version = header.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise JournalError(f"{path}: the journal version {version!r} on its first line is not a version scoretune "
+                           f"writes (1 to {JOURNAL_VERSION}); the file is corrupt or was edited")
+    if version > JOURNAL_VERSION:
         raise JournalError(f"{path} was written by a newer scoretune (journal version {header['version']}); "
                            "upgrade scoretune to replay it")
     ops: list[dict[str, Any]] = []
