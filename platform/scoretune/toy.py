@@ -155,7 +155,8 @@ class ToyConfig:
         return AttackConfig(eps=self.eps, norm="linf", steps=self.attack_steps, pixel_range=None)
 
 
-_FLAGS = {"eps": "--eps", "lr": "--lr", "n_samples": "--n-samples", "iters": "--iters", "finite_iters": "--finite-iters"}
+_FLAGS = {"eps": "--eps", "lr": "--lr", "n_samples": "--n-samples", "iters": "--iters",
+          "finite_iters": "--finite-iters"}
 
 
 def _flag(name: str) -> str:
