@@ -414,3 +414,89 @@ def test_sync_of_a_journal_with_a_dot_dot_artifact_reports_the_refused_write_and
     cl = MlflowClient(tracking_uri=f"sqlite:///{store / 'm.db'}")
     runs = cl.search_runs([cl.get_experiment_by_name("evil").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags["after"] == "yes"  # the writes after it were delivered
+
+
+# ----------------------------------------------------------------------------- 10: messages naming the file or field
+@pytest.fixture(scope="module")
+def hostile_files(tmp_path_factory):
+    """Every file case 10 needs, made once: checkpoints whose stored config is invalid, a store that is no
+    database, SVHN files that are no MATLAB, a binary and a version-garbled journal, a binary env file."""
+    import json
+
+    import torch
+
+    from scoretune.engine import Trainer
+
+    d = tmp_path_factory.mktemp("hostile")
+    Trainer(build_config({"epochs": 1, "device": "cpu"})).save(d / "good.pt")
+    for name, section, field, value in [("eps1e9", "attack", "eps", 1e9), ("imagenet", "data", "name", "imagenet")]:
+        state = torch.load(d / "good.pt", weights_only=True)
+        cfg = json.loads(state["config"])
+        cfg[section][field] = value
+        state["config"] = json.dumps(cfg)
+        torch.save(state, d / f"{name}.pt")
+    (d / "notdb.db").write_bytes(b"this is not a database\n" * 100)
+    (d / "svhn").mkdir()
+    for split in ("train", "test"):
+        (d / "svhn" / f"{split}_32x32.mat").write_bytes(b"")
+    (d / "binary.jsonl").write_bytes(bytes(range(256)) * 4)
+    (d / "garbled.jsonl").write_text('{"format": "scoretune-tracking-journal", "version": "1.x"}\n')
+    (d / "binary.env").write_bytes(b"\xff\xfe\x00MLFLOW\x80\x81")
+    (d / "binary.env").chmod(0o600)
+    return d
+
+
+RUN_ID = "0123456789abcdef0123456789abcdef"
+CASE_10 = [  # id, argv ({d}: the files' folder), what the one line must say
+    ("train: store no database", ["train", *FAST, "--tracking-uri", "sqlite:///{d}/notdb.db"],
+     ["notdb.db", "not an SQLite database"]),
+    ("promote: store no database", ["promote", "--search", "x", "--tracking-uri", "sqlite:///{d}/notdb.db"],
+     ["notdb.db", "not an SQLite database"]),
+    ("status: store no database", ["status", "x", "--tracking-uri", "sqlite:///{d}/notdb.db"],
+     ["notdb.db", "not an SQLite database"]),
+    ("evaluate: store no database", ["evaluate", RUN_ID, "--tracking-uri", "sqlite:///{d}/notdb.db"],
+     ["notdb.db", "not an SQLite database"]),
+    ("svhn .mat no MATLAB", ["train", *FAST, "--no-mlflow", "--set", "data.name=svhn", "--set", "data.root={d}/svhn"],
+     ["train_32x32.mat", "not a readable SVHN MATLAB file", "re-download"]),
+    ("checkpoint eps 1e9", ["evaluate", "{d}/eps1e9.pt", "--no-mlflow", "--attack", "clean"],
+     ["eps1e9.pt", "stored config is invalid", "attack.eps: 1e+09"]),
+    ("checkpoint unknown dataset", ["evaluate", "{d}/imagenet.pt", "--no-mlflow", "--attack", "clean"],
+     ["imagenet.pt", "data.name: unknown dataset 'imagenet'"]),
+    ("toy huge --n-samples", ["toy", "--n-samples", "100000000000", "--forms", "expectation", "--no-mlflow",
+                              "--out", "{d}/toy_out"],
+     ["--n-samples", "100,000,000,000", "use at most"]),
+    ("tracking port 99999", ["train", *FAST, "--tracking-uri", "http://127.0.0.1:99999"],
+     ["http://127.0.0.1:99999", "port"]),
+    ("sync binary journal", ["sync", "{d}/binary.jsonl", "--tracking-uri", "sqlite:///{d}/sync.db"],
+     ["binary.jsonl", "not a scoretune tracking journal", "UTF-8"]),
+    ("sync garbled version", ["sync", "{d}/garbled.jsonl", "--tracking-uri", "sqlite:///{d}/sync.db"],
+     ["garbled.jsonl", "journal version '1.x'"]),
+    ("server binary --env-file", ["server", "--dir", "{d}/srv", "--env-file", "{d}/binary.env"],
+     ["binary.env", "not a text file of KEY=VALUE lines"]),
+    ("wrn-x-y", ["train", *FAST, "--no-mlflow", "--set", "model.name=wrn-x-y"], ["model.name", "wrn-x-y"]),
+    ("wrn depth not 6n+4", ["train", *FAST, "--no-mlflow", "--set", "model.name=wrn-5-2"],
+     ["model.name", "6n+4"]),
+    ("unknown activation", ["train", *FAST, "--no-mlflow", "--set", "model.activation=bogus"],
+     ["model.activation", "'bogus'", "relu"]),
+    ("unknown model option", ["train", *FAST, "--no-mlflow", "--set", "model.options.bogus=1"],
+     ["model.options", "'bogus'", "channels"]),
+    ("config device tpu", ["train", *FAST, "--no-mlflow", "--set", "device=tpu"], ["device", "'tpu'", "cuda:N"]),
+    ("evaluate --device tpu", ["evaluate", "{d}/good.pt", "--no-mlflow", "--device", "tpu"], ["--device", "'tpu'"]),
+    ("toy --eps inf", ["toy", "--eps", "inf", "--no-mlflow", "--out", "{d}/toy_out"], ["--eps", "finite"]),
+]
+
+
+@pytest.mark.parametrize("argv,says", [c[1:] for c in CASE_10], ids=[c[0] for c in CASE_10])
+def test_each_rejection_is_one_line_naming_the_file_or_field(hostile_files, tmp_path, capsys, monkeypatch, argv,
+                                                             says, one_thread):
+    """Exit 2 (a UserError the command raised, not the CLI's catch-all, which exits 1 and names an exception
+    type), one line on stderr, no traceback, naming what is wrong; nothing large allocated first."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "SCORETUNE_DEBUG"):
+        monkeypatch.delenv(var, raising=False)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    err = one_line_error(capsys, [a.format(d=hostile_files) for a in argv])
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 200
+    assert "Traceback" not in err and "SCORETUNE_DEBUG" not in err
+    for s in says:
+        assert s in err, err
