@@ -500,3 +500,95 @@ def test_each_rejection_is_one_line_naming_the_file_or_field(hostile_files, tmp_
     assert "Traceback" not in err and "SCORETUNE_DEBUG" not in err
     for s in says:
         assert s in err, err
+
+
+# ----------------------------------------------------------------------------- 8: nothing sent anywhere
+NET_HOOK = '''import os, sys
+
+LOG = os.environ.get("SCORETUNE_TEST_NET_LOG")
+
+
+def loopback(host):
+    h = str(host).strip("[]").lower()
+    return h in ("localhost", "", "::1", "0.0.0.0", "::") or h.startswith(("127.", "::ffff:127."))
+
+
+def hook(event, args):
+    if event in ("socket.connect", "socket.getaddrinfo"):
+        host = args[1][0] if event == "socket.connect" and isinstance(args[1], tuple) else args[0]
+        if event == "socket.connect" and not isinstance(args[1], tuple):
+            return  # a Unix socket
+        if host is not None and not loopback(host):
+            with open(LOG, "a") as f:
+                f.write(f"{event} {host!r} (pid {os.getpid()})\\n")
+
+
+if LOG:
+    sys.addaudithook(hook)
+'''
+
+
+def _watched_env(tmp_path: Path) -> tuple[dict[str, str], Path, Path]:
+    """A user's environment (no CI markers, no telemetry settings, a fresh HOME) whose Python processes record
+    every connect() and name lookup beyond loopback (a ``sitecustomize`` audit hook) in the returned log."""
+    hook, home, log = tmp_path / "hook", tmp_path / "home", tmp_path / "net.log"
+    hook.mkdir(), home.mkdir()
+    (hook / "sitecustomize.py").write_text(NET_HOOK)
+    env = _user_env(home)
+    env.update(SCORETUNE_TEST_NET_LOG=str(log),
+               PYTHONPATH=os.pathsep.join([str(hook), *[p for p in sys.path if p and Path(p).is_dir()]]))
+    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(var, None)
+    return env, home, log
+
+
+def test_the_connect_watch_sees_a_connection(tmp_path):
+    env, _home, log = _watched_env(tmp_path)
+    code = ("import socket\ntry:\n    socket.create_connection(('192.0.2.1', 9), timeout=0.01)\n"
+            "except OSError:\n    pass\ntry:\n    socket.getaddrinfo('example.invalid', 80)\n"
+            "except OSError:\n    pass\n")
+    subprocess.run([sys.executable, "-c", code], env=env, timeout=60, check=True)
+    text = log.read_text()
+    assert "socket.connect '192.0.2.1'" in text and "socket.getaddrinfo 'example.invalid'" in text
+
+
+@pytest.mark.slow
+def test_a_default_train_connects_nowhere_beyond_loopback_and_writes_nothing_under_home(tmp_path):
+    env, home, log = _watched_env(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    r = scoretune("train", *FAST, cwd=work, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (work / "mlflow.db").is_file()  # it logged, to the local store
+    assert not log.exists(), log.read_text()
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
+
+
+# ----------------------------------------------------------------------------- property: spaces, fast and small
+SPACE_KEYS = ["num_samples", "params.beta.loguniform", "params.lr.choice", "base.attack.eps", "base.attack.norm",
+              "base.epochs", "points_to_evaluate", "params", "base.model.options", "stoppers", "objective"]
+
+
+def _quickstart_raw() -> dict:
+    from scoretune.config import read_yaml
+
+    return read_yaml(REPO / "search_spaces" / "quickstart.yaml")
+
+
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(YAML_TEXT)
+def test_no_yaml_document_makes_loading_a_space_slow_or_big(tmp_path_factory, text):
+    from scoretune.search.space import load_space
+
+    path = tmp_path_factory.mktemp("prop") / "space.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    _bounded(lambda: load_space(path))
+
+
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(SPACE_KEYS), YAML_TEXT), max_size=3))
+def test_no_set_string_makes_building_a_space_slow_or_big(pairs):
+    from scoretune.search.space import build_space
+
+    raw = _quickstart_raw()
+    _bounded(lambda: build_space(raw, [f"{k}={v}" for k, v in pairs], source="quickstart.yaml"))

@@ -464,7 +464,8 @@ def build_space(raw: dict[str, Any], overrides: list[str] | None = None, *, sour
         raw["base"] = _resolve_base(raw, path)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    for name, spec in (extra.get("params") or {}).items():
+    extra_params = extra.get("params")
+    for name, spec in (extra_params.items() if isinstance(extra_params, dict) else ()):
         # ``--set params.lr.choice=[0.1]`` replaces the distribution the file gave (not merged with it)
         if isinstance(spec, dict) and any(k in DISTRIBUTIONS for k in spec) and isinstance(raw.get("params"), dict):
             raw["params"] = {**raw["params"], name: {}}
