@@ -592,3 +592,9 @@ def test_no_set_string_makes_building_a_space_slow_or_big(pairs):
 
     raw = _quickstart_raw()
     _bounded(lambda: build_space(raw, [f"{k}={v}" for k, v in pairs], source="quickstart.yaml"))
+
+
+def test_a_searched_batch_size_must_split_over_the_trial_workers():
+    msg = _space_error({"name": "t", "base": {**L2_BASE, "batch_size": 64}, "resources": {"workers": 2},
+                        "params": {"batch_size": {"choice": [64, 33]}}})
+    assert "params.batch_size.choice: value 33: batch_size 33 is not divisible by 2 workers" in msg

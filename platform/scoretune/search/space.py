@@ -644,6 +644,16 @@ def validate_space(space: Any, source: str = "") -> Any:
     split = batch_split_problem(base.batch_size, space.resources.workers)
     if split:
         raise ConfigError(f"{_where(source)}resources.workers: {split}")
+    for name, dotted in space.targets.items():  # a searched batch size is split over the trial's workers too
+        # (an int range: a value that does not split is among its first `workers` values)
+        spec = space.params[name]
+        if dotted == "batch_size" and spec.kind in ("choice", "int") and space.resources.workers > 1:
+            values = spec.choice if spec.kind == "choice" else range(int(spec.bounds[0]), int(spec.bounds[1]) + 1)
+            bad = next((v for v in values if isinstance(v, int) and batch_split_problem(v, space.resources.workers)),
+                       None)
+            if bad is not None:
+                raise ConfigError(f"{_where(source)}params.{name}.{spec.kind}: value {bad!r}: "
+                                  f"{batch_split_problem(bad, space.resources.workers)} (resources.workers)")
     floor = space.stoppers.floor
     clip_auto = (space.base.get("objective") or {}).get("clip") == "auto"
     if (floor is not None and floor.estimate) or clip_auto:
