@@ -598,3 +598,21 @@ def test_a_searched_batch_size_must_split_over_the_trial_workers():
     msg = _space_error({"name": "t", "base": {**L2_BASE, "batch_size": 64}, "resources": {"workers": 2},
                         "params": {"batch_size": {"choice": [64, 33]}}})
     assert "params.batch_size.choice: value 33: batch_size 33 is not divisible by 2 workers" in msg
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="Ray's TPU detection asks the GCE metadata server (metadata.google.internal, 169.254.169.254) "
+                          "during a search (ray/_private/accelerators/tpu.py _get_tpu_metadata); not turned off yet",
+                   strict=False)
+def test_a_small_search_connects_nowhere_beyond_loopback(tmp_path):
+    env, _home, log = _watched_env(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    r = scoretune("search", str(REPO / "search_spaces" / "quickstart.yaml"), "--set", "num_samples=2",
+                  "--set", "max_concurrent=1", "--set", "base.epochs=1", "--set", "base.attack.steps=1",
+                  "--set", "base.eval.pgd_steps=1", "--set", "scheduler.grace_period=1", "--set", "stoppers.floor=null",
+                  "--set", "autoattack.version=none", "--set", "top_k=0", cwd=work, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # 192.0.2.2 (TEST-NET) is Ray's node-IP probe: a UDP connect that sends nothing
+    outside = [line for line in (log.read_text().splitlines() if log.exists() else []) if "'192.0.2.2'" not in line]
+    assert outside == []
