@@ -78,11 +78,15 @@ def test_the_name_follows_the_one_naming_rule():
 def test_l2_eps_larger_than_the_pixel_box_is_refused_when_the_data_is_known():
     from scoretune.engine import Trainer
 
-    cfg = build_config({"data": {"name": "digits"}, "model": {"name": "mlp"}, "device": "cpu",
-                        "attack": {"norm": "l2", "eps": 9.0}})  # digits: 8x8 in [0,1], l2 diameter 8
+    raw = {"data": {"name": "digits"}, "model": {"name": "mlp"}, "device": "cpu", "attack": {"norm": "l2", "eps": 2.0}}
     with pytest.raises(ConfigError, match=r"attack\.eps: 9 is larger than the l2 diameter 8 "):
-        Trainer(cfg)
-    assert Trainer(cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"eps": 2.0})})).train_attack.eps == 2.0
+        build_config(raw, ["attack.eps=9"])  # digits: 8x8 in [0,1], l2 diameter 8 (its registered shape)
+    cfg = build_config(raw)
+    assert Trainer(cfg).train_attack.eps == 2.0
+    # and once the data is loaded (a dataset registered without its shape is checked only there)
+    unchecked = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"eps": 9.0})})
+    with pytest.raises(ConfigError, match=r"attack\.eps: 9 is larger than the l2 diameter 8 "):
+        Trainer(unchecked)
 
 
 def test_batch_size_must_split_over_the_workers_at_validation():

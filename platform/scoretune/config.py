@@ -7,8 +7,9 @@ values, on one line. Each rule lives once, on the model of its section (rules be
 
 Ranges: every float is finite and no number field takes a boolean. ``attack.eps`` follows
 :func:`scoretune.attacks.eps_problem`: at most the diameter of the input box, i.e. <= 1 for linf
-on [0, 1] pixels (checked here) and <= sqrt(number of input values) for l2 (checked when the data
-is known, by :meth:`AttackSettings.build`); the toy's inputs are unbounded (any finite eps).
+on [0, 1] pixels and <= sqrt(number of input values) for l2 (checked here for a dataset registered
+with its input shape, else when the data is loaded, by :meth:`AttackSettings.build`); the toy's
+inputs are unbounded (any finite eps).
 ``optim.milestones`` are fractions of the post-warm-up schedule in (0, 1), ``optim.gamma`` a decay
 factor in (0, 1], ``seed`` in [0, 2^32), ``name`` follows :func:`scoretune.names.name_problem`, and
 ``batch_size`` must be divisible by ``scaling.workers``.
@@ -106,12 +107,33 @@ class ModelConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        from .models import available_models
+        from .models import model_name_problem
 
-        names = available_models()
-        if v not in names and not v.startswith("wrn-"):
-            raise ValueError(f"unknown model {v!r}; choose one of: {', '.join(names)} or wrn-<depth>-<width>")
+        problem = model_name_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
+
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, v: str | None) -> str | None:
+        from .models import available_activations
+
+        if v is not None and str(v).lower().replace("-", "_") not in available_activations():
+            raise ValueError(f"unknown activation {v!r}; choose one of: {', '.join(available_activations())} "
+                             "(or leave it out for the model's default)")
+        return v
+
+    @model_validator(mode="after")
+    def _known_options(self) -> "ModelConfig":
+        from .models import model_options
+
+        allowed = model_options(self.name)
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise ValueError(f"options: unknown option(s) {', '.join(map(repr, unknown))} for model {self.name!r}; "
+                             f"allowed: {', '.join(sorted(allowed)) or 'none'}")
+        return self
 
 
 class ObjectiveConfig(_Strict):
@@ -267,6 +289,14 @@ class ScalingSettings(_Strict):
     num_to_keep: Optional[int] = Field(2, ge=1)
 
 
+def device_problem(device: str) -> str | None:
+    """Why ``device`` names no device scoretune runs on (None when it does): the one rule for ``device`` and
+    every ``--device`` flag."""
+    if isinstance(device, str) and (device in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:[0-9]+", device)):
+        return None
+    return f"unknown device {device!r}; choose one of: auto, cpu, cuda, cuda:N, mps"
+
+
 def batch_split_problem(batch_size: int, workers: int) -> str | None:
     """Why ``batch_size`` cannot be split evenly over ``workers`` (None when it can): the one rule."""
     if batch_size % workers:
@@ -299,15 +329,20 @@ class ExperimentConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v in ("auto", "cpu", "mps", "cuda") or re.fullmatch(r"cuda:[0-9]+", v):
-            return v
-        raise ValueError(f"unknown device {v!r}; choose one of: auto, cpu, cuda, cuda:N, mps")
+        problem = device_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _across_sections(self) -> "ExperimentConfig":
-        # eps in range for the data's input box (l2: the diameter check needs the input size, which
-        # only the loaded data knows: AttackSettings.build completes it)
-        problem = eps_problem(self.attack.eps, self.attack.norm, None if self.data.name == "toy" else PIXEL_RANGE)
+        # eps in range for the data's input box (l2: the diameter needs the input size, known here for
+        # a dataset registered with its shape; for another, AttackSettings.build completes it)
+        from .data import static_input_shape
+
+        shape = static_input_shape(self.data.name)
+        problem = eps_problem(self.attack.eps, self.attack.norm, None if self.data.name == "toy" else PIXEL_RANGE,
+                              math.prod(shape) if shape else None)
         if problem:
             raise ValueError(f"attack.eps: {problem}")
         problem = batch_split_problem(self.batch_size, self.scaling.workers)

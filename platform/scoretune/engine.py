@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .attacks import AttackConfig, eval_mode, pgd_ce, training_attack
-from .config import ConfigError, ExperimentConfig, OptimConfig, batch_split_problem
+from .config import ConfigError, ExperimentConfig, OptimConfig, batch_split_problem, device_problem
 from .data import BatchLoader, Dataset, Split, eval_subset, load_dataset, to_float
 from .errors import UserError
 from .losses import Objective, madry_kl
@@ -46,7 +46,11 @@ class NonFiniteLossError(UserError, FloatingPointError):
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda if available, else mps, else cpu."""
+    """``auto`` -> cuda if available, else mps, else cpu; a name that is no device is a one-line
+    :class:`~scoretune.config.ConfigError` (:func:`~scoretune.config.device_problem`)."""
+    problem = device_problem(name)
+    if problem:
+        raise ConfigError(f"--device: {problem}")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -657,11 +661,31 @@ def model_from_checkpoint(
 ) -> tuple[nn.Module, ExperimentConfig]:
     """Rebuild the network of a checkpoint (EMA weights when present) in eval mode."""
     state = state_or_path if isinstance(state_or_path, dict) else load_checkpoint(state_or_path)
-    cfg = ExperimentConfig.model_validate(json.loads(state["config"]))
+    cfg = checkpoint_config(state, "" if isinstance(state_or_path, dict) else str(state_or_path))
     net = build_model_from_spec(json.loads(state["model_spec"]))
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
     net.load_state_dict(weights)
     return net.to(device).eval(), cfg
+
+
+def checkpoint_config(state: dict[str, Any], where: str = "") -> ExperimentConfig:
+    """The validated experiment config a checkpoint stores; a stored config that does not validate (edited, or
+    from another scoretune) is a one-line :class:`CheckpointError` naming the field."""
+    from pydantic import ValidationError
+
+    from .config import format_validation_error
+
+    name = where or "the checkpoint"
+    try:
+        raw = json.loads(state["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{name} has no readable stored config ({type(e).__name__}: {e}); "
+                              "it is not a scoretune checkpoint, or it is corrupt") from None
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise CheckpointError(f"{name}: its stored config is invalid: {format_validation_error(e)} (edited, or "
+                              "written by another scoretune; retrain, or fix the field in the checkpoint)") from None
 
 
 def model_spec(cfg: ExperimentConfig, info: Any) -> dict[str, Any]:

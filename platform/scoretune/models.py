@@ -491,6 +491,27 @@ def estimate_parameters(name: str, *, input_shape: Sequence[int], num_classes: i
         return None
 
 
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` names no model (None when it does): a listed name or ``wrn-<depth>-<width>`` with
+    depth = 6n+4 (n >= 1) and width >= 1."""
+    try:
+        family, depth, width = _family(name)
+    except ValueError as e:
+        return str(e)
+    if family == "wrn" and (depth is None or width is None or depth < 10 or (depth - 4) % 6 or width < 1):
+        return (f"unknown model {name!r}: a wide ResNet is wrn-<depth>-<width> with depth = 6n+4 (10, 16, 22, 28, "
+                "34, ...) and width >= 1, e.g. wrn-28-10")
+    return None
+
+
+def model_options(name: str) -> tuple[str, ...]:
+    """The options (``model.options`` keys) model ``name`` takes; empty for an unknown name."""
+    try:
+        return tuple(_FAMILIES[_family(name)[0]][0])
+    except ValueError:
+        return ()
+
+
 def _family(name: str) -> tuple[str, int | None, int | None]:
     key = str(name).lower()
     if key in _FAMILIES and key != "wrn":

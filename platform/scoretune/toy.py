@@ -38,6 +38,7 @@ to MLflow is the CLI's job (``scoretune toy``). This module has no Ray / MLflow 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ from .bounds import (
     score_risk,
     standard_risk,
 )
+from .config import ConfigError
 from .data import TOY_MEANS, TOY_PRIOR, TOY_VARIANCES, toy_posterior
 from .losses import get_divergence
 from .models import build_model
@@ -118,15 +120,31 @@ class ToyConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.eps) and self.eps > 0):
-            raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        """Every field checked here, before anything is allocated: a :class:`~scoretune.config.ConfigError`
+        (one line) naming the field and its ``scoretune toy`` flag where it has one."""
+        for name in ("eps", "lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"toy {_flag(name)}: must be a finite number > 0 (got {v!r}); the paper uses "
+                                  f"{'eps 1' if name == 'eps' else 'lr 0.03'}")
         for name in ("attack_steps", "n_samples", "iters", "eval_every", "n_eval", "n_pairs", "finite_iters", "chunk"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.risk_grid < 2:
-            raise ValueError(f"risk_grid must be >= 2, got {self.risk_grid}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"toy {_flag(name)}: must be an integer >= 1 (got {v!r})")
+        if isinstance(self.risk_grid, bool) or not isinstance(self.risk_grid, int) or self.risk_grid < 2:
+            raise ConfigError(f"toy risk_grid: must be an integer >= 2 (got {self.risk_grid!r})")
+        need, have = self.step_bytes(), _memory_bytes()
+        if have and need > have // 2:
+            most = max(1, (have // 2) // self.step_bytes(1))
+            raise ConfigError(f"toy {_flag('n_samples')}: {self.n_samples:,} points a step need about {_gb(need)} "
+                              f"(a full batch through the MLP and its attack), more than half of this machine's "
+                              f"{_gb(have)}; use at most {most:,} (the paper uses 60,000)")
+
+    def step_bytes(self, n: int | None = None) -> int:
+        """A generous estimate of the memory one expectation-form step of ``n`` points (default ``n_samples``)
+        takes: each point's input, posterior and label, and the MLP's activations and gradients (float32)."""
+        per_point = 4 * (2 * (sum(self.hidden) + 2) + 16)
+        return per_point * int(self.n_samples if n is None else n)
 
     def inner_max(self, grid: int) -> InnerMax:
         """The threat ball |x' - x| <= eps with an exact grid of ``grid`` points (unbounded inputs)."""
@@ -135,6 +153,26 @@ class ToyConfig:
     def attack(self) -> AttackConfig:
         """The training attack of the Madry-type variants: PGD-``attack_steps`` in the same ball."""
         return AttackConfig(eps=self.eps, norm="linf", steps=self.attack_steps, pixel_range=None)
+
+
+_FLAGS = {"eps": "--eps", "lr": "--lr", "n_samples": "--n-samples", "iters": "--iters",
+          "finite_iters": "--finite-iters"}
+
+
+def _flag(name: str) -> str:
+    return f"{name} ({_FLAGS[name]})" if name in _FLAGS else name
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 @dataclass

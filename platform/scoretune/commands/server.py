@@ -61,9 +61,12 @@ def read_env_file(path: Path) -> dict[str, str]:
 
     try:
         st = path.stat()
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"--env-file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--env-file {path} is not a text file of KEY=VALUE lines (byte {e.object[e.start]:#04x} at "
+                        f"offset {e.start} is not UTF-8); give the file with {', '.join(ENV_FILE_KEYS)}") from None
     if st.st_mode & 0o077:
         raise UserError(f"--env-file {path} can be read by others (mode {oct(st.st_mode & 0o777)}): chmod 600 {path}")
     out = {}

@@ -37,9 +37,12 @@ def run(args: argparse.Namespace) -> int:
     if report.unsent:
         raise UserError(f"{report.unsent} write(s) of {args.file} did not reach {masked(uri)} within "
                         f"{args.timeout:.0f} s (it stopped answering); run scoretune sync again, nothing is doubled")
-    print(f"replayed {report.writes} writes ({report.runs} runs) from {args.file} into {masked(uri)}"
-          + (f"; {len(report.errors)} refused: {report.errors[0]}" if report.errors else ""))
-    if not args.keep and not report.errors:
+    print(f"replayed {report.writes} writes ({report.runs} runs) from {args.file} into {masked(uri)}")
+    if report.errors:
+        raise UserError(f"MLflow refused {len(report.errors)} write(s) of {args.file}, skipped (first: "
+                        f"{report.errors[0]}); the journal is kept for inspection: fix or delete those lines and "
+                        "sync again (nothing is doubled)")
+    if not args.keep:
         Path(args.file).unlink()
         print(f"deleted {args.file} (everything in it is in MLflow)")
-    return 1 if report.errors else 0
+    return 0

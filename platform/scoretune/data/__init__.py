@@ -49,6 +49,7 @@ from .base import (
     available_datasets,
     eval_subset,
     register_dataset,
+    static_input_shape,
     to_float,
 )
 from .builtin import TOY_MEANS, TOY_PRIOR, TOY_VARIANCES, toy_posterior
@@ -62,6 +63,7 @@ __all__ = [
     "DatasetError",
     "register_dataset",
     "available_datasets",
+    "static_input_shape",
     "load_dataset",
     "to_float",
     "eval_subset",

@@ -91,20 +91,29 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 _REGISTRY: dict[str, Callable[..., Dataset]] = {}
 
 
-def register_dataset(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+def register_dataset(name: str, input_shape: tuple[int, ...] | None = None
+                     ) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
     """Decorator registering ``loader(root: Path, *, val_size, seed, **options) -> Dataset`` under ``name``.
 
     Keyword-only parameters of the loader other than ``val_size`` and ``seed`` are the dataset's
-    options (e.g. ``n_train`` for ``toy``), passed through from :func:`load_dataset`.
+    options (e.g. ``n_train`` for ``toy``), passed through from :func:`load_dataset`. ``input_shape``,
+    when the loader always gives that shape (``DatasetInfo.input_shape``), lets a config be checked
+    against it before any data is read (:func:`static_input_shape`: the l2 eps range).
     """
 
     def decorator(fn: Callable[..., Dataset]) -> Callable[..., Dataset]:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"dataset '{name}' is already registered; pick another name")
+        fn.input_shape = tuple(input_shape) if input_shape is not None else None  # type: ignore[attr-defined]
         _REGISTRY[name] = fn
         return fn
 
     return decorator
+
+
+def static_input_shape(name: str) -> tuple[int, ...] | None:
+    """The input shape dataset ``name`` was registered with (None: unknown until it is loaded)."""
+    return getattr(_REGISTRY.get(name), "input_shape", None)
 
 
 def available_datasets() -> list[str]:

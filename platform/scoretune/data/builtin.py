@@ -55,7 +55,7 @@ def _keep_n_train(train: Split, n_train: int | None, name: str, subset_seed: int
     return Split(train.x.index_select(0, sub_t), train.y.index_select(0, sub_t))
 
 
-@register_dataset("digits")
+@register_dataset("digits", input_shape=(1, 8, 8))
 def _load_digits(root: Path, *, val_size: float | int, seed: int, n_train: int | None = None) -> Dataset:
     """sklearn's 8x8 digits: 1797 images, float32 pixel/16 in [0,1], (N,1,8,8); fixed stratified 25% test.
 
@@ -119,7 +119,7 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-@register_dataset("mnist5k")
+@register_dataset("mnist5k", input_shape=(1, 28, 28))
 def _load_mnist5k(root: Path, *, val_size: float | int, seed: int, n_train: int | None = None) -> Dataset:
     """5,000 real MNIST digits (500 per class), uint8 (N,1,28,28) -> [0,1] at batch time.
 
@@ -160,7 +160,7 @@ def _sample_toy(n: int, rng: np.random.Generator) -> Split:
     return _split(x, y)
 
 
-@register_dataset("toy")
+@register_dataset("toy", input_shape=(1,))
 def _load_toy(
     root: Path,
     *,

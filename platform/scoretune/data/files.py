@@ -86,7 +86,7 @@ def _check_labels(name: str, y: np.ndarray, num_classes: int, path: Path) -> Non
 _FIX = "run scoretune data fetch {name} --root {root} (or download {what} and {how}), or pass --set data.root=DIR"
 
 
-@register_dataset("cifar10")
+@register_dataset("cifar10", input_shape=(3, 32, 32))
 def _load_cifar10(root: Path, *, val_size: float | int, seed: int) -> Dataset:
     """CIFAR-10 python version: data_batch_1..5 + test_batch in root or root/cifar-10-batches-py."""
     train_files = [f"data_batch_{i}" for i in range(1, 6)]
@@ -118,7 +118,7 @@ def _cifar_dataset(name: str, num_classes: int, mean: tuple[float, ...], std: tu
     return Dataset(info=info, train=tr, val=val, test=_split(x_te, y_te))
 
 
-@register_dataset("cifar100")
+@register_dataset("cifar100", input_shape=(3, 32, 32))
 def _load_cifar100(root: Path, *, val_size: float | int, seed: int) -> Dataset:
     """CIFAR-100 python version (fine labels): train + test in root or root/cifar-100-python."""
     d = _find_dir(
@@ -138,6 +138,7 @@ def _load_cifar100(root: Path, *, val_size: float | int, seed: int) -> Dataset:
 def _load_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One SVHN .mat -> (uint8 (N,3,32,32), int64 (N,)) with label 10 mapped to digit 0."""
     import scipy.io
+    from scipy.io.matlab import MatReadError
 
     try:
         m = scipy.io.loadmat(str(path))
@@ -151,13 +152,14 @@ def _load_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"'y' has {y.size} entries for {x.shape[3]} images")
         if y.size and (y.min() < 0 or y.max() > 10):
             raise ValueError("labels outside 0..10")
-    except (OSError, EOFError, KeyError, ValueError, TypeError, NotImplementedError) as e:
-        raise DatasetError(f"svhn: corrupt file {path} ({_one_line(e)}); re-download it") from None
+    except (OSError, EOFError, KeyError, ValueError, TypeError, NotImplementedError, MatReadError) as e:
+        raise DatasetError(f"svhn: {path} is not a readable SVHN MATLAB file ({_one_line(e)}); re-download it from "
+                           "http://ufldl.stanford.edu/housenumbers/ (cropped digits, *_32x32.mat)") from None
     y[y == 10] = 0
     return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), y
 
 
-@register_dataset("svhn")
+@register_dataset("svhn", input_shape=(3, 32, 32))
 def _load_svhn(root: Path, *, val_size: float | int, seed: int) -> Dataset:
     """SVHN cropped digits: train_32x32.mat + test_32x32.mat in root or root/svhn."""
     d = _find_dir(

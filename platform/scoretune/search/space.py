@@ -27,7 +27,7 @@ import math
 import os
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -525,7 +525,8 @@ def build_space(raw: dict[str, Any], overrides: list[str] | None = None, *, sour
         raw["base"] = _resolve_base(raw, path)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    for name, spec in (extra.get("params") or {}).items():
+    extra_params = extra.get("params")
+    for name, spec in (extra_params.items() if isinstance(extra_params, dict) else ()):
         # ``--set params.lr.choice=[0.1]`` replaces the distribution the file gave (not merged with it)
         if isinstance(spec, dict) and any(k in DISTRIBUTIONS for k in spec) and isinstance(raw.get("params"), dict):
             raw["params"] = {**raw["params"], name: {}}
@@ -552,7 +553,8 @@ def load_space(path: str | os.PathLike, overrides: list[str] | None = None) -> S
 
 
 # ----------------------------------------------------------------------------- the rules pydantic cannot express (base x params)
-_MAX_JOINT_CHECKS = 512  # joint validation of every combination of probe values up to this many
+_MAX_JOINT_CHECKS = 512  # joint validation of every combination of probe values up to this many, else pairs
+_MAX_PAIR_CHECKS = 5_000  # pairs of probe values validated at most (under 1 s), the smallest pairs first
 
 
 def _field_annotation(dotted: str) -> tuple[bool, Any]:
@@ -703,6 +705,16 @@ def validate_space(space: Any, source: str = "") -> Any:
     split = batch_split_problem(base.batch_size, space.resources.workers)
     if split:
         raise ConfigError(f"{_where(source)}resources.workers: {split}")
+    for name, dotted in space.targets.items():  # a searched batch size is split over the trial's workers too
+        # (an int range: a value that does not split is among its first `workers` values)
+        spec = space.params[name]
+        if dotted == "batch_size" and spec.kind in ("choice", "int") and space.resources.workers > 1:
+            values = spec.choice if spec.kind == "choice" else range(int(spec.bounds[0]), int(spec.bounds[1]) + 1)
+            bad = next((v for v in values if isinstance(v, int) and batch_split_problem(v, space.resources.workers)),
+                       None)
+            if bad is not None:
+                raise ConfigError(f"{_where(source)}params.{name}.{spec.kind}: value {bad!r}: "
+                                  f"{batch_split_problem(bad, space.resources.workers)} (resources.workers)")
     floor = space.stoppers.floor
     clip_auto = (space.base.get("objective") or {}).get("clip") == "auto"
     if (floor is not None and floor.estimate) or clip_auto:
@@ -720,15 +732,28 @@ def validate_space(space: Any, source: str = "") -> Any:
     return space
 
 
-def _check_joint(space: Any, source: str) -> None:
-    """Every combination of probe values (choices, range ends) together, when there are few enough:
-    catches cross-field rules such as clip_mode 'value' with method 'pgdat'."""
+def _joint_points(space: Any) -> Iterator[dict[str, Any]]:
+    """The points :func:`_check_joint` validates: every combination of probe values, or, when there are
+    more than ``_MAX_JOINT_CHECKS``, every combination of each pair of params' probe values (a rule
+    between two fields, such as eps against the norm's diameter, is still checked at every pair), the
+    pairs with the fewest combinations first, up to ``_MAX_PAIR_CHECKS`` points."""
     names = list(space.params)
-    probes = [space.params[n].probe_values() for n in names]
-    if len(names) < 2 or math.prod(len(p) for p in probes) > _MAX_JOINT_CHECKS:
+    probes = {n: space.params[n].probe_values() for n in names}
+    if math.prod(len(p) for p in probes.values()) <= _MAX_JOINT_CHECKS:
+        for combo in itertools.product(*probes.values()):
+            yield dict(zip(names, combo))
         return
-    for combo in itertools.product(*probes):
-        point = dict(zip(names, combo))
+    by_size = sorted(itertools.combinations(names, 2), key=lambda ab: len(probes[ab[0]]) * len(probes[ab[1]]))
+    pairs = (({a: va, b: vb} for va, vb in itertools.product(probes[a], probes[b])) for a, b in by_size)
+    yield from itertools.islice(itertools.chain.from_iterable(pairs), _MAX_PAIR_CHECKS)
+
+
+def _check_joint(space: Any, source: str) -> None:
+    """Probe values (choices, range ends) of several params together (:func:`_joint_points`): catches
+    cross-field rules such as clip_mode 'value' with method 'pgdat', or eps 9 with norm l2 on digits."""
+    if len(space.params) < 2:
+        return
+    for point in _joint_points(space):
         try:
             ExperimentConfig.model_validate(apply_params(space.base, space.targets, point))
         except ValidationError as e:

@@ -172,15 +172,43 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     An in-memory SQLite store is refused (:class:`TrackingStoreError`): the runs would vanish at exit."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        return check_store_uri(f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     if in_memory_store(uri):
         raise TrackingStoreError(f"tracking URI {uri!r} is an in-memory SQLite store: every run logged there is lost "
                                  "when the process exits; give a file, e.g. sqlite:///mlflow.db")
     if "://" not in uri and not uri.startswith("databricks"):
         p = Path(uri).expanduser().resolve()
         if p.suffix == ".db":
-            return f"sqlite:///{p}"
+            return check_store_uri(f"sqlite:///{p}")
         return p.as_uri()
+    return check_store_uri(uri)
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_store_uri(uri: str) -> str:
+    """``uri``, unless it cannot name a store (:class:`TrackingStoreError`, one line): a server URI whose port is
+    out of range, or a local SQLite store whose file exists but is not an SQLite database."""
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        try:
+            parts.port
+        except ValueError:
+            raise TrackingStoreError(f"tracking URI {masked(uri)!r}: its port is not a port (1-65535); pass "
+                                     "--tracking-uri (or MLFLOW_TRACKING_URI) naming the server, e.g. "
+                                     "http://localhost:5000") from None
+    db = sqlite_path(uri)
+    if db is not None and db.is_file():
+        try:
+            with db.open("rb") as f:
+                head = f.read(len(SQLITE_MAGIC))
+        except OSError as e:
+            raise TrackingStoreError(f"the MLflow store {db} cannot be read ({e.strerror or type(e).__name__}); "
+                                     "check its permissions or pass --tracking-uri naming another store") from None
+        if head and head != SQLITE_MAGIC:
+            raise TrackingStoreError(f"the MLflow store {db} (tracking URI {uri}) is not an SQLite database: move the "
+                                     "file away, or pass --tracking-uri naming a store (e.g. sqlite:///mlflow.db)")
     return uri
 
 

@@ -19,8 +19,9 @@ How it behaves:
   while credentials are rotated) stops the flush; the search goes on, one line says ``tracking degraded``,
   and the next flush is tried after 1, 2, 4 ... 30 s (a TCP probe first, so a down server costs
   milliseconds, not MLflow's own retries). When the server is back, the queue is sent and one line says
-  ``tracking recovered``. A write the server refuses for good (HTTP 4xx, e.g. a changed param) is a
-  *write error*: counted, reported, dropped.
+  ``tracking recovered``. A write MLflow refuses for good (HTTP 4xx, e.g. a changed param, or one its
+  client refuses, e.g. an artifact path with ``..``) is a *write error*, not an outage: reported (which
+  write, why), counted and skipped; the journal keeps it (``scoretune sync`` then keeps the file).
 * **Bounded.** At most ``max_pending`` unsent writes (``SCORETUNE_TRACKING_BUFFER_MAX``, default 100,000);
   past that new writes are dropped, counted and reported once.
 * **Idempotent.** Metrics carry the timestamp taken when they were logged, and each (run, key, step) is
@@ -79,14 +80,38 @@ def now_ms() -> int:
 
 def is_transient(e: BaseException) -> bool:
     """Whether a failed write may succeed later: the server is unreachable, overloaded, restarting or
-    refusing credentials (rotated); a request the server understood and refused (4xx) is not."""
-    from mlflow.exceptions import MlflowException
+    refusing credentials (rotated); a request the server understood and refused (4xx) is not, and neither
+    is a write MLflow's client refuses itself (an artifact path with ``..``: an ``MlflowException`` whose
+    code is MLflow's default INTERNAL_ERROR, 500, though no request failed)."""
+    from mlflow.exceptions import MlflowException, RestException
 
-    if isinstance(e, MlflowException):  # connection errors and exhausted retries are INTERNAL_ERROR (500)
+    if isinstance(e, MlflowException):
         code = e.get_http_status_code()
-        return code >= 500 or code in (401, 403, 408, 429)
+        if code in (401, 403, 408, 429):
+            return True
+        if code < 500:
+            return False
+        if isinstance(e, RestException):  # the server answered 5xx: overloaded, restarting, its store away
+            return True
+        # raised in this process with a 5xx code: a failed request (connection refused, timeout, retries
+        # exhausted: "API request ... failed ..."), a store the OS failed (a locked or vanished SQLite
+        # file), else a refusal that carries MLflow's default code
+        return str(e.message).startswith("API request") or _os_failure(e)
     return isinstance(e, (OSError, TimeoutError, ConnectionError)) or type(e).__module__.startswith(
         ("requests", "urllib3"))
+
+
+def _os_failure(e: BaseException) -> bool:
+    """Whether ``e`` comes of an OS or database-connection failure (its cause chain, or its message)."""
+    seen = 0
+    cause: BaseException | None = e
+    while cause is not None and seen < 10:
+        if isinstance(cause, (OSError, TimeoutError)) or type(cause).__name__ in ("OperationalError", "TimeoutError"):
+            return True
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    text = str(getattr(e, "message", e)).lower()
+    return any(s in text for s in ("database is locked", "unable to open database", "disk i/o error",
+                                   "connection refused", "timed out"))
 
 
 @dataclass
@@ -389,10 +414,11 @@ class BufferedWriter:
         self._next_try = time.monotonic() + self._delay
 
     def _error(self, op: Mapping[str, Any], e: BaseException) -> None:
-        msg = f"{op['op']} {op.get('run') or ''}: {mlflow_error(e)}"
+        msg = f"{describe_write(op, self._resolve(op.get('run')))}: {mlflow_error(e)}"
         self.errors.append(msg)
         if len(self.errors) <= 5:
-            self.out(f"tracking: MLflow refused a write ({msg}); it is dropped")
+            kept = f" (the journal {self.journal} keeps it)" if self.journal is not None else ""
+            self.out(f"tracking: MLflow refused a write, not an outage: {msg}; it is skipped{kept}")
 
     def drain(self, timeout: float) -> bool:
         """Flush until the queue is empty or ``timeout`` seconds have passed (backing off in between)."""
@@ -418,7 +444,7 @@ class BufferedWriter:
                 self._file = None
                 if unsent == 0 and not self.dropped and self.journal is not None:
                     self.journal.unlink(missing_ok=True)
-            if self.errors:
+            if self.errors and not self.replay:  # a replay's caller reports them (scoretune sync)
                 self.out(f"tracking: {len(self.errors)} write(s) refused by MLflow (first: {self.errors[0]})")
             if self.journal is not None:
                 with _LOCK:
@@ -500,6 +526,23 @@ class BufferedWriter:
 _WRITE_KEY = tags.WRITE_KEY
 
 
+def describe_write(op: Mapping[str, Any], run: str | None = None) -> str:
+    """Which write ``op`` is, in a few words: ``write 7 (log_text of '../x.txt' to run abc)``."""
+    a = op.get("args") or {}
+    run = run or op.get("run") or ""
+    what = {"log_text": lambda: f"log_text of {a.get('artifact_file')!r}",
+            "set_tag": lambda: f"set_tag {a.get('key')!r}",
+            "delete_tag": lambda: f"delete_tag {a.get('key')!r}",
+            "set_terminated": lambda: f"set_terminated {a.get('status')}",
+            "create_run": lambda: (f"create_run {a.get('run_name')!r} in experiment "
+                                   f"{a.get('experiment') or a.get('experiment_id')!r}"),
+            "log_batch": lambda: "log_batch of " + ", ".join(
+                f"{len(a.get(k) or [])} {k}" for k in ("metrics", "params", "tags") if a.get(k))}.get(
+        str(op.get("op")), lambda: str(op.get("op")))()
+    where = f" to run {run}" if run and op.get("op") != "create_run" else ""
+    return f"write {op.get('seq', '?')} ({what}{where})"
+
+
 def open_writer(tracking_uri: str | None, journal: str | os.PathLike, **kw: Any) -> BufferedWriter:
     """The process's writer for ``journal`` (made on first use): a Tune callback (pickled, so it cannot
     hold one) and the search driver that built it share the same writer, queue and journal."""
@@ -531,7 +574,13 @@ def read_journal(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str
     if not p.is_file():
         raise JournalError(f"{path}: no such file (scoretune search prints the journal's path when MLflow "
                            "stayed unreachable)")
-    lines = p.read_text(errors="strict").splitlines()
+    try:
+        lines = p.read_text(encoding="utf-8", errors="strict").splitlines()
+    except UnicodeDecodeError as e:
+        raise JournalError(f"{path} is not a scoretune tracking journal (not UTF-8 text: byte {e.object[e.start]:#04x} "
+                           f"at offset {e.start}); pass the tracking-journal.jsonl file a search named") from None
+    except OSError as e:
+        raise JournalError(f"{path} cannot be read ({e.strerror or type(e).__name__})") from None
     if not lines:
         raise JournalError(f"{path} is empty: not a scoretune tracking journal")
     try:
@@ -541,7 +590,11 @@ def read_journal(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str
     if not isinstance(header, dict) or header.get("format") != JOURNAL_FORMAT:
         raise JournalError(f"{path} is not a scoretune tracking journal (its first line has no "
                            f"\"format\": \"{JOURNAL_FORMAT}\")")
-    if int(header.get("version", 0)) > JOURNAL_VERSION:
+    version = header.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise JournalError(f"{path}: the journal version {version!r} on its first line is not a version scoretune "
+                           f"writes (1 to {JOURNAL_VERSION}); the file is corrupt or was edited")
+    if version > JOURNAL_VERSION:
         raise JournalError(f"{path} was written by a newer scoretune (journal version {header['version']}); "
                            "upgrade scoretune to replay it")
     ops: list[dict[str, Any]] = []
@@ -643,8 +696,9 @@ def replay_leftover(journal: str | os.PathLike, tracking_uri: str, out: Callable
         out(f"tracking: the earlier journal {path} cannot be replayed ({e}); it is left as it is")
         return
     if report.unsent or report.errors:
-        out(f"tracking: {report.unsent} write(s) of the earlier attempt did not reach MLflow; they stay in the "
-            f"journal, replay it later with `scoretune sync FILE` (it is moved aside next)")
+        refused = f" and {len(report.errors)} were refused (first: {report.errors[0]})" if report.errors else ""
+        out(f"tracking: {report.unsent} write(s) of the earlier attempt did not reach MLflow{refused}; they stay in "
+            f"the journal, replay it later with `scoretune sync FILE` (it is moved aside next)")
         return
     path.unlink()
     out(f"tracking: replayed the earlier attempt's journal ({report.writes} writes, nothing doubled)")

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..engine import CheckpointError, load_checkpoint, model_from_checkpoint
+from ..engine import CheckpointError, checkpoint_config, load_checkpoint, model_from_checkpoint
 from ..errors import UserError
 from ..models import ModelSizeError
 from . import client as make_client
@@ -125,8 +125,11 @@ def _apply_config(loaded: LoadedModel, cfg: Any) -> None:
 def _load_checkpoint_ref(ref: str, device: torch.device) -> LoadedModel:
     state = load_checkpoint(ref)  # torch.load(weights_only=True): no unpickling of objects
     try:
+        checkpoint_config(state, ref)  # a stored config that does not validate: named field, one line
         net, cfg = model_from_checkpoint(state, device=device)
         spec = json.loads(state["model_spec"])
+    except CheckpointError:
+        raise
     except ModelSizeError as e:
         raise CheckpointError(f"{ref}: {e}") from None
     except Exception as e:  # noqa: BLE001 - a checkpoint of another format / version
