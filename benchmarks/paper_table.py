@@ -281,16 +281,35 @@ def paper_claims(rows, column: str = "AutoAttack", prefix: str = "claim") -> lis
     return out
 
 
-def grouped_rows(tracking_uri: str, name: str):
-    """The search's trials grouped by configuration (method, loss, clip_mode), as ``scoretune report``."""
-    from scoretune.search.report import group_by_config
+BY = ["method", "loss", "clip_mode"]
+
+
+def grouped_rows(tracking_uri: str, name: str, aa_metric: str = "aa_acc"):
+    """The search's trials grouped by configuration (method, loss, clip_mode), as ``scoretune report``;
+    the AutoAttack column reads ``aa_metric`` (the search logs ``aa_acc``; ``scoretune evaluate --attack
+    aa-fast`` logs ``aa_fast_acc`` into a model's run)."""
+    from scoretune.search.report import COLUMNS, group_by_config
     from scoretune.tracking import client
     from scoretune.tracking.runs import find_parent_runs, search_trials
 
     cl = client(tracking_uri)
     parents = find_parent_runs(cl, name)
     trials = search_trials(cl, parents[0]) if parents else []
-    return group_by_config(trials, ["method", "loss", "clip_mode"])
+    return group_by_config(trials, BY, {**COLUMNS, "AutoAttack": (aa_metric,)})
+
+
+def report_only(args: argparse.Namespace, name: str) -> int:
+    """Table and claims of an earlier run's store under ``--out`` (e.g. after AutoAttack was run apart)."""
+    from scoretune.search.report import format_groups
+
+    uri = f"sqlite:///{Path(args.out).absolute()}/mlflow.db"
+    rows = grouped_rows(uri, name, args.aa_metric)
+    print(f"AutoAttack column: {args.aa_metric}\n")
+    print(format_groups(rows, BY))
+    print()
+    for c in paper_claims(rows) + paper_claims(rows, "PGD", "claim_pgd"):
+        print(c.line())
+    return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -308,6 +327,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--aa-n-ex", type=int, default=None, help="AutoAttack examples (default 1000 / 10000)")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default 2 / 1)")
     p.add_argument("--out", default="paper_table_out", help="folder for the space, MLflow store and Ray results")
+    p.add_argument("--report-only", action="store_true",
+                   help="print the table and claims of the run already under --out; run nothing")
+    p.add_argument("--aa-metric", default="aa_acc",
+                   help="the AutoAttack column's metric for --report-only (default aa_acc; aa_fast_acc after "
+                        "`scoretune evaluate --attack aa-fast`)")
     p.add_argument("--dry-run", action="store_true", help="build, validate and print the space; run nothing")
     args = p.parse_args(argv)
     if args.seeds < 1:
@@ -327,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         print(f"valid: {space.name}, {space.total_samples} trials ({len(table_cells())} cells x {proto.seeds} seeds)")
         return 0
+    if args.report_only:
+        return report_only(args, space.name)
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     space_path = out / f"{space.name}.yaml"
