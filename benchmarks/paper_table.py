@@ -45,8 +45,13 @@ cores shared with other work, load average 2-6), the same for every cell:
   25 minutes;
 * AutoAttack standard costs about 1.2 s of one core per test point still robust after APGD-CE (FAB-T and
   Square run on every one of them: 156 s for 129 robust points of a PGD-AT model), i.e. ~10 minutes per model
-  on 1,000 digits and ~90 minutes for 18 models on 2 cores. The design keeps 1,000 (the default); the run in
-  benchmarks/README.md used ``--aa-n-ex 200`` to fit the ~50-minute budget.
+  on 1,000 digits and ~90 minutes for 18 models on 2 idle cores. The design keeps 1,000 (the default); the run
+  in benchmarks/README.md used ``--aa-n-ex 200``, and even so its standard AutoAttack did not finish: on the
+  shared machine (load average 15-20, Ray's workers at nice 15) the first 2 models were still in FAB-T and
+  Square after 21 minutes, so the search was stopped there and AutoAttack *fast* (APGD-CE + APGD-T, the two
+  stages that removed every point in the pilots) ran on the 18 models with ``scoretune evaluate MODEL
+  --attack aa-fast --n-ex 200`` (logged into each trial's run), read back with ``--report-only --aa-metric
+  aa_fast_acc``.
 
 GPU protocol: ``--data cifar10 --model preact_resnet18 --device cuda --epochs 110`` builds the paper's
 CIFAR-10 setting (eps 8/255, 10-step PGD with step 2/255, piecewise lr decay at epochs 100 and 105 of 110,
