@@ -79,7 +79,7 @@ for _p in (ROOT / "platform", ROOT):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from benchmarks._common import machine_info  # noqa: E402
+from benchmarks._common import machine_info
 
 EPOCHS = 10
 """Default MNIST-5k epochs per trial (chosen from the pilots, see the module docstring)."""
