@@ -33,7 +33,8 @@ def test_the_trainer_trains_each_epoch_at_the_ramped_eps_and_evaluates_at_full_e
                         "eval": {"pgd_steps": 1, "test": False, "max_samples": 16},
                         "early_stop": {"probe_fraction": 0.0}})
     seen = []
-    monkeypatch.setattr(engine, "train_epoch", lambda model, loader, objective, attack, *a, **k: seen.append(attack) or {})
+    monkeypatch.setattr(engine, "train_epoch",
+                        lambda model, loader, objective, attack, *a, **k: seen.append(attack) or {})
     trainer = Trainer(cfg)
     for _ in range(3):
         trainer.train_one_epoch()
