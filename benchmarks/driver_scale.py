@@ -618,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
                         "MLflowLoggerCallback) in this process, alternating, and print driver_vs_stock per size")
     p.add_argument("--repeat", type=int, default=1, help="rounds per size (medians; default 1)")
     p.add_argument("--profile", action="store_true",
-                   help="cProfile our driver's runs (each size's set-up included) and print the top 15 by cumulative time")
+                   help="cProfile our driver's runs (each size's set-up included) and print the top 15 by "
+                        "cumulative time")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write all results to OUT")
     args = p.parse_args(argv)
     sizes = [(int(n), int(c)) for c in args.concurrent.split(",") for n in args.trials.split(",")]

@@ -52,4 +52,5 @@ def test_stock_at_a_tiny_size_prints_driver_vs_stock(tmp_path):
     assert line, proc.stdout[-3000:]
     ours, stock, ratio = map(float, line.groups())
     assert ours > 0 and stock > 0 and ratio == pytest.approx(ours / stock, rel=0.01)
-    assert re.search(r"^stock +4 x concurrent +2: +\d+ results, .*errors 0", proc.stdout, re.MULTILINE), proc.stdout[-3000:]
+    stock_row = re.search(r"^stock +4 x concurrent +2: +\d+ results, .*errors 0", proc.stdout, re.MULTILINE)
+    assert stock_row, proc.stdout[-3000:]
