@@ -15,7 +15,14 @@ searcher's ``suggest``; and per ``tell``), the MLflow writes per second and thei
 wall time; then, over the sizes, a fitted exponent of how each total grows with the trial count
 (1.0 = linear). The last line is ``driver_ms_per_result <ms>`` for the largest size run.
 
+With ``--stock`` each size also runs the same stand-in trials through stock Ray Tune in the same process and
+the same Ray: ``OptunaSearch`` (the same space and seeded multivariate TPE sampler, its study in memory, Ray's
+default) behind the same concurrency limit, the same ``ASHAScheduler``, Ray's ``MLflowLoggerCallback`` to a
+fresh SQLite store, Tune's default per-trial loggers on, measured the same way; the two arms alternate
+(``--repeat`` rounds, medians), and per size it prints ``driver_vs_stock <ours_ms> <stock_ms> <ratio>``.
+
     nice -n 10 python benchmarks/driver_scale.py --trials 100,300 --concurrent 32 --json out.json
+    python benchmarks/driver_scale.py --trials 300 --concurrent 32 --stock
 
 The synthetic metrics are seeded (the searcher's points are too), but the order in which concurrent
 trials report is not, so trial outcomes and counts vary a little from run to run.
@@ -24,9 +31,11 @@ trials report is not, so trial outcomes and counts vary a little from run to run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -238,16 +247,15 @@ PARTS = (("Optuna suggest", "optuna.suggest"), ("Optuna report", "optuna.report"
 
 
 def run_size(trials: int, concurrent: int, epochs: int, work: Path, tracking_uri: str | None,
-             study_url: str | None, server: Any = None) -> dict[str, Any]:
-    from ray import tune
-
+             study_url: str | None, server: Any = None, round_no: int = 0) -> dict[str, Any]:
     import scoretune.search.driver as driver
-    from scoretune.search.driver import resolve_floor
+    from ray import tune
     from scoretune.search.callback import start_parent_run
+    from scoretune.search.driver import resolve_floor
     from scoretune.search.study import open_storage, study_storage_url
     from scoretune.tracking.buffer import journal_path, settle
 
-    d = work / f"{trials}x{concurrent}"
+    d = work / f"{trials}x{concurrent}-{round_no}"
     d.mkdir(parents=True)
     uri = tracking_uri or f"sqlite:///{d / 'mlflow.db'}"
     space = space_for(trials, concurrent, epochs, str(d / "ray"), uri)
@@ -300,6 +308,152 @@ def run_size(trials: int, concurrent: int, epochs: int, work: Path, tracking_uri
         "calls": dict(sorted(METER.calls.items())),
         "call_cpu_s": {k: round(v, 4) for k, v in sorted(METER.cpu.items())},
     }
+
+
+# ----------------------------------------------------------------------------- the same size through stock Ray Tune
+
+
+def timed_stock_searcher_class():
+    """Ray's ``OptunaSearch`` with suggest, the per-result report and tell timed and results counted, under
+    the same names as our searcher's (so both arms are read the same way)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    return timed_subclass(OptunaSearch, "optuna.suggest", ("suggest",), {
+        "on_trial_result": _counted_result(OptunaSearch.on_trial_result),
+        "on_trial_complete": _thread_timed("optuna.tell", OptunaSearch.on_trial_complete),
+    })
+
+
+def _counted_result(fn):
+    """``fn`` (a searcher's ``on_trial_result``) counting each result and timing it as ``optuna.report``."""
+    timed = _thread_timed("optuna.report", fn)
+
+    def on_trial_result(self, trial_id, result):
+        METER.results += 1
+        return timed(self, trial_id, result)
+
+    return on_trial_result
+
+
+def build_stock_tuner(space, *, storage: str, tracking_uri: str):
+    """The stand-in trials through stock Ray Tune: ``OptunaSearch`` over our space's distributions with our
+    sampler (seeded multivariate TPE, constant liar) and Ray's default in-memory study, behind the same
+    ``ConcurrencyLimiter``; the same ``ASHAScheduler``; ``MLflowLoggerCallback`` to ``tracking_uri``; the same
+    checkpoint settings. No stoppers, no progress callback: those are ours."""
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+    from scoretune.search.study import build_sampler, optuna_space
+    from scoretune.search.tuner import build_trial_scheduler
+
+    from trainables.tune_trainable import SETTINGS_KEY
+
+    p = space.primary
+    searcher = OptunaSearch(space=optuna_space(space), metric=p.metric, mode=p.mode, sampler=build_sampler(space))
+    run_config = tune.RunConfig(
+        name=space.name, storage_path=storage,
+        callbacks=[MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=space.name)],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints, checkpoint_score_attribute=p.metric,
+                                                checkpoint_score_order=p.mode),
+        failure_config=tune.FailureConfig(max_failures=0), verbose=0,
+    )
+    tune_config = tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent),
+                                  scheduler=build_trial_scheduler(space), num_samples=space.total_samples,
+                                  reuse_actors=True)
+    return tune.Tuner(tune.with_resources(standin_trial, {"cpu": 1}),
+                      param_space={SETTINGS_KEY: {"base": {"epochs": space.base["epochs"]}}},
+                      tune_config=tune_config, run_config=run_config)
+
+
+def instrument_stock_tuner(tuner) -> None:
+    """Time the stock arm's searcher, ASHA and MLflow callback under the names :func:`instrument_tuner` uses."""
+    local = tuner._local_tuner
+    local._tune_config.search_alg.searcher.__class__ = timed_stock_searcher_class()
+    sched = local._tune_config.scheduler
+    sched.__class__ = timed_subclass(type(sched), "asha", ("on_trial_result", "on_trial_add", "on_trial_complete",
+                                                           "choose_trial_to_run"))
+    for cb in local._run_config.callbacks or ():
+        cb.__class__ = timed_subclass(type(cb), "callback.mlflow", _HOOKS)
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    """``os.environ[name] = value`` inside the block, the previous value (or none) after it: scoretune's
+    driver turns Tune's per-trial file loggers off process-wide, stock Tune has them on."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def run_stock(trials: int, concurrent: int, epochs: int, work: Path, round_no: int = 0) -> dict[str, Any]:
+    """One size through stock Ray Tune (:func:`build_stock_tuner`), a fresh SQLite MLflow store; the same
+    measures as :func:`run_size` (driver process CPU during ``Tuner.fit`` per result, suggest and tell CPU)."""
+    import logging
+
+    d = work / f"stock-{trials}x{concurrent}-{round_no}"
+    d.mkdir(parents=True)
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    space = space_for(trials, concurrent, epochs, str(d / "ray"), uri)
+    tuner = build_stock_tuner(space, storage=str(d / "ray"), tracking_uri=uri)
+    instrument_stock_tuner(tuner)
+    METER.reset()
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    with env_set("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0"):
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        results = tuner.fit()
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return summarize("stock", trials, concurrent, epochs, cpu, wall, sum(1 for r in results if r.error))
+
+
+def summarize(arm: str, trials: int, concurrent: int, epochs: int, cpu: float, wall: float,
+              errors: int) -> dict[str, Any]:
+    """The stock arm's row from the meter: driver CPU per result, suggest/tell CPU, MLflow calls, parts."""
+    n = METER.results
+    n_suggest, suggest_cpu = METER.total(["optuna.suggest"])
+    n_tell, tell_cpu = METER.total(["optuna.tell"])
+    writes, write_cpu = METER.total([f"mlflow.{k}" for k in _WRITES])
+    reads, read_cpu = METER.total([f"mlflow.{k}" for k in _READS])
+    parts = {key: METER.cpu.get(key, 0.0) for _, key in PARTS}
+    parts["rest (Tune, Ray)"] = cpu - sum(parts.values())
+    return {
+        "arm": arm, "trials": trials, "concurrent": concurrent, "epochs": epochs, "results": n, "errors": errors,
+        "wall_s": wall, "driver_cpu_s": cpu, "driver_ms_per_result": 1000 * cpu / max(1, n),
+        "optuna_suggest_ms": 1000 * suggest_cpu / max(1, n_suggest), "optuna_tell_ms": 1000 * tell_cpu / max(1, n_tell),
+        "mlflow_writes": writes, "mlflow_calls_per_result": (writes + reads) / max(1, n),
+        "mlflow_ms_per_result": 1000 * (write_cpu + read_cpu) / max(1, n),
+        "part_ms_per_result": {k: round(1000 * v / max(1, n), 3) for k, v in parts.items()},
+        "calls": dict(sorted(METER.calls.items())),
+    }
+
+
+def median_of(rows: list[dict[str, Any]], key: str) -> float:
+    """The median of ``key`` over the repeated runs of one arm and size."""
+    return statistics.median(r[key] for r in rows)
+
+
+def driver_vs_stock_line(ours: list[dict[str, Any]], stock: list[dict[str, Any]]) -> str:
+    """``driver_vs_stock <ours_ms> <stock_ms> <ratio>``: median driver CPU ms per result of each arm and
+    ours / stock (<= 1.0: scoretune's extra features cost the driver nothing per result)."""
+    a, b = median_of(ours, "driver_ms_per_result"), median_of(stock, "driver_ms_per_result")
+    return f"driver_vs_stock {a:.2f} {b:.2f} {a / b:.3f}"
+
+
+def stock_line(r: dict[str, Any]) -> str:
+    """One stock run in the shape of the per-size line of our runs, with its parts."""
+    labels = {key: label for label, key in PARTS}
+    parts = ", ".join(f"{labels.get(k, k)} {v:.2f}" for k, v in r["part_ms_per_result"].items() if v)
+    return (f"stock  {r['trials']:5d} x concurrent {r['concurrent']:3d}: {r['results']:6d} results, "
+            f"driver {r['driver_ms_per_result']:6.2f} ms CPU/result, Optuna {r['optuna_suggest_ms']:6.2f} ms/suggest "
+            f"{r['optuna_tell_ms']:5.2f} ms/tell, MLflow {r['mlflow_calls_per_result']:.2f} calls/result "
+            f"({r['mlflow_ms_per_result']:5.2f} ms CPU/result), wall {r['wall_s']:6.1f} s, errors {r['errors']}\n"
+            f"    ms CPU per result by part: {parts}")
 
 
 # ----------------------------------------------------------------------------- a PostgreSQL-backed server
@@ -390,6 +544,59 @@ GROWTH = (("driver CPU", "driver_cpu_s"), ("Optuna suggest CPU", "optuna_suggest
           ("wall", "wall_s"))
 
 
+def run_ours(args: argparse.Namespace, stack: ServerStack | None, n: int, c: int, work: Path,
+             round_no: int) -> dict[str, Any]:
+    """One size through scoretune's driver (:func:`run_size`), its lines printed; under cProfile (the driver's
+    main thread, where Tune's loop runs) with ``--profile``, whose top 15 by cumulative time it prints."""
+    uri, study = args.tracking_uri, args.study_storage
+    if stack is not None:
+        uri = stack.fresh(f"scale_{n}x{c}").url
+        study = study or stack.study_url()
+    load0 = os.getloadavg()
+    prof = profiled() if args.profile else contextlib.nullcontext()
+    with prof:
+        r = run_size(n, c, args.epochs, work, uri, study, stack, round_no)
+    r["load"] = [load0, os.getloadavg()]
+    srv = (f", server+PostgreSQL {1000 * r['server_cpu_s'] / max(1, r['results']):6.2f} ms CPU/result"
+           if r["server_cpu_s"] is not None else "")
+    print(f"trials {n:5d} x concurrent {c:3d}: {r['results']:6d} results, "
+          f"driver {r['driver_ms_per_result']:6.2f} ms CPU/result, "
+          f"Optuna {r['optuna_suggest_ms']:6.2f} ms/suggest {r['optuna_tell_ms']:5.2f} ms/tell, "
+          f"MLflow {r['mlflow_writes_per_s']:6.1f} writes/s ({r['mlflow_ms_per_result']:5.2f} ms "
+          f"CPU/result){srv}, wall {r['wall_s']:6.1f} s, errors {r['errors']}, "
+          f"load {load0[0]:.1f}->{os.getloadavg()[0]:.1f}", flush=True)
+    print("    ms CPU per result by part: " + ", ".join(
+        f"{label} {r['part_ms_per_result'][key]:.2f}" for label, key in PARTS)
+        + f", rest (Tune, Ray) {r['part_ms_per_result']['rest (Tune, Ray)']:.2f}", flush=True)
+    return r
+
+
+@contextlib.contextmanager
+def profiled(top: int = 15):
+    """cProfile over the block, then its ``top`` functions by cumulative time printed (profiling slows the
+    driver, so a profiled run's CPU figures are not comparable with an unprofiled one's)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        print(f"    cProfile of the driver's main thread, top {top} by cumtime (profiled: slower than measured):")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(top)
+
+
+def print_stock_growth(sizes: list[tuple[int, int]], stock_rows: list[dict[str, Any]]) -> None:
+    """The stock arm's driver CPU growth with the trial count per concurrency (total ~ trials^k)."""
+    for c in sorted({c for _, c in sizes}):
+        sel = [r for r in stock_rows if r["concurrent"] == c]
+        k = growth_exponent([r["trials"] for r in sel], [r["driver_cpu_s"] for r in sel])
+        if k is not None:
+            print(f"stock growth with the trial count at concurrent {c}: driver CPU {k:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -406,6 +613,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--study-storage", default=None, metavar="URL",
                    help="the Optuna study's storage (default: where scoretune search puts it: optuna.db beside a "
                         "SQLite store, PostgreSQL with --server); 'memory' keeps it in memory")
+    p.add_argument("--stock", action="store_true",
+                   help="also run each size through stock Ray Tune (OptunaSearch TPE, ASHAScheduler, "
+                        "MLflowLoggerCallback) in this process, alternating, and print driver_vs_stock per size")
+    p.add_argument("--repeat", type=int, default=1, help="rounds per size (medians; default 1)")
+    p.add_argument("--profile", action="store_true",
+                   help="cProfile our driver's runs (each size's set-up included) and print the top 15 by "
+                        "cumulative time")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write all results to OUT")
     args = p.parse_args(argv)
     sizes = [(int(n), int(c)) for c in args.concurrent.split(",") for n in args.trials.split(",")]
@@ -422,29 +636,26 @@ def main(argv: list[str] | None = None) -> int:
     instrument_mlflow()
     stack = ServerStack(args.server_workers) if args.server else None
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    rows = []
+    rows, stock_rows = [], []
     try:
         with tempfile.TemporaryDirectory(prefix="driver-scale-") as work:
             for n, c in sizes:
-                uri, study = args.tracking_uri, args.study_storage
-                if stack is not None:
-                    uri = stack.fresh(f"scale_{n}x{c}").url
-                    study = study or stack.study_url()
-                load0 = os.getloadavg()
-                r = run_size(n, c, args.epochs, Path(work), uri, study, stack)
-                r["load"] = [load0, os.getloadavg()]
-                rows.append(r)
-                srv = (f", server+PostgreSQL {1000 * r['server_cpu_s'] / max(1, r['results']):6.2f} ms CPU/result"
-                       if r["server_cpu_s"] is not None else "")
-                print(f"trials {n:5d} x concurrent {c:3d}: {r['results']:6d} results, "
-                      f"driver {r['driver_ms_per_result']:6.2f} ms CPU/result, "
-                      f"Optuna {r['optuna_suggest_ms']:6.2f} ms/suggest {r['optuna_tell_ms']:5.2f} ms/tell, "
-                      f"MLflow {r['mlflow_writes_per_s']:6.1f} writes/s ({r['mlflow_ms_per_result']:5.2f} ms "
-                      f"CPU/result){srv}, wall {r['wall_s']:6.1f} s, errors {r['errors']}, "
-                      f"load {load0[0]:.1f}->{os.getloadavg()[0]:.1f}", flush=True)
-                print("    ms CPU per result by part: " + ", ".join(
-                    f"{label} {r['part_ms_per_result'][key]:.2f}" for label, key in PARTS)
-                    + f", rest (Tune, Ray) {r['part_ms_per_result']['rest (Tune, Ray)']:.2f}", flush=True)
+                ours, stock = [], []
+                for k in range(args.repeat):
+                    # alternate which arm goes first, so neither always gets the warmer (or quieter) machine
+                    for arm in (("ours", "stock") if k % 2 == 0 else ("stock", "ours")):
+                        if arm == "stock" and args.stock:
+                            load0 = os.getloadavg()
+                            r = run_stock(n, c, args.epochs, Path(work), k)
+                            r["load"] = [load0, os.getloadavg()]
+                            stock.append(r)
+                            print(stock_line(r) + f", load {load0[0]:.1f}->{os.getloadavg()[0]:.1f}", flush=True)
+                        elif arm == "ours":
+                            ours.append(run_ours(args, stack, n, c, Path(work), k))
+                rows += ours
+                stock_rows += stock
+                if stock:
+                    print(driver_vs_stock_line(ours, stock), flush=True)
     finally:
         ray.shutdown()
         if stack is not None:
@@ -459,9 +670,13 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{label} {g[key]:.2f}" for label, key in GROWTH if g[key] is not None))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"machine": info, "load": os.getloadavg(), "argv": sys.argv[1:],
-                                                   "sizes": rows, "growth": growth}, indent=2))
-    largest = max(rows, key=lambda r: (r["trials"], r["concurrent"]))
-    print(f"driver_ms_per_result {largest['driver_ms_per_result']:.2f}")
+                                                   "sizes": rows, "stock": stock_rows,
+                                                   "growth": growth}, indent=2))
+    if stock_rows:
+        print_stock_growth(sizes, stock_rows)
+    largest = max(sizes)
+    print(f"driver_ms_per_result "
+          f"{median_of([r for r in rows if (r['trials'], r['concurrent']) == largest], 'driver_ms_per_result'):.2f}")
     return 0
 
 
