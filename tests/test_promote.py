@@ -155,3 +155,14 @@ def test_ui_command_without_a_store_says_how_to_get_one(tmp_path, capsys):
 
     assert main(["ui", "--tracking-uri", str(tmp_path / "none.db")]) == 2
     assert "no MLflow store at" in capsys.readouterr().err
+
+
+def test_promote_leaves_no_registry_uri_behind_for_later_clients(store):
+    import os
+
+    import mlflow
+
+    before = os.environ.get("MLFLOW_REGISTRY_URI")
+    promote("s1", tracking_uri=store.uri)
+    assert os.environ.get("MLFLOW_REGISTRY_URI") == before
+    assert mlflow.get_registry_uri() == mlflow.get_tracking_uri()  # unset again: a client of another store uses its own

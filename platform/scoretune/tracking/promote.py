@@ -19,6 +19,8 @@ why it was promoted: the metric and its value, the trial, its best epoch, and th
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,6 +160,28 @@ def version_description(parent: Any, best: Any, *, metric: str, mode: str, value
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def registry_at(uri: str):
+    """MLflow's fluent API (``mlflow.register_model``) pointed at ``uri`` for the block, tracking and registry;
+    afterwards the registry URI is unset again and both environment variables MLflow exports are put back,
+    so a later ``MlflowClient(other_uri)`` in this process uses its own store's registry, not this one."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_registry_uri(None)
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def promote(search: str, *, metric: str | None = None, mode: str = "max", alias: str = "champion",
             model_name: str | None = None, tracking_uri: str | None = None, allow_infeasible: bool = False) -> Promotion:
     """Register the best model of search ``search`` and point ``alias`` at the new version: the confirmed
@@ -184,12 +208,11 @@ def promote(search: str, *, metric: str | None = None, mode: str = "max", alias:
         metric = metric or "val_pgd_acc"
         best, value = pick_best(cl, parent, metric, mode, allow_infeasible)
     name = model_name or f"scoretune-{search}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     source = best.data.tags[tags.MODEL_URI]
-    version = mlflow.register_model(source, name, tags={tags.SEARCH: search,
-                                                        tags.TRIAL: best.data.tags.get(tags.TRIAL, ""),
-                                                        tags.METRIC: f"{metric}={value:.6g}"})
+    with registry_at(uri):
+        version = mlflow.register_model(source, name, tags={tags.SEARCH: search,
+                                                            tags.TRIAL: best.data.tags.get(tags.TRIAL, ""),
+                                                            tags.METRIC: f"{metric}={value:.6g}"})
     cl.set_registered_model_alias(name, alias, version.version)
     cl.update_model_version(name, version.version, description=confirmed_description(parent, confirmed, alias)
                             if confirmed is not None else version_description(
