@@ -97,9 +97,11 @@ class ConfirmedPick:
 
 
 def pick_confirmed(cl: Any, parent: Any) -> ConfirmedPick | None:
-    """The configuration with the best mean AutoAttack accuracy (``aa_acc``) over its confirmation runs
-    that have a logged model (ties: more seeds, then the id), and the run of its median seed (the lower
-    middle one for an even count); None when the search has no confirmation runs with AutoAttack."""
+    """The configuration that won the confirmation (the parent's ``scoretune.confirmed_config``, as the
+    confirmation ranked it; when that tag is missing, the best mean AutoAttack accuracy ``aa_acc``, ties:
+    more seeds, then the id) among those with confirmation runs that have a logged model, and the run of its
+    median seed (the lower middle one for an even count); None when the search has no confirmation runs
+    with AutoAttack."""
     import statistics
 
     groups: dict[str, list[Any]] = {}
@@ -110,7 +112,9 @@ def pick_confirmed(cl: Any, parent: Any) -> ConfirmedPick | None:
     if not groups:
         return None
     mean = {c: statistics.fmean(r.data.metrics["aa_acc"] for r in runs) for c, runs in groups.items()}
-    win = max(groups, key=lambda c: (mean[c], len(groups[c]), c))
+    win = parent.data.tags.get(tags.CONFIRMED)
+    if win not in groups:  # no recorded winner (a confirmation cut short before it logged one)
+        win = max(groups, key=lambda c: (mean[c], len(groups[c]), c))
     runs = sorted(groups[win], key=lambda r: (r.data.metrics["aa_acc"], r.info.run_id))
     std = statistics.stdev(r.data.metrics["aa_acc"] for r in runs) if len(runs) > 1 else 0.0
     return ConfirmedPick(win, mean[win], std, len(runs), runs[(len(runs) - 1) // 2])
