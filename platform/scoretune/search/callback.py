@@ -31,6 +31,7 @@ from .report import (
     best_values,
     better,
     classify_trial,
+    config_id,
     divergence,
     finite,
     point_label,
@@ -263,8 +264,6 @@ class MlflowSearchCallback(Callback):
         """``scoretune.stage`` and ``scoretune.config_id`` of a confirmation run ({} in the search)."""
         if self.stage is None:
             return {}
-        from .report import config_id
-
         return {tags.STAGE: self.stage, tags.CONFIG_ID: config_id(point)}
 
     def _write(self, run_id: str, metrics: Mapping[str, Any] | None = None, step: int = 0,

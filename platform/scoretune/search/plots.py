@@ -124,13 +124,6 @@ def _colour(plt: Any, scores: Mapping[str, float], mode: str):
 TOP_COLOURS = ("crimson", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
 
 
-def _legend_order(label: str) -> tuple[int, str]:
-    """Legend entries ``#1 ...``, ``#2 ...`` in rank order, the others after them."""
-    if label.startswith("#") and label[1:].split(" ", 1)[0].isdigit():
-        return int(label[1:].split(" ", 1)[0]), label
-    return 10**6, label
-
-
 def _style(t: TrialSummary) -> dict[str, Any]:
     if t.status == "diverged":
         return {"ls": ":", "color": "0.55", "lw": 1.0, "alpha": 0.9}
@@ -164,6 +157,8 @@ def draw_learning_curves(plt: Any, summary: SearchSummary, space: SearchSpace, c
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     ax_obj, ax_loss = axes
     order = sorted(summary.trials, key=lambda t: (t.trial_id in top, t.trial_id == best))  # the best drawn last
+    ranked: dict[int, Any] = {}  # rank -> its line on the objective panel: the legend lists #1, #2, ... in order
+    others: list[Any] = []
     for t in order:
         st = _style(t)
         if t.status == "completed" or t.trial_id in top:
@@ -172,24 +167,24 @@ def draw_learning_curves(plt: Any, summary: SearchSummary, space: SearchSpace, c
             st = {**st, "color": TOP_COLOURS[top.index(t.trial_id) % len(TOP_COLOURS)]}
         if t.trial_id == best:
             st = {**st, "lw": 2.8, "ls": "-", "zorder": 5}
-        label = None
-        if t.trial_id in top:
-            rank = top.index(t.trial_id) + 1
-            label = f"#{rank} {t.trial_id}  {scores[t.trial_id]:.3f} (ep {t.best_epoch})"
+        rank = top.index(t.trial_id) + 1 if t.trial_id in top else None
+        label = f"#{rank} {t.trial_id}  {scores[t.trial_id]:.3f} (ep {t.best_epoch})" if rank else None
         for ax, data in ((ax_obj, curves.objective), (ax_loss, curves.loss)):
             xs, ys = data.get(t.trial_id, ([], []))
             if xs:
-                ax.plot(xs, ys, marker="." if len(xs) < 30 else None, ms=4, label=label if ax is ax_obj else None, **st)
+                (line,) = ax.plot(xs, ys, marker="." if len(xs) < 30 else None, ms=4,
+                                  label=label if ax is ax_obj else None, **st)
+                if ax is ax_obj and rank:
+                    ranked[rank] = line
         if t.trial_id == best and t.best_epoch is not None:
-            ax_obj.plot([t.best_epoch], [scores[t.trial_id]], marker="*", ms=16, color="crimson", zorder=6,
-                        ls="none", label=f"best epoch of {t.trial_id}")
+            others += ax_obj.plot([t.best_epoch], [scores[t.trial_id]], marker="*", ms=16, color="crimson", zorder=6,
+                                  ls="none", label=f"best epoch of {t.trial_id}")
     from matplotlib.lines import Line2D
 
     extra = [Line2D([], [], color="0.6", ls="--", label="stopped early (ASHA / floor / plateau)")]
     if any(t.status == "diverged" for t in summary.trials):
         extra.append(Line2D([], [], color="0.55", ls=":", label="diverged"))
-    handles, labels = ax_obj.get_legend_handles_labels()
-    handles = [h for _, h in sorted(zip(labels, handles), key=lambda lh: _legend_order(lh[0]))]  # #1, #2, ... first
+    handles = [ranked[r] for r in sorted(ranked)] + others
     ax_obj.legend(handles=handles + extra, fontsize=7.5, loc="lower right", title=f"top {len(top)} by {primary.metric}",
                   title_fontsize=8)
     ax_obj.set(xlabel="epoch", ylabel=primary.metric, title=f"{primary.metric} per epoch ({len(summary.trials)} trials)")
