@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def qt():
-    spec = importlib.util.spec_from_file_location("quickstart_time", ROOT / "benchmarks" / "quickstart_time.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quickstart_time")
 
 
 def test_the_split_reads_the_stamped_autoattack_lines_of_the_search(qt):
