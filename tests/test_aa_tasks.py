@@ -80,7 +80,7 @@ def test_a_failing_autoattack_task_tags_its_run_and_the_others_are_logged(ray_lo
 
 def test_task_progress_reports_each_model_as_it_finishes_and_a_heartbeat_meanwhile():
     """:func:`gather` in completion order, with a line per finished task and one per silent ``heartbeat_s``."""
-    from scoretune.search.task_progress import TaskProgress, gather
+    from scoretune.drivers.task_progress import TaskProgress, gather
 
     finish_order = [[], ["b"], [], ["a"], ["c"]]  # what each wait() returns: nothing (a heartbeat) or one ref
 

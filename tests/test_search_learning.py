@@ -158,15 +158,8 @@ def test_importance_ranks_the_one_parameter_that_decides_the_objective_first(cra
 
 def test_infeasible_trials_are_marked_in_mlflow_and_the_summary_and_promote_refuses_them(store):
     from scoretune.errors import UserError
-    from scoretune.search.report import (
-        SearchSummary,
-        TrialSummary,
-        feasible_first,
-        format_report,
-        format_table,
-        front_of,
-        mark_feasibility,
-    )
+    from scoretune.search.report import SearchSummary, TrialSummary, format_report, format_table, front_of
+    from scoretune.search.study import feasible_first, mark_feasibility
     from scoretune.tracking import client, tags
     from scoretune.tracking.promote import pick_best
 
@@ -185,7 +178,7 @@ def test_infeasible_trials_are_marked_in_mlflow_and_the_summary_and_promote_refu
         trials.append(TrialSummary(trial_id=f"t{i}", run_id=run.info.run_id, status="completed", point={"beta": 1.0 + i},
                                    epochs=2, best={"best_val_pgd_acc": pgd, "best_train_loss": loss, "best_epoch": 2.0}))
     lines = []
-    assert mark_feasibility(cl, trials, space, lines.append) == 1
+    assert mark_feasibility(cl, trials, space.constraints, lines.append) == 1
     assert lines == ["constraints (val_clean_acc >= 0.5): 3 of 4 trials feasible; the best trial and the Pareto front "
                      "are chosen among them"]
     assert [t.feasible for t in trials] == [False, True, True, True]

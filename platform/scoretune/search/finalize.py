@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ..drivers.task_progress import TaskProgress, gather
 from ..engine import ENGINE_METRICS
 from ..tracking import client as mlflow_client
 from ..tracking import tags
@@ -36,21 +37,19 @@ from .report import (
     aa_reranks,
     aa_se,
     aa_setting,
-    feasible_first,
     finite,
     format_aa,
     format_groups,
     format_table,
     front_of,
     group_by_config,
-    mark_feasibility,
     point_label,
     rank_trials,
     summary_trials,
     table_rows,
 )
 from .space import AutoAttackSpec, ResourcesSpec, SearchSpace
-from .task_progress import TaskProgress, gather
+from .study import feasible_first, mark_feasibility
 from .tuner import trial_id_of
 
 
@@ -61,7 +60,7 @@ def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri
     cl = mlflow_client(tracking_uri)
     parent = cl.get_run(parent_run_id)
     trials, result_of = settle_trials(cl, space, results, parent, superseded_by=superseded_by, out=out)
-    mark_feasibility(cl, trials, space, out)  # constraints (a no-op without them)
+    mark_feasibility(cl, trials, space.constraints, out)  # constraints (a no-op without them)
     trials = feasible_first(rank_trials(trials, space.objective))
     log_ranks(cl, trials)
     pareto = front_of(trials, space.objective) if space.multi_objective else []

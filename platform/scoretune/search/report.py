@@ -6,14 +6,14 @@
   chance accuracy or with an exploding loss is ``diverged`` whatever stopped it (:func:`divergence`);
   :func:`status_label` is the short form the run name starts with (``[asha@3]``, ``[floor@7]``).
 * The summary: :class:`TrialSummary` rows, the :class:`SearchSummary`, the results table and report.
-* Constraints after the search: which trials are feasible.
+* Paper-style tables: trials grouped by configuration (seeds pooled), mean +- std (n).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ..stopping import Stop
 from ..tracking import finite, tags
@@ -483,46 +483,3 @@ def summary_trials(summary: SearchSummary) -> list[dict[str, Any]]:
     """The finished search's trials as :func:`group_by_config` takes them (failed ones left out)."""
     return [{"point": t.point, "run": t.run_id, "metrics": {**t.best, "aa_acc": t.aa_acc}}
             for t in summary.trials if t.status != "failed"]
-
-
-# ----------------------------------------------------------------------------- constraints after the search
-def metric_at(cl: Any, run_id: str, metric: str, epoch: float | None) -> float | None:
-    """``metric`` of a run at step ``epoch`` (None: not logged there)."""
-    hist = cl.get_metric_history(run_id, metric)
-    if epoch is not None:
-        at = [m for m in hist if int(m.step) == int(epoch)]
-        if at:
-            return float(at[-1].value)
-    return None
-
-
-def check(constraints: Sequence[Any], values: dict[str, float | None]) -> tuple[bool, str]:
-    """(feasible, why): every constraint's violation <= 0."""
-    bad = [f"{c.metric} {'-' if values.get(c.metric) is None else f'{values[c.metric]:.4g}'} (needs {c.describe()})"
-           for c in constraints if c.violation(values.get(c.metric)) > 0]
-    return (not bad), "; ".join(bad)
-
-
-def mark_feasibility(cl: Any, trials: Sequence[Any], space: Any, out: Callable[[str], None] = print) -> int:
-    """Set ``t.feasible`` and the runs' ``scoretune.feasible`` tags; returns the number of infeasible trials."""
-    if not space.constraints:
-        return 0
-    n_bad = 0
-    for t in trials:
-        if t.status == "failed" or t.run_id is None:
-            continue
-        epoch = t.best.get("best_epoch")
-        values = {c.metric: metric_at(cl, t.run_id, c.metric, epoch) for c in space.constraints}
-        ok, why = check(space.constraints, values)
-        t.feasible = ok
-        n_bad += not ok
-        cl.set_tag(t.run_id, tags.FEASIBLE, "true" if ok else f"false: {why}"[:5000])
-    rated = sum(t.feasible is not None for t in trials)
-    out(f"constraints ({'; '.join(c.describe() for c in space.constraints)}): {rated - n_bad} of {rated} trials "
-        f"feasible" + ("; the best trial and the Pareto front are chosen among them" if n_bad else ""))
-    return n_bad
-
-
-def feasible_first(trials: list[Any]) -> list[Any]:
-    """Stable reorder: feasible (or unconstrained) trials before infeasible ones."""
-    return [t for t in trials if t.feasible is not False] + [t for t in trials if t.feasible is False]

@@ -20,6 +20,8 @@ Where it lives: an RDB storage, one study per search name.
 The study is named after the search (``--name``), so ``--resume`` (Ray restores the pickled searcher,
 whose study points at the same URL) and the dashboard find it; a fresh search refuses a study of its
 name that is already there (delete it or pick another name).
+
+After the search, :func:`mark_feasibility` rates each trial against the constraints at its best epoch.
 """
 
 from __future__ import annotations
@@ -315,7 +317,7 @@ def collect(cl: Any, space: SearchSpace, source: str, *, max_trials: int | None 
         constraints = None
         if space.constraints:
             best_epoch = run.data.metrics.get("best_epoch")
-            metrics = {c.metric: _metric_at(cl, run, c.metric, best_epoch) for c in space.constraints}
+            metrics = {c.metric: _metric_or_last(cl, run, c.metric, best_epoch) for c in space.constraints}
             user[CONSTRAINT_ATTR] = metrics
             constraints = constraint_values(space.constraints, metrics)
         kw = {"values": values} if space.multi_objective else {"value": values[0]}
@@ -331,13 +333,11 @@ def find_parent_runs_any(cl: Any) -> list[Any]:
     return all_parent_runs(cl)
 
 
-def _metric_at(cl: Any, run: Any, metric: str, epoch: float | None) -> float | None:
+def _metric_or_last(cl: Any, run: Any, metric: str, epoch: float | None) -> float | None:
     """``metric`` of ``run`` at step ``epoch`` (the trial's best epoch), else its last value."""
-    if epoch is not None:
-        for m in cl.get_metric_history(run.info.run_id, metric):
-            if int(m.step) == int(epoch):
-                return float(m.value)
-    v = run.data.metrics.get(metric)
+    v = metric_at(cl, run.info.run_id, metric, epoch)
+    if v is None:
+        v = run.data.metrics.get(metric)
     return float(v) if v is not None else None
 
 
@@ -400,3 +400,47 @@ def build_sampler(space: SearchSpace):
 def optuna_space(space: SearchSpace) -> dict[str, Any]:
     """Searched name -> Optuna distribution."""
     return {n: p.optuna_distribution() for n, p in space.params.items()}
+
+
+# ----------------------------------------------------------------------------- constraints after the search
+def metric_at(cl: Any, run_id: str, metric: str, epoch: float | None) -> float | None:
+    """``metric`` of a run at step ``epoch`` (None: not logged there)."""
+    hist = cl.get_metric_history(run_id, metric)
+    if epoch is not None:
+        at = [m for m in hist if int(m.step) == int(epoch)]
+        if at:
+            return float(at[-1].value)
+    return None
+
+
+def check(constraints: Sequence[Any], values: dict[str, float | None]) -> tuple[bool, str]:
+    """(feasible, why): every constraint's violation <= 0."""
+    bad = [f"{c.metric} {'-' if values.get(c.metric) is None else f'{values[c.metric]:.4g}'} (needs {c.describe()})"
+           for c in constraints if c.violation(values.get(c.metric)) > 0]
+    return (not bad), "; ".join(bad)
+
+
+def mark_feasibility(cl: Any, trials: Sequence[Any], constraints: Sequence[Any],
+                     out: Callable[[str], None] = print) -> int:
+    """Set ``t.feasible`` and the runs' ``scoretune.feasible`` tags; returns the number of infeasible trials."""
+    if not constraints:
+        return 0
+    n_bad = 0
+    for t in trials:
+        if t.status == "failed" or t.run_id is None:
+            continue
+        epoch = t.best.get("best_epoch")
+        values = {c.metric: metric_at(cl, t.run_id, c.metric, epoch) for c in constraints}
+        ok, why = check(constraints, values)
+        t.feasible = ok
+        n_bad += not ok
+        cl.set_tag(t.run_id, tags.FEASIBLE, "true" if ok else f"false: {why}"[:5000])
+    rated = sum(t.feasible is not None for t in trials)
+    out(f"constraints ({'; '.join(c.describe() for c in constraints)}): {rated - n_bad} of {rated} trials "
+        f"feasible" + ("; the best trial and the Pareto front are chosen among them" if n_bad else ""))
+    return n_bad
+
+
+def feasible_first(trials: list[Any]) -> list[Any]:
+    """Stable reorder: feasible (or unconstrained) trials before infeasible ones."""
+    return [t for t in trials if t.feasible is not False] + [t for t in trials if t.feasible is False]
