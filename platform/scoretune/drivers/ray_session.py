@@ -77,7 +77,10 @@ def private_auth_token(env: dict[str, str] | None = None) -> Path | None:
     path = Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another scoretune process created it first: use theirs
+            return path
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
     elif path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
