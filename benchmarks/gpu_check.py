@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     if "tests" not in skip:
         xml = out / "cuda_tests.xml"
-        r = run_step("tests", [py, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider", "-n", "0",
+        r = run_step("tests", [py, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py", "-p", "no:cacheprovider",
+                               "-n", "0",
                                f"--junitxml={xml}"], prof["limits"]["tests"], out, env)
         r["counts"] = pytest_counts(xml)
         r["ok"] = r["rc"] == 0 and r["counts"].get("tests", 0) > 0
