@@ -199,6 +199,28 @@ def test_a_ranked_search_sorts_its_runs_table_by_the_logged_rank():
     assert st["orderByKey"] == "metrics.`rank`" and st["orderByAsc"] is True
 
 
+def test_the_chart_view_starts_with_the_parallel_coordinates_of_every_searched_param_then_the_curves():
+    from scoretune.tracking.ui_links import view_state
+
+    parent = SimpleNamespace(info=SimpleNamespace(run_id="P1"), data=SimpleNamespace(params={"search.objective": "val_pgd_acc:max"}))
+    params = {"beta": "3", "lr": "0.1", "loss": "se", "clip": "0", "eps": "0.2"}
+    child = SimpleNamespace(data=SimpleNamespace(params=params, metrics={"val_pgd_acc": 0.4, "train_loss": 1.0, "epoch": 2.0}))
+    st = view_state(parent, [child])
+    first, *curves = st["compareRunCharts"]
+    assert first["type"] == "PARALLEL" and first["selectedParams"] == ["beta", "lr", "loss", "clip"]
+    assert first["selectedMetrics"] == ["best_val_pgd_acc"]
+    assert [c["metricKey"] for c in curves] == ["val_pgd_acc", "train_loss"]  # the curves the trials logged
+    assert [s["isReordered"] for s in st["compareRunSections"]] == [True]  # MLflow appends the rest after them
+
+
+def test_the_compare_view_is_the_top_k_runs_of_the_search():
+    from scoretune.tracking.ui_links import view_state
+
+    parent = SimpleNamespace(info=SimpleNamespace(run_id="P1"), data=SimpleNamespace(params={"search.objective": "val_pgd_acc:max"}))
+    st = view_state(parent, [], runs=["a1", "b2"])
+    assert st["searchFilter"] == "tags.`mlflow.parentRunId` = 'P1' and attributes.run_id IN ('a1', 'b2')"
+
+
 def test_a_logged_model_carries_its_objectives_first_and_not_the_whole_epoch_row(space):
     from scoretune.search.finalize import model_metrics
 
