@@ -140,6 +140,16 @@ def test_parent_description_is_a_markdown_table_with_links_reasons_and_the_aa_li
     assert "`scoretune promote --search rep --metric aa_acc`" in md
 
 
+def test_tied_trials_keep_their_mark_on_the_description_links(summary, space):
+    from scoretune.search.finalize import parent_description
+    from scoretune.search.report import rank_trials
+
+    summary.trials[1].best = dict(summary.trials[0].best)  # bbbb2222 ties aaaa1111, at the same best epoch
+    summary.trials = rank_trials(summary.trials, space.objective)
+    md = parent_description(summary, space)
+    assert "| [aaaa1111=](#/experiments/7/runs/runaaaa1111" in md and "| [bbbb2222=](" in md
+
+
 # -- plots
 def test_plots_exist_with_labelled_axes_and_the_floor_on_the_clipped_loss_panel(summary, space, tmp_path):
     from scoretune.search.plots import Curves, draw_plots

@@ -354,8 +354,9 @@ def parent_description(summary: SearchSummary, space: SearchSpace, ui_base: str 
     ``promote --metric aa_acc`` command."""
     p = space.primary
     eid = summary.experiment_id
-    link = lambda t: (f"[{t.trial_id}]({ui_base}#/experiments/{eid}/runs/{t.run_id}?workflowType=machine_learning)"
-                      if t.run_id else t.trial_id)  # the training view: MLflow 3 opens in GenAI mode otherwise
+    link = lambda t, text=None: (  # the training view: MLflow 3 opens in GenAI mode otherwise
+        f"[{text or t.trial_id}]({ui_base}#/experiments/{eid}/runs/{t.run_id}?workflowType=machine_learning)"
+        if t.run_id else text or t.trial_id)
     lines = [f"### Search `{summary.name}`: {len(summary.trials)} trials, ranked by {p.metric} ({p.mode}); ties "
              "(marked =) by the earlier best epoch, then the trial id", ""]
     best = summary.best
@@ -375,7 +376,7 @@ def parent_description(summary: SearchSummary, space: SearchSpace, ui_base: str 
     lines.append("|" + "---|" * len(head))
     for r in rows:
         t = by_id.get(r[0].rstrip("*!="))
-        cells = [link(t) if t else r[0]] + [_md_cell(c) for c in r[1:-1]] + [f"`{r[-1][:8]}`" if r[-1] != "-" else "-"]
+        cells = [link(t, r[0]) if t else r[0]] + [_md_cell(c) for c in r[1:-1]] + [f"`{r[-1][:8]}`" if r[-1] != "-" else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     counts = summary.counts()
