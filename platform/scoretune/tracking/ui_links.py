@@ -21,7 +21,11 @@ page's parallel-coordinates plot starts from the first metric the runs share (``
 three differing params in alphabetical order, held in the component's state only (no query parameter
 or stored state sets them). The Chart view's parallel-coordinates chart takes its params and metrics
 from the shared view state. The logged-models page sorts by creation time, newest first, in the
-page's state only: finalize logs the top-k's models worst first, so the best is on top.
+page's state only: finalize logs the top-k's models worst first, so the best is on top. The registry's
+list page (``#/models``) rewrites its own query, so it falls back to the browser's last view (GenAI at
+first), and greets a first visit with a "new Model Registry UI" dialog that only the browser's local
+storage dismisses; a registered model's own page (``#/models/NAME``) keeps the query and has no dialog,
+so the link goes there once ``promote`` has registered a version of the search.
 
 No Ray import; the command (``scoretune ui``) prints the links.
 """
@@ -32,6 +36,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Sequence
+from urllib.parse import quote
 
 from . import tags
 from .runs import tag_filter
@@ -53,7 +58,8 @@ class SearchLinks:
     runs: str               # the runs table of the search's trials
     parent: str             # the parent run (its description: the summary table)
     compare: str | None     # the Chart view of the top-k trials (parallel coordinates, then curves)
-    models: str             # the Model Registry
+    models: str             # the registered model that ``promote`` filled (its versions and alias), else the registry
+    promoted: str | None    # that registered model's name (None: not promoted yet)
     logged_models: str      # the experiment's logged models (trial-<id>, with their metrics)
     top: list[str]          # run ids of the top-k, best first
 
@@ -178,6 +184,14 @@ def publish_view(cl: Any, experiment_id: str, state: dict[str, Any]) -> str:
     return key
 
 
+def registered_model_of(cl: Any, search: str) -> str | None:
+    """The registered model holding the newest version that ``promote`` registered for ``search`` (its
+    versions carry the tag ``scoretune.search_name``); None before any promote."""
+    versions = [v for v in cl.search_model_versions(tag_filter({tags.SEARCH: search}))
+                if v.tags.get(tags.SEARCH) == search]
+    return max(versions, key=lambda v: int(v.creation_timestamp or 0)).name if versions else None
+
+
 def search_links(cl: Any, base_url: str, *, search: str | None = None, top_k: int = 3) -> SearchLinks | None:
     """The links of search ``search`` (default: the newest search in the store); None when the store
     has no search. Publishes the runs table's view state on the experiment (idempotent)."""
@@ -203,10 +217,14 @@ def search_links(cl: Any, base_url: str, *, search: str | None = None, top_k: in
     if len(top) >= 2:
         ckey = publish_view(cl, eid, view_state(parent, children, runs=top))
         compare = f"{base}/#/experiments/{eid}/runs?viewStateShareKey={ckey}&compareRunsMode=CHART&{ml}"
+    name = parent.data.tags.get(tags.SEARCH, parent.info.run_name)
+    promoted = registered_model_of(cl, name)
+    # the registry's list page rewrites its query (the view falls back to GenAI) and greets with a pop-up;
+    # a registered model's own page keeps the query and has no pop-up
+    models = f"{base}/#/models/{quote(promoted, safe='')}?{ml}" if promoted else f"{base}/#/models?{ml}"
     return SearchLinks(
-        search=parent.data.tags.get(tags.SEARCH, parent.info.run_name), experiment_id=eid,
-        parent_run_id=parent.info.run_id,
+        search=name, experiment_id=eid, parent_run_id=parent.info.run_id,
         runs=f"{base}/#/experiments/{eid}/runs?viewStateShareKey={key}&{ml}",
         parent=f"{base}/#/experiments/{eid}/runs/{parent.info.run_id}?{ml}",
-        compare=compare, models=f"{base}/#/models?{ml}", logged_models=f"{base}/#/experiments/{eid}/models?{ml}",
+        compare=compare, models=models, promoted=promoted, logged_models=f"{base}/#/experiments/{eid}/models?{ml}",
         top=top)
