@@ -290,8 +290,9 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
 
 def model_metrics(row: Mapping[str, Any], space: SearchSpace) -> dict[str, float]:
     """The checkpoint epoch's numbers that its logged model carries, as ``model_<metric>``: the objectives
-    first (the first columns of MLflow's logged-models table), then the validation accuracies. Each is a
-    run metric too, so the rest of the row stays on the run's per-epoch curves only."""
+    first, then the validation accuracies (the logged-models table's columns, after ``rank``, which MLflow
+    links to a model from the run's step-0 metrics). Each is a run metric too, so the rest of the row
+    stays on the run's per-epoch curves only."""
     keys = dict.fromkeys([o.metric for o in space.objective] + list(MODEL_METRICS))
     return {f"model_{k}": float(row[k]) for k in keys if k in row}
 
