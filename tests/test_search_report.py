@@ -140,6 +140,16 @@ def test_parent_description_is_a_markdown_table_with_links_reasons_and_the_aa_li
     assert "`scoretune promote --search rep --metric aa_acc`" in md
 
 
+def test_tied_trials_keep_their_mark_on_the_description_links(summary, space):
+    from scoretune.search.finalize import parent_description
+    from scoretune.search.report import rank_trials
+
+    summary.trials[1].best = dict(summary.trials[0].best)  # bbbb2222 ties aaaa1111, at the same best epoch
+    summary.trials = rank_trials(summary.trials, space.objective)
+    md = parent_description(summary, space)
+    assert "| [aaaa1111=](#/experiments/7/runs/runaaaa1111" in md and "| [bbbb2222=](" in md
+
+
 # -- plots
 def test_plots_exist_with_labelled_axes_and_the_floor_on_the_clipped_loss_panel(summary, space, tmp_path):
     from scoretune.search.plots import Curves, draw_plots
@@ -197,6 +207,35 @@ def test_a_ranked_search_sorts_its_runs_table_by_the_logged_rank():
     child = SimpleNamespace(data=SimpleNamespace(params={"beta": "3"}, metrics={"rank": 1.0}))
     st = view_state(parent, [child])
     assert st["orderByKey"] == "metrics.`rank`" and st["orderByAsc"] is True
+
+
+def test_the_chart_view_starts_with_the_parallel_coordinates_of_every_searched_param_then_the_curves():
+    from scoretune.tracking.ui_links import view_state
+
+    parent = SimpleNamespace(info=SimpleNamespace(run_id="P1"), data=SimpleNamespace(params={"search.objective": "val_pgd_acc:max"}))
+    params = {"beta": "3", "lr": "0.1", "loss": "se", "clip": "0", "eps": "0.2"}
+    child = SimpleNamespace(data=SimpleNamespace(params=params, metrics={"val_pgd_acc": 0.4, "train_loss": 1.0, "epoch": 2.0}))
+    st = view_state(parent, [child])
+    first, *curves = st["compareRunCharts"]
+    assert first["type"] == "PARALLEL" and first["selectedParams"] == ["beta", "lr", "loss", "clip"]
+    assert first["selectedMetrics"] == ["best_val_pgd_acc"]
+    assert [c["metricKey"] for c in curves] == ["val_pgd_acc", "train_loss"]  # the curves the trials logged
+    assert [s["isReordered"] for s in st["compareRunSections"]] == [True]  # MLflow appends the rest after them
+
+
+def test_the_compare_view_is_the_top_k_runs_of_the_search():
+    from scoretune.tracking.ui_links import view_state
+
+    parent = SimpleNamespace(info=SimpleNamespace(run_id="P1"), data=SimpleNamespace(params={"search.objective": "val_pgd_acc:max"}))
+    st = view_state(parent, [], runs=["a1", "b2"])
+    assert st["searchFilter"] == "tags.`mlflow.parentRunId` = 'P1' and attributes.run_id IN ('a1', 'b2')"
+
+
+def test_a_logged_model_carries_its_objectives_first_and_not_the_whole_epoch_row(space):
+    from scoretune.search.finalize import model_metrics
+
+    row = {"epoch": 3.0, "lr": 0.1, "train_loss": 1.2, "val_clean_acc": 0.8, "val_pgd_acc": 0.5, "epoch_time": 2.0}
+    assert list(model_metrics(row, space).items()) == [("model_val_pgd_acc", 0.5), ("model_val_clean_acc", 0.8)]
 
 
 # -- one ranking rule: value, then the earlier best epoch, then the trial id

@@ -4,7 +4,8 @@ It prints (``--open``: opens) a link into the model-training view of the newest 
 ``--search NAME``): its trials' runs table sorted by the best objective, with the searched params,
 the best-epoch metrics and the stop reasons as columns (the run names start with the status:
 ``[asha@3]``, ``[floor@7]``, ``[diverged]``); the parent run, whose description is the summary
-table; a compare page of the top-k trials; the Model Registry. See :mod:`scoretune.tracking.ui_links`.
+table; the Chart view of the top-k trials; the logged models; the registered model of the search
+(once promoted), else the Model Registry. See :mod:`scoretune.tracking.ui_links`.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def print_links(links: SearchLinks | None, base_url: str) -> str | None:
     if links.compare:
         print(f"  compare the top {len(links.top)}:     {links.compare}")
     print(f"  logged models:         {links.logged_models}")
-    print(f"  registered models:     {links.models}")
+    if links.promoted:
+        print(f"  registered model:      {links.models}")
+    else:
+        print(f"  registered models:     {links.models}")  # none of this search yet (scoretune promote)
     return links.runs
 
 

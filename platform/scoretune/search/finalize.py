@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..drivers.task_progress import TaskProgress, gather
-from ..engine import ENGINE_METRICS
 from ..tracking import client as mlflow_client
 from ..tracking import tags
 from ..tracking.runs import SEARCH_STAGE, child_runs
@@ -51,6 +50,8 @@ from .report import (
 from .space import AutoAttackSpec, ResourcesSpec, SearchSpace
 from .study import feasible_first, mark_feasibility
 from .tuner import trial_id_of
+
+MODEL_METRICS = ("val_pgd_acc", "val_clean_acc")  # a logged model's numbers besides its objectives and aa_acc
 
 
 def finalize_search(space: SearchSpace, results: Any, *, name: str, tracking_uri: str, parent_run_id: str,
@@ -148,12 +149,12 @@ def log_ranks(cl: Any, trials: list[TrialSummary]) -> None:
 
 def log_and_attack(cl: Any, tracking_uri: str, chosen: list[TrialSummary], result_of: Mapping[str, Any],
                    space: SearchSpace, out: Callable[[str], None] = print) -> None:
-    """Log the best checkpoint of each ``chosen`` trial as an MLflow model (:func:`log_trial_model`) and
-    AutoAttack them (``space.autoattack``) side by side as Ray tasks; a model logged by an earlier
-    run of this that MLflow cut short gets only the AutoAttack it still owes. Sets ``model_uri``,
-    ``aa_acc`` and ``aa_se`` on the rows."""
+    """Log the best checkpoint of each ``chosen`` trial (best first) as an MLflow model
+    (:func:`log_trial_model`), the best one last so that it is the newest, and AutoAttack them
+    (``space.autoattack``) side by side as Ray tasks; a model logged by an earlier run of this that MLflow
+    cut short gets only the AutoAttack it still owes. Sets ``model_uri``, ``aa_acc`` and ``aa_se`` on the rows."""
     aa_jobs: list[AutoAttackJob] = []
-    for t in chosen:
+    for t in reversed(chosen):  # the best model last: MLflow's logged-models page lists the newest first
         if t.run_id is None:
             continue
         if t.model_uri:  # logged by an earlier finalize; one that MLflow cut short may still owe its AutoAttack
@@ -168,6 +169,7 @@ def log_and_attack(cl: Any, tracking_uri: str, chosen: list[TrialSummary], resul
             out(f"logged model of trial {t.trial_id} as trial-{t.trial_id}: {t.model_uri}")
         except Exception as e:  # a missing checkpoint must not lose the rest of the summary
             out(f"could not log the model of trial {t.trial_id}: {type(e).__name__}: {e}")
+    aa_jobs.reverse()  # attacked and reported best first
     if not aa_jobs:
         return
     ends = {j.run_id: _keep_end(cl, j.run_id) for j in aa_jobs}
@@ -253,7 +255,7 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
                     aa_jobs: list[AutoAttackJob] | None = None) -> str:
     """Load the trial's best checkpoint (state.pt), log its network as an MLflow PyTorch model into the
     trial's child run as ``trial-<id>``, tag the run with the model URI/epoch and log the checkpoint
-    epoch's metrics as ``model_<metric>``, attached to the logged model too (the Models tab ranks them).
+    epoch's :func:`model_metrics`, attached to the logged model too (the Models tab ranks them).
     The run keeps its status and end time. AutoAttack (unless ``version: none``): appended to ``aa_jobs`` when given (for
     :func:`run_autoattack_jobs`), else run here."""
     from trainables.ray_checkpoint import load_state
@@ -273,8 +275,7 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
     row = next((r for r in state.get("history", []) if int(r.get("epoch", 0)) == epoch), {})
     cl.set_tag(t.run_id, tags.MODEL_URI, uri)
     cl.set_tag(t.run_id, tags.MODEL_EPOCH, str(epoch))
-    log_metrics(cl, t.run_id, {f"model_{k}": v for k, v in row.items() if k in ENGINE_METRICS}, step=epoch,
-                model_id=model_id_of(uri))
+    log_metrics(cl, t.run_id, model_metrics(row, space), step=epoch, model_id=model_id_of(uri))
     if space.autoattack.version != "none" and aa_jobs is not None:
         aa_jobs.append(AutoAttackJob(trial_id=t.trial_id, run_id=t.run_id, checkpoint=ckpt, epoch=epoch,
                                      model_id=model_id_of(uri)))
@@ -285,6 +286,15 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
             cl.set_tag(t.run_id, tags.AUTOATTACK_ERROR, f"{type(e).__name__}: {str(e)[:300]}")
     restore()
     return uri
+
+
+def model_metrics(row: Mapping[str, Any], space: SearchSpace) -> dict[str, float]:
+    """The checkpoint epoch's numbers that its logged model carries, as ``model_<metric>``: the objectives
+    first, then the validation accuracies (the logged-models table's columns, after ``rank``, which MLflow
+    links to a model from the run's step-0 metrics). Each is a run metric too, so the rest of the row
+    stays on the run's per-epoch curves only."""
+    keys = dict.fromkeys([o.metric for o in space.objective] + list(MODEL_METRICS))
+    return {f"model_{k}": float(row[k]) for k in keys if k in row}
 
 
 def owed_autoattack(cl: Any, t: TrialSummary, result: Any, space: SearchSpace) -> AutoAttackJob:
@@ -345,8 +355,9 @@ def parent_description(summary: SearchSummary, space: SearchSpace, ui_base: str 
     ``promote --metric aa_acc`` command."""
     p = space.primary
     eid = summary.experiment_id
-    link = lambda t: (f"[{t.trial_id}]({ui_base}#/experiments/{eid}/runs/{t.run_id}?workflowType=machine_learning)"
-                      if t.run_id else t.trial_id)  # the training view: MLflow 3 opens in GenAI mode otherwise
+    link = lambda t, text=None: (  # the training view: MLflow 3 opens in GenAI mode otherwise
+        f"[{text or t.trial_id}]({ui_base}#/experiments/{eid}/runs/{t.run_id}?workflowType=machine_learning)"
+        if t.run_id else text or t.trial_id)
     lines = [f"### Search `{summary.name}`: {len(summary.trials)} trials, ranked by {p.metric} ({p.mode}); ties "
              "(marked =) by the earlier best epoch, then the trial id", ""]
     best = summary.best
@@ -366,7 +377,7 @@ def parent_description(summary: SearchSummary, space: SearchSpace, ui_base: str 
     lines.append("|" + "---|" * len(head))
     for r in rows:
         t = by_id.get(r[0].rstrip("*!="))
-        cells = [link(t) if t else r[0]] + [_md_cell(c) for c in r[1:-1]] + [f"`{r[-1][:8]}`" if r[-1] != "-" else "-"]
+        cells = [link(t, r[0]) if t else r[0]] + [_md_cell(c) for c in r[1:-1]] + [f"`{r[-1][:8]}`" if r[-1] != "-" else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     counts = summary.counts()
