@@ -235,7 +235,7 @@ def test_a_logged_model_carries_its_objectives_first_and_not_the_whole_epoch_row
     from scoretune.search.finalize import model_metrics
 
     row = {"epoch": 3.0, "lr": 0.1, "train_loss": 1.2, "val_clean_acc": 0.8, "val_pgd_acc": 0.5, "epoch_time": 2.0}
-    assert list(model_metrics(row, space).items()) == [("model_val_pgd_acc", 0.5), ("model_val_clean_acc", 0.8)]
+    assert list(model_metrics(row, space.objective).items()) == [("model_val_pgd_acc", 0.5), ("model_val_clean_acc", 0.8)]
 
 
 # -- one ranking rule: value, then the earlier best epoch, then the trial id

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from ..drivers.task_progress import TaskProgress, gather
 from ..tracking import client as mlflow_client
@@ -275,7 +275,7 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
     row = next((r for r in state.get("history", []) if int(r.get("epoch", 0)) == epoch), {})
     cl.set_tag(t.run_id, tags.MODEL_URI, uri)
     cl.set_tag(t.run_id, tags.MODEL_EPOCH, str(epoch))
-    log_metrics(cl, t.run_id, model_metrics(row, space), step=epoch, model_id=model_id_of(uri))
+    log_metrics(cl, t.run_id, model_metrics(row, space.objective), step=epoch, model_id=model_id_of(uri))
     if space.autoattack.version != "none" and aa_jobs is not None:
         aa_jobs.append(AutoAttackJob(trial_id=t.trial_id, run_id=t.run_id, checkpoint=ckpt, epoch=epoch,
                                      model_id=model_id_of(uri)))
@@ -288,12 +288,12 @@ def log_trial_model(cl: Any, tracking_uri: str, t: TrialSummary, result: Any, sp
     return uri
 
 
-def model_metrics(row: Mapping[str, Any], space: SearchSpace) -> dict[str, float]:
+def model_metrics(row: Mapping[str, Any], objectives: Sequence[Any]) -> dict[str, float]:
     """The checkpoint epoch's numbers that its logged model carries, as ``model_<metric>``: the objectives
     first, then the validation accuracies (the logged-models table's columns, after ``rank``, which MLflow
     links to a model from the run's step-0 metrics). Each is a run metric too, so the rest of the row
     stays on the run's per-epoch curves only."""
-    keys = dict.fromkeys([o.metric for o in space.objective] + list(MODEL_METRICS))
+    keys = dict.fromkeys([o.metric for o in objectives] + list(MODEL_METRICS))
     return {f"model_{k}": float(row[k]) for k in keys if k in row}
 
 
