@@ -377,7 +377,8 @@ def parent_description(summary: SearchSummary, space: SearchSpace, ui_base: str 
     lines.append("|" + "---|" * len(head))
     for r in rows:
         t = by_id.get(r[0].rstrip("*!="))
-        cells = [link(t, r[0]) if t else r[0]] + [_md_cell(c) for c in r[1:-1]] + [f"`{r[-1][:8]}`" if r[-1] != "-" else "-"]
+        run = f"`{r[-1][:8]}`" if r[-1] != "-" else "-"
+        cells = [link(t, r[0]) if t else r[0]] + [_md_cell(c) for c in r[1:-1]] + [run]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     counts = summary.counts()
