@@ -63,10 +63,8 @@ def print_links(links: SearchLinks | None, base_url: str) -> str | None:
     if links.compare:
         print(f"  compare the top {len(links.top)}:     {links.compare}")
     print(f"  logged models:         {links.logged_models}")
-    if links.promoted:
-        print(f"  registered model:      {links.models}")
-    else:
-        print(f"  registered models:     {links.models}")  # none of this search yet (scoretune promote)
+    # the promoted model's page, else (nothing of this search promoted yet) the registry's list
+    print(f"  {'registered model: ' if links.promoted else 'registered models:'}     {links.models}")
     return links.runs
 
 

@@ -404,13 +404,11 @@ def optuna_space(space: SearchSpace) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- constraints after the search
 def metric_at(cl: Any, run_id: str, metric: str, epoch: float | None) -> float | None:
-    """``metric`` of a run at step ``epoch`` (None: not logged there)."""
-    hist = cl.get_metric_history(run_id, metric)
-    if epoch is not None:
-        at = [m for m in hist if int(m.step) == int(epoch)]
-        if at:
-            return float(at[-1].value)
-    return None
+    """``metric`` of a run at step ``epoch`` (None: no epoch, or not logged there)."""
+    if epoch is None:
+        return None
+    at = [m for m in cl.get_metric_history(run_id, metric) if int(m.step) == int(epoch)]
+    return float(at[-1].value) if at else None
 
 
 def check(constraints: Sequence[Any], values: dict[str, float | None]) -> tuple[bool, str]:
