@@ -9,7 +9,16 @@ import os
 import socket
 
 import pytest
-from scoretune import threads
+
+# pytest-xdist's workers share the machine's CPUs: each gets its share of OpenMP threads, as the user's setting
+# (the processes a test starts inherit it), unless the user set one. Two threads per worker on 2 cores would
+# put 4 busy threads, and every Ray trial and subprocess a test starts, on 2 cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+_INHERITED = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}" in os.environ.get("SCORETUNE_THREADS", "")
+if _WORKERS > 1 and (_INHERITED or not os.environ.get("OMP_NUM_THREADS", "").strip()):  # unset, or the policy's
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+
+from scoretune import threads  # noqa: E402  (after the thread count: it sizes torch's threads on import)
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

@@ -3,9 +3,9 @@ free loopback ports and stopped by pid (tests/server_stack.py), with real search
 
 * Authentication: no login / a wrong password get 401 and write nothing; a foreign Host header is refused;
   no secret is on a command line.
-* Two searches at once (8 trials 4 at a time, and 4 trials 2 at a time, each with its own local Ray):
+* Two searches at once (4 trials 4 at a time, and 2 trials 2 at a time, each with its own local Ray):
   every trial's run and every epoch's metrics present, no write error, two distinct parents.
-* The server SIGKILLed mid-search: restarted 25 s later, the search completes and MLflow holds every
+* The server SIGKILLed mid-search: restarted 15 s later, the search completes and MLflow holds every
   epoch of every trial exactly once; never restarted, the search ends with its journal, and
   ``scoretune sync`` replays it into a fresh server to the same result.
 
@@ -25,7 +25,7 @@ import pytest
 import server_stack as S
 
 pytestmark = pytest.mark.slow
-BACK_TRIALS, GONE_TRIALS = 6, 4  # the outage searches: trials started after the kill get their runs late
+BACK_TRIALS, GONE_TRIALS = 4, 3  # the outage searches, 2 at a time: trials started after the kill get their runs late
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +143,8 @@ def _degraded_lines(log: Path) -> list[str]:
 
 def test_two_searches_at_once_log_every_trial_and_epoch_with_no_write_error(stack, tmp_path):
     url = stack.main.url
-    a = S.space_file(tmp_path, "team-a", url, trials=8, concurrent=4)
-    b = S.space_file(tmp_path, "team-b", url, trials=4, concurrent=2)
+    a = S.space_file(tmp_path, "team-a", url, trials=4, concurrent=4)
+    b = S.space_file(tmp_path, "team-b", url, trials=2, concurrent=2)
     procs = [S.start_search(sp, tmp_path / f"{sp.stem}.log", stack.client_env) for sp in (a, b)]
     try:
         for p, sp in zip(procs, (a, b)):
@@ -153,7 +153,7 @@ def test_two_searches_at_once_log_every_trial_and_epoch_with_no_write_error(stac
         for p in procs:
             S.stop_search(p)
     cl = stack.client(stack.main)
-    parents = {_assert_every_epoch_once(cl, "team-a", 8), _assert_every_epoch_once(cl, "team-b", 4)}
+    parents = {_assert_every_epoch_once(cl, "team-a", 4), _assert_every_epoch_once(cl, "team-b", 2)}
     assert len(parents) == 2
     for sp in (a, b):
         log = (tmp_path / f"{sp.stem}.log").read_text()
@@ -165,11 +165,11 @@ def test_two_searches_at_once_log_every_trial_and_epoch_with_no_write_error(stac
 
 @pytest.fixture(scope="module")
 def outage(stack, tmp_path_factory):
-    """Two searches; each one's server is SIGKILLed after its first epoch. The main server comes back 25 s
+    """Two searches; each one's server is SIGKILLed after its first epoch. The main server comes back 15 s
     later; the other never does (its search waits 5 s at the end, then keeps its journal), and a fresh
     server (a new database) is started for the replay."""
     tmp = tmp_path_factory.mktemp("outage")
-    back = S.space_file(tmp, "outage-back", stack.main.url, trials=BACK_TRIALS, concurrent=3)
+    back = S.space_file(tmp, "outage-back", stack.main.url, trials=BACK_TRIALS, concurrent=2)
     gone = S.space_file(tmp, "outage-gone", stack.doomed.url, trials=GONE_TRIALS, concurrent=2)
     logs = {sp.stem: tmp / f"{sp.stem}.log" for sp in (back, gone)}
     procs = {"outage-back": S.start_search(back, logs["outage-back"], stack.client_env, SCORETUNE_TRACKING_DRAIN_S="600"),
@@ -180,7 +180,7 @@ def outage(stack, tmp_path_factory):
                                         "outage-gone": (stack.client(stack.doomed), stack.doomed)},
                                        S.EXPERIMENT, 600, procs.values())["outage-back"]
         fresh = stack.launch("mlflow_fresh")
-        time.sleep(max(0.0, 25 - (time.monotonic() - killed)))
+        time.sleep(max(0.0, 15 - (time.monotonic() - killed)))
         stack.main = stack.restart(stack.main)
         stack.main.wait_healthy(300)
         fresh.wait_healthy(300)
