@@ -18,7 +18,7 @@ _INHERITED = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}" in os.enviro
 if _WORKERS > 1 and (_INHERITED or not os.environ.get("OMP_NUM_THREADS", "").strip()):  # unset, or the policy's
     os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
-from scoretune import threads  # noqa: E402  (after the thread count: it sizes torch's threads on import)
+from scoretune import threads  # after the thread count: it sizes torch's threads on import
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
