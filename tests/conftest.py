@@ -16,7 +16,8 @@ import pytest
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
 _INHERITED = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}" in os.environ.get("SCORETUNE_THREADS", "")
 if _WORKERS > 1 and (_INHERITED or not os.environ.get("OMP_NUM_THREADS", "").strip()):  # unset, or the policy's
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _CPUS // _WORKERS))
 
 from scoretune import threads  # after the thread count: it sizes torch's threads on import
 
