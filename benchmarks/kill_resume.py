@@ -6,8 +6,8 @@ times and their ratio, with the machine and its load::
     kill_resume uninterrupted <s> interrupted <s> ratio <x>
 
 Goal: ratio <= 2.5 (each resume pays a driver and Ray start-up, and reruns at most the epochs since a
-trial's last checkpoint). ``tests/test_search_kill3.py`` runs the killed half and checks MLflow; the
-timing lives here, never in a test.
+trial's last checkpoint). ``tests/test_search_kill3.py`` runs the killed half and checks MLflow and
+the Optuna study; the timing lives here, never in a test.
 
     OMP_NUM_THREADS=1 python benchmarks/kill_resume.py [--trials 8 --epochs 4 --kills 3]
 """
