@@ -511,7 +511,7 @@ def hook(event, args):
             return  # a Unix socket
         if host is not None and not loopback(host):
             with open(LOG, "a") as f:
-                f.write(f"{event} {host!r} (pid {os.getpid()})\\n")
+                f.write(f"{event} {host!r} (pid {os.getpid()}) {' '.join(sys.argv)[:300]}\\n")
 
 
 if LOG:
@@ -591,12 +591,15 @@ def test_a_searched_batch_size_must_split_over_the_trial_workers():
     assert "params.batch_size.choice: value 33: batch_size 33 is not divisible by 2 workers" in msg
 
 
+# Ray's dashboard process (started even with include_dashboard=False, for its usage-stats module) asks the cloud
+# metadata servers which cloud it is on, with usage stats off: usage_stats_head.run calls
+# get_cluster_config_to_report (ray/_common/usage/usage_lib.py) before it checks them. A Ray bug, in the README's
+# known gaps; the only outside connection a search may make, and only from that process.
+RAY_METADATA_PROBE = ("169.254.169.254", "metadata.google.internal")
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(reason="Ray's dashboard process (started even with include_dashboard=False, to load UsageStatsHead) "
-                          "asks the cloud metadata servers (169.254.169.254, metadata.google.internal) with usage stats "
-                          "off: usage_stats_head.run calls get_cluster_config_to_report before it checks them",
-                   strict=False)
-def test_a_small_search_connects_nowhere_beyond_loopback(tmp_path):
+def test_a_small_search_connects_nowhere_beyond_loopback_but_rays_known_metadata_probe(tmp_path):
     env, _home, log = _watched_env(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
@@ -605,6 +608,8 @@ def test_a_small_search_connects_nowhere_beyond_loopback(tmp_path):
                   "--set", "base.eval.pgd_steps=1", "--set", "scheduler.grace_period=1", "--set", "stoppers.floor=null",
                   "--set", "autoattack.version=none", "--set", "top_k=0", cwd=work, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    lines = log.read_text().splitlines() if log.exists() else []
     # 192.0.2.2 (TEST-NET) is Ray's node-IP probe: a UDP connect that sends nothing
-    outside = [line for line in (log.read_text().splitlines() if log.exists() else []) if "'192.0.2.2'" not in line]
-    assert outside == []
+    outside = [ln for ln in lines if "'192.0.2.2'" not in ln]
+    probe = [ln for ln in outside if "ray/dashboard/dashboard.py" in ln and any(f"'{h}'" in ln for h in RAY_METADATA_PROBE)]
+    assert [ln for ln in outside if ln not in probe] == []  # the driver, the trials, MLflow, Optuna: nothing
