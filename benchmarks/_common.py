@@ -1,5 +1,5 @@
 """Shared pieces of the benchmark scripts: fixed data, seeded models, the textbook reference
-training step, interleaved timing and the machine description.
+training step, interleaved timing, the machine description and process trees (from ``/proc``).
 
 Importable from the tests (``sys.path.insert(0, repo_root)``; ``from benchmarks._common import ...``)
 and from the scripts (which put the repository root on ``sys.path`` themselves).
@@ -185,3 +185,21 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, object]:
         info["cuda"] = torch.version.cuda
     return info
 
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), read from ``/proc`` (no psutil): what a
+    benchmark or test kills after a driver, since Ray's workers leave the driver's process group."""
+    tree: dict[int, list[int]] = {}
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        tree.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        kids = tree.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out

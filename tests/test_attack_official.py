@@ -10,21 +10,17 @@ statistics frozen, from a uniform start in the eps-ball: ``attack.bn: train_froz
 """
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from scoretune.attacks import AttackConfig, bn_mode, resolve_attack_mode, resolve_start, training_attack
+from scoretune.config import AttackSettings, ConfigError, build_config
+from scoretune.engine import train_step
+from scoretune.losses import Objective
+from scoretune.models import build_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import ATTACK, OBJECTIVES, fixed_batch, reference_step, seeded_model, sgd  # noqa: E402
-from scoretune.attacks import AttackConfig, bn_mode, resolve_attack_mode, resolve_start, training_attack  # noqa: E402
-from scoretune.config import AttackSettings, ConfigError, build_config  # noqa: E402
-from scoretune.engine import train_step  # noqa: E402
-from scoretune.losses import Objective  # noqa: E402
-from scoretune.models import build_model  # noqa: E402
+from benchmarks._common import ATTACK, OBJECTIVES, fixed_batch, reference_step, seeded_model, sgd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -84,7 +84,7 @@ def test_a_foreign_host_header_is_refused(stack):
 
 
 def test_no_secret_is_on_a_command_line_and_the_auth_config_is_private(stack):
-    from procs import descendants
+    from benchmarks._common import descendants
 
     db_password = stack.pg.password()
     pids = [stack.main.proc.pid, *descendants(stack.main.proc.pid), stack.pg.pid()]

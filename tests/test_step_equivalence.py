@@ -7,17 +7,13 @@ same random start (one seeded generator each).
 """
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from scoretune.attacks import AttackConfig
+from scoretune.engine import train_epoch, train_step
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import ATTACK, OBJECTIVES, fixed_batch, reference_step, seeded_model, sgd  # noqa: E402
-from scoretune.attacks import AttackConfig  # noqa: E402
-from scoretune.engine import train_epoch, train_step  # noqa: E402
+from benchmarks._common import ATTACK, OBJECTIVES, fixed_batch, reference_step, seeded_model, sgd
 
 CPU = torch.device("cpu")
 BATCH = 16
@@ -114,8 +110,9 @@ def test_step_flops_count_every_forward_and_backward_of_the_step(method, per_for
     """A Linear(d, c) layer on n samples: forward F = 2ndc FLOPs; the attack's input-only backward and the
     training backward (weights only: the batch needs no gradient) 2ndc each. A 3-step attack, so TRADES
     F + 3 (F + B_in) + 2 (F + B) = 11 F and PGD-AT 3 (F + B_in) + F + B = 8 F."""
-    from benchmarks.step_throughput import bf16_peak_tflops, step_flops
     from scoretune.losses import Objective
+
+    from benchmarks.step_throughput import bf16_peak_tflops, step_flops
 
     n, d, c = 8, 12, 5
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(d, c))
