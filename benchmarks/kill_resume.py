@@ -27,6 +27,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import descendants, machine_info
 
 
 def write_space(folder: Path, name: str, *, trials: int, epochs: int) -> Path:
@@ -53,22 +56,11 @@ def start_driver(space: Path, log: Path, *extra: str) -> subprocess.Popen:
                             stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def _descendants(pid: int) -> list[int]:
-    tree: dict[int, list[int]] = {}
-    for d in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            tree.setdefault(int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        kids = tree.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
-
 def kill_driver(proc: subprocess.Popen) -> None:
     """SIGKILL the driver and everything below it (its own Ray, should Ray's watchdog be slow)."""
-    pids = _descendants(proc.pid)
+    if proc.poll() is not None:  # ended by itself: its pid may already be another process's
+        return
+    pids = descendants(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -90,10 +82,10 @@ def killed_then_resumed(space: Path, log: Path, *, kills: int = 3, progress: int
         target, deadline = checkpoints(experiment) + progress, time.monotonic() + 600
         while checkpoints(experiment) < target and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        if proc.poll() is not None or time.monotonic() >= deadline:
-            kill_driver(proc)
-            raise RuntimeError(f"driver {attempt + 1} ended or stalled before its kill:\n{log.read_text()[-3000:]}")
+        ended_or_stalled = proc.poll() is not None or time.monotonic() >= deadline
         kill_driver(proc)
+        if ended_or_stalled:
+            raise RuntimeError(f"driver {attempt + 1} ended or stalled before its kill:\n{log.read_text()[-3000:]}")
     return start_driver(space, log, "--resume").wait(timeout=900)
 
 
@@ -103,9 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--kills", type=int, default=3)
     args = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    from benchmarks._common import machine_info
-
     print("machine:", machine_info())
     with tempfile.TemporaryDirectory(prefix="kill_resume_") as tmp:
         runs = {}
