@@ -9,17 +9,14 @@ import os
 import socket
 
 import pytest
+from scoretune import threads  # applies the thread policy; torch is not loaded yet
 
 # pytest-xdist's workers share the machine's CPUs: each gets its share of OpenMP threads, as the user's setting
 # (the processes a test starts inherit it), unless the user set one. Two threads per worker on 2 cores would
 # put 4 busy threads, and every Ray trial and subprocess a test starts, on 2 cores.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
-_INHERITED = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}" in os.environ.get("SCORETUNE_THREADS", "")
-if _WORKERS > 1 and (_INHERITED or not os.environ.get("OMP_NUM_THREADS", "").strip()):  # unset, or the policy's
-    _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    os.environ["OMP_NUM_THREADS"] = str(max(1, _CPUS // _WORKERS))
-
-from scoretune import threads  # after the thread count: it sizes torch's threads on import
+if _WORKERS > 1 and threads.COUNT_VAR in threads.policy_env(os.environ):  # the policy's count, not the user's
+    os.environ[threads.COUNT_VAR] = str(threads.cpu_budget(threads.affinity_cpus() / _WORKERS))
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
