@@ -187,7 +187,7 @@ def test_mlflow_ui_shows_best_trial_params_and_stop_reasons_on_the_first_page(se
         d = browser()
         # -- the runs table: model-training view, sorted by the best objective, params + metrics as columns
         d.get(link)
-        wait_for(lambda: best.trial_id in d.find_element(By.TAG_NAME, "body").text, timeout=90)
+        wait_for(lambda: best.trial_id in body_text(d), timeout=90)
         close_popups(d)
         time.sleep(1.0)
         d.save_screenshot(str(tmp_path / "runs_table.png"))
@@ -209,7 +209,7 @@ def test_mlflow_ui_shows_best_trial_params_and_stop_reasons_on_the_first_page(se
 
         # -- the parent run: its markdown description renders the summary table
         d.get(parent_link)
-        wait_for(lambda: "Search uitest" in d.find_element(By.TAG_NAME, "body").text, timeout=60)
+        wait_for(lambda: "Search uitest" in body_text(d), timeout=60)
         close_popups(d)
         tables = wait_for(lambda: [t for t in d.find_elements(By.TAG_NAME, "table")
                                    if "best_ep" in t.get_attribute("textContent")], timeout=30)
