@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ROOTS = {"scoretune": REPO / "platform" / "scoretune", "trainables": REPO / "trainables"}
 MATH = {"losses", "attacks", "bounds", "models", "data", "config", "stopping", "toy", "robustness", "autoattack_checks", "errors",
-        "names", "threads", "safe_yaml"}
+        "names", "threads", "thread_governor", "safe_yaml"}
 FRAMEWORKS = {"ray", "mlflow", "optuna"}
 
 

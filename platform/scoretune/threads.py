@@ -25,7 +25,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, MutableMapping
+from typing import Iterator, Mapping, MutableMapping
 
 WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 """Any of these set by the user: the wait policy is left alone (GOMP_SPINCOUNT=300000 is libgomp's default)."""
@@ -71,7 +71,7 @@ def cpu_budget(cpus: float | None = None, *, affinity: int | None = None, quota:
     return max(1, math.floor(min(limits)))
 
 
-def _ours(env: MutableMapping[str, str]) -> dict[str, str]:
+def _ours(env: Mapping[str, str]) -> dict[str, str]:
     pairs = (p.partition("=") for p in env.get(MARK_VAR, "").split(",") if p)
     return {k: v for k, _, v in pairs if env.get(k) == v}
 
@@ -82,14 +82,19 @@ def policy_env(env: MutableMapping[str, str], *, affinity: int | None = None,
     from a parent, are recomputed)."""
     if env.get(MARK_VAR, "").strip().lower() == "off":
         return {}
-    ours = _ours(env)
-    user = {k for k in (*WAIT_VARS, COUNT_VAR) if env.get(k, "").strip() and k not in ours}
+    user = user_settings(env)
     out = {}
     if not user & set(WAIT_VARS):
         out.update(WAIT)
     if COUNT_VAR not in user:
         out[COUNT_VAR] = str(cpu_budget(affinity=affinity, quota=quota))
     return out
+
+
+def user_settings(env: Mapping[str, str]) -> set[str]:
+    """The OpenMP count and wait variables set in ``env`` by the user, not by the policy."""
+    ours = _ours(env)
+    return {k for k in (*WAIT_VARS, COUNT_VAR) if env.get(k, "").strip() and k not in ours}
 
 
 def apply(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
