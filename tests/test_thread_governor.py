@@ -4,8 +4,10 @@ import itertools
 
 import pytest
 import torch
+from conftest import TINY
 from scoretune import thread_governor as tg
 from scoretune import threads
+from scoretune.config import build_config
 
 POLICY = {threads.COUNT_VAR: "2", threads.MARK_VAR: "OMP_NUM_THREADS=2"}  # the policy's own count
 
@@ -159,3 +161,47 @@ def test_without_proc_stat_the_governor_does_nothing(monkeypatch, tmp_path):
     real = tg.OthersLoad
     monkeypatch.setattr(tg, "OthersLoad", lambda cpus=None: real(tmp_path / "missing", cpus))
     assert not tg.ThreadGovernor(2, "cpu", env=POLICY).active
+
+
+def test_a_cpu_training_drops_to_one_thread_while_the_machine_is_busy():
+    """A real epoch (training, the R_Madry probe, validation) with the Trainer's governor on a fake load."""
+    from scoretune.engine import Trainer
+
+    torch.set_num_threads(2)
+    trainer = Trainer(build_config(TINY))
+    seen = []  # torch's threads at each sample, before its decision
+
+    def load() -> float:
+        seen.append(torch.get_num_threads())
+        return 2.0 if len(seen) <= 4 else 0.0  # busy for four samples, then free
+
+    trainer.governor = tg.ThreadGovernor(2, trainer.device, env=POLICY, others=load, cpus=2,
+                                         clock=itertools.count().__next__)  # every tick samples
+    row = trainer.train_one_epoch()
+    assert seen[:6] == [2, 1, 1, 1, 1, 2]
+    assert len(seen) > len(trainer.train_loader) + 1  # the probe and the validation ticked too
+    assert torch.get_num_threads() == 2 and row["train_loss"] > 0
+
+
+def test_autoattack_ticks_a_governor_on_every_forward_pass(monkeypatch):
+    """AutoAttack's own loops call the model, not the engine: it attacks a :class:`Governed` wrapper."""
+    from scoretune import robustness
+
+    torch.set_num_threads(2)
+    made = []
+
+    def governor(max_threads, device):
+        made.append(tg.ThreadGovernor(max_threads, device, env=POLICY, others=Script(2.0), cpus=2,
+                                      clock=itertools.count().__next__))
+        return made[-1]
+
+    monkeypatch.setattr(robustness, "ThreadGovernor", governor)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 10))  # APGD-T's DLR loss needs 4 classes
+    with torch.no_grad():
+        net[1].bias[0] = 5.0  # class 0 by a margin eps 0.1 cannot overcome: every point is attacked to the end
+    x, y = torch.rand(6, 1, 2, 2), torch.zeros(6, dtype=torch.long)
+    result = robustness.autoattack_accuracy(net, x, y, 0.1, version="fast")
+    assert result.robust_acc == 1.0
+    assert made[0].others.calls > 100  # APGD's iterations ticked it
+    assert torch.get_num_threads() == 2  # and the attack's end put the budget back

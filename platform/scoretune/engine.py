@@ -32,6 +32,7 @@ from .data import BatchLoader, Dataset, Split, eval_subset, load_dataset, to_flo
 from .errors import UserError
 from .losses import Objective, madry_kl
 from .models import build_model
+from .thread_governor import INERT, ThreadGovernor
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -288,9 +289,10 @@ def train_epoch(
     amp: str = "auto",
     ema: ModelEMA | None = None,
     generator: torch.Generator | None = None,
+    governor: ThreadGovernor = INERT,
 ) -> dict[str, float]:
     """One epoch of adversarial training (TRADES or PGD-AT under ``objective``): :func:`train_step`
-    on every batch, then the scheduler and EMA updates.
+    on every batch, then the scheduler and EMA updates; ``governor`` sizes torch's threads meanwhile.
 
     Returns global means of: ``train_loss`` (the objective), ``train_natural`` and
     ``train_robust`` (its terms), ``train_attack_ce`` (per-sample CE at the training attack's
@@ -299,23 +301,25 @@ def train_epoch(
     """
     model.train()
     sums = MetricSums(device)
-    for x, y in loader:
-        terms, logits_nat, logits_adv = train_step(
-            model, x, y, objective, attack, optimizer, device=device, amp=amp, generator=generator,
-        )
-        if scheduler is not None:
-            scheduler.step()
-        if ema is not None:
-            ema.update(model)
-        n = y.shape[0]
-        with torch.no_grad():
-            sums.add("train_loss", terms["loss"].sum(), n)
-            sums.add("train_natural", terms["natural"].sum(), n)
-            sums.add("train_robust", terms["robust"].sum(), n)
-            sums.add("train_attack_ce", madry_kl(logits_adv, y).sum(), n)
-            sums.add("train_adv_acc", (logits_adv.argmax(-1) == y).sum(), n)
-            if logits_nat is not None:
-                sums.add("train_clean_acc", (logits_nat.argmax(-1) == y).sum(), n)
+    with governor:
+        for x, y in loader:
+            governor.tick()
+            terms, logits_nat, logits_adv = train_step(
+                model, x, y, objective, attack, optimizer, device=device, amp=amp, generator=generator,
+            )
+            if scheduler is not None:
+                scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            n = y.shape[0]
+            with torch.no_grad():
+                sums.add("train_loss", terms["loss"].sum(), n)
+                sums.add("train_natural", terms["natural"].sum(), n)
+                sums.add("train_robust", terms["robust"].sum(), n)
+                sums.add("train_attack_ce", madry_kl(logits_adv, y).sum(), n)
+                sums.add("train_adv_acc", (logits_adv.argmax(-1) == y).sum(), n)
+                if logits_nat is not None:
+                    sums.add("train_clean_acc", (logits_nat.argmax(-1) == y).sum(), n)
     return sums.means()
 
 
@@ -340,8 +344,10 @@ def evaluate_loader(
     prefix: str = "val",
     max_samples: int | None = None,
     generator: torch.Generator | None = None,
+    governor: ThreadGovernor = INERT,
 ) -> dict[str, float]:
-    """Clean accuracy and PGD-k (cross-entropy) robust accuracy, in eval mode.
+    """Clean accuracy and PGD-k (cross-entropy) robust accuracy, in eval mode (``governor``: as in
+    :func:`train_epoch`).
 
     Returns ``{prefix}_clean_acc`` and (when ``attack`` is given) ``{prefix}_pgd_acc``,
     global over ranks when ``torch.distributed`` is initialised.
@@ -349,8 +355,9 @@ def evaluate_loader(
     net = unwrap(model)
     sums = MetricSums(device)
     seen = 0
-    with eval_mode(net):
+    with eval_mode(net), governor:
         for x, y in loader:
+            governor.tick()
             if max_samples is not None and seen >= max_samples:
                 break
             if max_samples is not None and seen + y.shape[0] > max_samples:
@@ -407,14 +414,17 @@ def r_madry_probe(
     restarts: int = 1,
     prefix: str = "train",
     generator: torch.Generator | None = None,
+    governor: ThreadGovernor = INERT,
 ) -> dict[str, float]:
     """``{prefix}_r_madry``: the mean of :func:`robust_ce` over ``loader`` (the probe subsample of
-    the training split), global over ranks."""
+    the training split), global over ranks (``governor``: as in :func:`train_epoch`)."""
     net = unwrap(model)
     sums = MetricSums(device)
-    for x, y in loader:
-        sums.add(f"{prefix}_r_madry", robust_ce(net, x, y, attack, restarts=restarts, generator=generator).sum(),
-                 y.shape[0])
+    with governor:
+        for x, y in loader:
+            governor.tick()
+            sums.add(f"{prefix}_r_madry",
+                     robust_ce(net, x, y, attack, restarts=restarts, generator=generator).sum(), y.shape[0])
     return sums.means()
 
 
@@ -475,6 +485,8 @@ class Trainer:
     """Owns everything one training run needs; the CLI and the Ray Train loop drive it.
 
     ``epoch`` counts finished epochs; ``history`` holds one metrics dict per finished epoch.
+    ``governor`` sizes torch's threads in its loops, up to the count set when it was built
+    (:mod:`scoretune.thread_governor`).
     """
 
     cfg: ExperimentConfig
@@ -536,6 +548,7 @@ class Trainer:
         self.ema = ModelEMA(self.net, cfg.ema_decay) if cfg.ema_decay else None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1000 + self.rank)
+        self.governor = ThreadGovernor(torch.get_num_threads(), self.device)
 
     # -- the model that is evaluated and exported (EMA weights when enabled)
     @property
@@ -552,13 +565,13 @@ class Trainer:
         row.update(train_epoch(
             self.model, self.train_loader, self.objective, ramped_attack(self.train_attack, factor), self.optimizer,
             self.scheduler,
-            device=self.device, amp=cfg.amp, ema=self.ema, generator=self.generator,
+            device=self.device, amp=cfg.amp, ema=self.ema, generator=self.generator, governor=self.governor,
         ))
         row["train_time"] = time.perf_counter() - t0
         if self.probe_loader is not None:
             t1 = time.perf_counter()
             row.update(r_madry_probe(self.eval_model, self.probe_loader, self.eval_attack, device=self.device,
-                                     restarts=cfg.eval.restarts, generator=self.generator))
+                                     restarts=cfg.eval.restarts, generator=self.generator, governor=self.governor))
             row["probe_time"] = time.perf_counter() - t1
         row.update(self.evaluate_splits())
         if cfg.early_stop.refine:
@@ -601,7 +614,7 @@ class Trainer:
             out.update(evaluate_loader(
                 self.eval_model, loader, self.eval_attack, device=self.device, restarts=cfg.eval.restarts,
                 prefix=prefix, max_samples=_per_rank(cfg.eval.max_samples, self.world_size),
-                generator=self.generator,
+                generator=self.generator, governor=self.governor,
             ))
         return out
 

@@ -49,6 +49,7 @@ import torch.nn as nn
 from .attacks import AttackConfig, eval_mode, pgd_ce
 from .autoattack_checks import AACheck, _capture_checks, _CheckLog
 from .errors import UserError
+from .thread_governor import Governed, ThreadGovernor
 
 ATTACKS = ("aa-standard", "aa-fast", "pgd-20", "pgd-50", "clean")
 AA_VERSIONS: dict[str, tuple[str, ...]] = {
@@ -413,14 +414,15 @@ def autoattack_accuracy(
         if path is not None:
             _write_state(path, state)
 
-    with eval_mode(model), _capture_checks(sink):
+    governor = ThreadGovernor(torch.get_num_threads(), dev)  # its long loops: threads sized to the free CPUs
+    with eval_mode(model), _capture_checks(sink), governor:
         if state["clean"] is None:
             state["clean"] = state["robust"] = _flags_str(predict(model, x, batch_size=batch_size, device=dev) == y)
             save()
         robust = _flags(state["robust"])
         with torch.no_grad():
             n_classes = int(model(x[:1].to(dev)).shape[-1])
-        adversary = _adversary(model, eps, norm, version, seed, dev, n_classes)
+        adversary = _adversary(Governed(model, governor), eps, norm, version, seed, dev, n_classes)
         done = {d["attack"] for d in state["done"]}
         for attack in attacks:
             if attack in done:

@@ -27,7 +27,7 @@ from torch import nn
 from . import threads
 
 HEADROOM = 0.5
-"""A thread per CPU of which at least this much is free (the rest of the CPUs' time the others use)."""
+"""The share of a CPU the other processes must leave free for it to get a thread."""
 INTERVAL = 0.5
 """Seconds between two samples of the CPU load."""
 
