@@ -1,5 +1,5 @@
-"""The thread policy: passive OpenMP waiting and torch threads sized to the CPUs a process may use, unless the
-user chose; in place before torch loads, in the CLI's processes, their children and Ray's workers."""
+"""The thread policy: torch threads sized to the CPUs a process may use and libgomp's spinning wait kept, unless
+the user chose; in place before torch loads, in the CLI's processes, their children and Ray's workers."""
 
 import json
 import os
@@ -10,7 +10,6 @@ import pytest
 
 from scoretune import threads
 
-WAIT = threads.WAIT["OMP_WAIT_POLICY"]
 PROBE = """
 import json, os, sys
 import scoretune, torch
@@ -45,16 +44,12 @@ def test_the_cgroup_quota_is_read_from_v2_or_v1(tmp_path):
     assert threads.cgroup_cpus(tmp_path) == 1.5
 
 
-def test_the_policy_sets_what_the_user_left_unset():
-    env = {}
-    assert threads.policy_env(env, affinity=2, quota=None) == {"OMP_WAIT_POLICY": WAIT, "OMP_NUM_THREADS": "2"}
-    assert threads.policy_env({"OMP_WAIT_POLICY": "ACTIVE"}, affinity=2, quota=None) == {"OMP_NUM_THREADS": "2"}
-    assert threads.policy_env({"OMP_WAIT_POLICY": " "}, affinity=2, quota=None) == {"OMP_WAIT_POLICY": WAIT,
-                                                                                     "OMP_NUM_THREADS": "2"}
-    assert threads.policy_env({"GOMP_SPINCOUNT": "300000"}, affinity=2, quota=None) == {"OMP_NUM_THREADS": "2"}
-    assert threads.policy_env({"KMP_BLOCKTIME": "0"}, affinity=2, quota=None) == {"OMP_NUM_THREADS": "2"}
-    assert threads.policy_env({"OMP_NUM_THREADS": "3"}, affinity=2, quota=None) == {"OMP_WAIT_POLICY": WAIT}
-    assert threads.policy_env({"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "active"}, affinity=2, quota=None) == {}
+def test_the_policy_sets_the_count_unless_the_user_did():
+    assert threads.policy_env({}, affinity=2, quota=None) == {"OMP_NUM_THREADS": "2"}
+    assert threads.policy_env({"OMP_NUM_THREADS": " "}, affinity=2, quota=None) == {"OMP_NUM_THREADS": "2"}
+    assert threads.policy_env({"OMP_NUM_THREADS": "3"}, affinity=2, quota=None) == {}
+    # a wait setting of the user's is theirs; the policy sets none (libgomp's spinning default)
+    assert threads.policy_env({"OMP_WAIT_POLICY": "PASSIVE"}, affinity=2, quota=None) == {"OMP_NUM_THREADS": "2"}
     off = {threads.MARK_VAR: "off"}
     assert threads.policy_env(off, affinity=2, quota=None) == {}
     assert threads.apply(off) == {} and off == {threads.MARK_VAR: "off"}
@@ -62,18 +57,19 @@ def test_the_policy_sets_what_the_user_left_unset():
 
 def test_apply_records_what_it_set_and_a_child_recomputes_it():
     env = {}
-    assert threads.apply(env) == {"OMP_WAIT_POLICY": WAIT, "OMP_NUM_THREADS": str(threads.cpu_budget())}
-    assert env[threads.MARK_VAR] == f"OMP_WAIT_POLICY={WAIT},OMP_NUM_THREADS={threads.cpu_budget()}"
+    assert threads.apply(env) == {"OMP_NUM_THREADS": str(threads.cpu_budget())}
+    assert env[threads.MARK_VAR] == f"OMP_NUM_THREADS={threads.cpu_budget()}"
     assert threads.apply(dict(env)) == threads.apply(env)  # idempotent
     # inherited from a parent with more CPUs: the policy's own count is recomputed, the user's kept
-    parent = {"OMP_WAIT_POLICY": WAIT, "OMP_NUM_THREADS": "8",
-              threads.MARK_VAR: f"OMP_WAIT_POLICY={WAIT},OMP_NUM_THREADS=8"}
-    assert threads.policy_env(parent, affinity=1, quota=None) == {"OMP_WAIT_POLICY": WAIT, "OMP_NUM_THREADS": "1"}
-    user = {**parent, "OMP_NUM_THREADS": "3"}  # changed since: the user's
-    assert threads.policy_env(user, affinity=1, quota=None) == {"OMP_WAIT_POLICY": WAIT}
+    parent = {"OMP_NUM_THREADS": "8", threads.MARK_VAR: "OMP_NUM_THREADS=8"}
+    assert threads.policy_env(parent, affinity=1, quota=None) == {"OMP_NUM_THREADS": "1"}
+    assert threads.user_settings(parent) == set()
+    user = {**parent, "OMP_NUM_THREADS": "3", "GOMP_SPINCOUNT": "10000"}  # changed since: the user's
+    assert threads.policy_env(user, affinity=1, quota=None) == {}
+    assert threads.user_settings(user) == {"OMP_NUM_THREADS", "GOMP_SPINCOUNT"}
 
 
-def test_ray_workers_get_the_wait_setting_but_not_a_job_conflict():
+def test_ray_workers_get_the_users_wait_setting_but_not_a_job_conflict():
     env = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "2"}
     assert threads.ray_env_vars(env) == {"OMP_WAIT_POLICY": "PASSIVE"}
     job = {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}}
@@ -82,7 +78,7 @@ def test_ray_workers_get_the_wait_setting_but_not_a_job_conflict():
 
 def test_a_local_ray_starts_without_the_policys_count(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.setenv(threads.MARK_VAR, f"OMP_WAIT_POLICY={WAIT},OMP_NUM_THREADS=2")
+    monkeypatch.setenv(threads.MARK_VAR, "OMP_NUM_THREADS=2")
     with threads.ray_start_env():
         assert "OMP_NUM_THREADS" not in os.environ
     assert os.environ["OMP_NUM_THREADS"] == "2"
@@ -105,8 +101,9 @@ def _clean_env() -> dict[str, str]:
 def test_a_scoretune_process_loads_torch_under_the_policy():
     got, err = _probe({**_clean_env(), "OMP_DISPLAY_ENV": "verbose"})
     n = threads.cpu_budget()
-    assert got == {"env": {"OMP_WAIT_POLICY": WAIT, "OMP_NUM_THREADS": str(n)}, "torch": n}
-    assert "GOMP_SPINCOUNT = '0'" in err  # libgomp read the policy (passive: no spinning) when torch loaded it
+    assert got == {"env": {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": str(n)}, "torch": n}
+    assert f"OMP_NUM_THREADS = '{n}'" in err  # libgomp read the policy's count when torch loaded it
+    assert "GOMP_SPINCOUNT = '300000'" in err  # and keeps its spinning wait (the governor sizes the threads)
 
 
 def test_the_users_settings_win_in_a_scoretune_process():
@@ -125,7 +122,7 @@ def test_a_child_pinned_to_one_cpu_gets_one_thread():
     assert os.environ.get(threads.MARK_VAR)
     one = min(os.sched_getaffinity(0))
     got, _ = _probe(dict(os.environ), preexec_fn=lambda: os.sched_setaffinity(0, {one}))
-    assert got == {"env": {"OMP_WAIT_POLICY": WAIT, "OMP_NUM_THREADS": "1"}, "torch": 1}
+    assert got == {"env": {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": "1"}, "torch": 1}
 
 
 RAY_DRIVER = """
@@ -149,4 +146,4 @@ def test_a_ray_worker_of_a_scoretune_driver_sees_the_policy():
     proc = subprocess.run([sys.executable, "-c", RAY_DRIVER], env=_clean_env(), capture_output=True, text=True,
                           timeout=300, check=True)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got == {"env": {"OMP_WAIT_POLICY": WAIT, "OMP_NUM_THREADS": "1"}, "torch": 1}
+    assert got == {"env": {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": "1"}, "torch": 1}

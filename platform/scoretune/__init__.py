@@ -15,8 +15,8 @@ Ray worker or trial runs) -> drivers (``drivers``, ``search``, ``evaluate``, ``l
 and ``cli``. The names below are the public API; they are imported on first use, so ``import scoretune``
 (and ``scoretune --help``) loads neither torch, Ray nor MLflow.
 
-Importing the package applies the thread policy (:mod:`scoretune.threads`: passive OpenMP waiting, threads
-sized to the CPUs), before anything here can load torch.
+Importing the package applies the thread policy (:mod:`scoretune.threads`: threads sized to the CPUs, and in
+the engine's loops to the CPUs other processes leave free), before anything here can load torch.
 """
 
 from __future__ import annotations

@@ -1,21 +1,20 @@
 """OpenMP and torch thread settings that do not collapse on a shared machine.
 
 torch's CPU kernels run on the GNU OpenMP runtime shipped in the wheel (``torch/lib/libgomp.so.1``). Its idle
-worker threads spin before they sleep, so beside other busy processes they take the cores the working threads
-need and an epoch gets several times slower (numbers: ``benchmarks/README.md``, ``contention.py``). Hence every
-scoretune process, from ``import scoretune`` on (before torch can be imported), runs with
+worker threads spin before they sleep: the fastest wait on a free machine, but beside other busy processes they
+take the cores the working threads need and an epoch gets several times slower (numbers: ``benchmarks/README.md``,
+``contention.py``). Hence every scoretune process, from ``import scoretune`` on (before torch can be imported),
+runs with ``OMP_NUM_THREADS`` = the CPUs the process may use (affinity, cgroup quota), unless the user set it,
+and keeps libgomp's spinning wait; while the engine trains or evaluates, :mod:`scoretune.thread_governor` lowers
+torch's threads to the CPUs other processes leave free (one thread, which never spins, on a busy machine).
 
-* passive waiting, :data:`WAIT` (a waiting thread sleeps at once instead of spinning 300,000 times), unless
-  the user set a wait setting (:data:`WAIT_VARS`). It costs on an idle machine, where the small kernels of
-  an epoch wait for a sleeping thread to wake; a short spin (``GOMP_SPINCOUNT=10000``) costs nothing idle but
-  hardly helps beside busy processes (both measured in ``benchmarks/README.md``);
-* ``OMP_NUM_THREADS`` = the CPUs the process may use (affinity, cgroup quota), unless the user set it.
-
-libgomp reads both once, when torch loads it; child processes inherit them. A variable the policy set is
+libgomp reads the variables once, when torch loads it; child processes inherit them. A variable the policy set is
 recorded in ``$SCORETUNE_THREADS`` so that a child recomputes it rather than taking it for the user's choice;
-``SCORETUNE_THREADS=off`` switches the policy off (OpenMP's and torch's defaults, as before it existed).
-Ray workers get the wait policy through the job's runtime environment (:func:`ray_env_vars`), not the count:
-Ray sizes each worker's ``OMP_NUM_THREADS`` to the task's ``num_cpus`` when it is unset (:func:`ray_start_env`).
+``SCORETUNE_THREADS=off`` switches the policy and the governor off (OpenMP's and torch's defaults). A count or a
+wait setting of the user's (:data:`WAIT_VARS`, e.g. ``OMP_WAIT_POLICY=PASSIVE``) stays fixed: the governor
+leaves such a process alone. Ray workers get the user's wait settings through the job's runtime environment
+(:func:`ray_env_vars`), not the count: Ray sizes each worker's ``OMP_NUM_THREADS`` to the task's ``num_cpus``
+when it is unset (:func:`ray_start_env`).
 """
 
 from __future__ import annotations
@@ -28,9 +27,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, MutableMapping
 
 WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-"""Any of these set by the user: the wait policy is left alone (GOMP_SPINCOUNT=300000 is libgomp's default)."""
-WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
-"""The policy's wait setting (libgomp, the OpenMP runtime the torch wheels ship)."""
+"""The user's OpenMP wait settings (libgomp's default: spin ``GOMP_SPINCOUNT=300000`` times, then sleep)."""
 COUNT_VAR = "OMP_NUM_THREADS"
 MARK_VAR = "SCORETUNE_THREADS"
 """What the policy set, ``NAME=VALUE,...``: equal values in a child are the policy's, not the user's; ``off``:
@@ -80,15 +77,9 @@ def policy_env(env: MutableMapping[str, str], *, affinity: int | None = None,
                quota: float | None = None) -> dict[str, str]:
     """The variables the policy sets in ``env`` (the user's settings win; the policy's own, inherited
     from a parent, are recomputed)."""
-    if env.get(MARK_VAR, "").strip().lower() == "off":
+    if env.get(MARK_VAR, "").strip().lower() == "off" or COUNT_VAR in user_settings(env):
         return {}
-    user = user_settings(env)
-    out = {}
-    if not user & set(WAIT_VARS):
-        out.update(WAIT)
-    if COUNT_VAR not in user:
-        out[COUNT_VAR] = str(cpu_budget(affinity=affinity, quota=quota))
-    return out
+    return {COUNT_VAR: str(cpu_budget(affinity=affinity, quota=quota))}
 
 
 def user_settings(env: Mapping[str, str]) -> set[str]:
@@ -99,7 +90,7 @@ def user_settings(env: Mapping[str, str]) -> set[str]:
 
 def apply(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
     """Set :func:`policy_env` in ``env`` (default ``os.environ``) and record it; when torch is already
-    loaded (too late for the wait policy) at least size its threads. Returns what was set."""
+    loaded (too late for libgomp to read it) size its threads. Returns what was set."""
     env = os.environ if env is None else env
     set_ = policy_env(env)
     env.update(set_)
@@ -124,8 +115,8 @@ def set_torch_threads(cpus: float | None = None) -> int:
 
 
 def ray_env_vars(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """The wait settings in effect here, for a Ray job's ``runtime_env={"env_vars": ...}`` (workers on
-    other nodes do not inherit this process's environment). Settings a submitted job's own runtime env
+    """The user's wait settings in effect here, for a Ray job's ``runtime_env={"env_vars": ...}`` (workers
+    on other nodes do not inherit this process's environment). Settings a submitted job's own runtime env
     already holds are left out: Ray refuses two values for one variable."""
     env = os.environ if env is None else env
     job = _job_env_vars(env)
