@@ -7,9 +7,13 @@ For each config (the digits config ``configs/digits_trades_se.yaml`` and the bas
 with ``--competitor torch`` a one-thread torch matmul loop), under two settings:
 
 * ``today``: ``SCORETUNE_THREADS=off`` (libgomp's default spin-then-sleep wait, torch's default thread count);
-* ``new``: scoretune's thread policy (:mod:`scoretune.threads`: passive wait, threads = the CPUs it may use);
+* ``new``: scoretune's thread policy (:mod:`scoretune.threads`: threads = the CPUs it may use, libgomp's spinning
+  wait) with the thread governor (:mod:`scoretune.thread_governor`: in the engine's loops, torch's threads = the
+  CPUs the other processes leave free);
 * ``--variant NAME=VAR=VALUE[,VAR=VALUE]`` (repeatable) adds a setting: the policy with those variables set
-  (e.g. ``spin10k=GOMP_SPINCOUNT=10000``, ``t1=OMP_NUM_THREADS=1``), measured in the same rounds.
+  (e.g. ``spin10k=GOMP_SPINCOUNT=10000``, ``t1=OMP_NUM_THREADS=1``), measured in the same rounds. A variable set
+  so is the user's and switches the governor off: ``passive=OMP_WAIT_POLICY=PASSIVE`` is the policy before the
+  governor (passive wait, threads = the CPUs it may use).
 
 Rounds interleave everything (per round: k = 0, 1, 2; within each k both settings, their order alternating from
 round to round). The time is the epoch's own ``sec`` (the engine's ``epoch_time``: training and evaluation, not
@@ -20,7 +24,7 @@ idle machine) and last ``contention_ratio <worst ratio at k=2 of the new setting
 (a fair share), never asserted. Run it with the machine otherwise quiet:
 
     python benchmarks/contention.py --json contention.json          # 3 rounds, ~7 minutes on 2 cores
-    python benchmarks/contention.py --variant spin10k=GOMP_SPINCOUNT=10000  # ~11 minutes
+    python benchmarks/contention.py --variant passive=OMP_WAIT_POLICY=PASSIVE  # ~11 minutes
     python benchmarks/contention.py --quick                         # 1 round, digits only
 """
 
