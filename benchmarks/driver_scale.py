@@ -553,7 +553,8 @@ def run_ours(args: argparse.Namespace, stack: ServerStack | None, n: int, c: int
         uri = stack.fresh(f"scale_{n}x{c}").url
         study = study or stack.study_url()
     load0 = os.getloadavg()
-    prof = profiled() if args.profile else contextlib.nullcontext()
+    dump = Path(args.profile_out) / f"ours_{n}x{c}_r{round_no}.prof" if args.profile_out else None
+    prof = profiled(dump=dump) if args.profile else contextlib.nullcontext()
     with prof:
         r = run_size(n, c, args.epochs, work, uri, study, stack, round_no)
     r["load"] = [load0, os.getloadavg()]
@@ -572,9 +573,10 @@ def run_ours(args: argparse.Namespace, stack: ServerStack | None, n: int, c: int
 
 
 @contextlib.contextmanager
-def profiled(top: int = 15):
-    """cProfile over the block, then its ``top`` functions by cumulative time printed (profiling slows the
-    driver, so a profiled run's CPU figures are not comparable with an unprofiled one's)."""
+def profiled(top: int = 15, dump: Path | None = None):
+    """cProfile over the block, then its ``top`` functions by cumulative time printed and, with ``dump``, the
+    whole profile written there for ``pstats`` (profiling slows the driver, so a profiled run's CPU figures are
+    not comparable with an unprofiled one's)."""
     import cProfile
     import pstats
 
@@ -584,6 +586,9 @@ def profiled(top: int = 15):
         yield
     finally:
         prof.disable()
+        if dump is not None:
+            dump.parent.mkdir(parents=True, exist_ok=True)
+            prof.dump_stats(dump)
         print(f"    cProfile of the driver's main thread, top {top} by cumtime (profiled: slower than measured):")
         pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(top)
 
@@ -620,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="cProfile our driver's runs (each size's set-up included) and print the top 15 by "
                         "cumulative time")
+    p.add_argument("--profile-out", default=None, metavar="DIR",
+                   help="with --profile: also write each size's whole profile to DIR/ours_<n>x<c>_r<round>.prof")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write all results to OUT")
     args = p.parse_args(argv)
     sizes = [(int(n), int(c)) for c in args.concurrent.split(",") for n in args.trials.split(",")]

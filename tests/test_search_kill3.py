@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import load_benchmark
 
-TRIALS, EPOCHS = 8, 4
+TRIALS, EPOCHS = 6, 4
 pytestmark = pytest.mark.slow
 
 
