@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from resume_check import assert_same_weights, straight_and_resumed
-from scoretune import threads
 from scoretune.config import build_config
 from scoretune.engine import (
     CheckpointError,
@@ -77,9 +76,7 @@ def test_checkpoint_round_trip_gives_identical_accuracy(trained):
     assert contiguous["test_r_madry"] == pytest.approx(a["test_r_madry"], rel=1e-4)
 
 
-def test_resuming_reproduces_an_uninterrupted_run_exactly(tmp_path, monkeypatch):
-    # at a fixed thread count: the governor's follow the CPU load, and change the float summation order
-    monkeypatch.setenv(threads.MARK_VAR, "off")
+def test_resuming_reproduces_an_uninterrupted_run_exactly(tmp_path):
     raw = {**DIGITS_TRADES_SE, "epochs": 3, "attack": {"eps": 0.2, "steps": 2}, "eval": {"pgd_steps": 2, "test": False}}
     cfg = build_config(raw)
     straight, resumed = straight_and_resumed(cfg, tmp_path / "ckpt.pt", 3)

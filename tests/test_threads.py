@@ -118,10 +118,10 @@ def test_the_users_settings_win_in_a_scoretune_process():
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs 2 CPUs and sched_setaffinity")
 def test_a_child_pinned_to_one_cpu_gets_one_thread():
-    # this process already runs under the policy (conftest): the child inherits its marked count
-    assert os.environ.get(threads.MARK_VAR)
+    # the child of a process under the policy inherits its count marked as the policy's, and recomputes it
+    parent = {**os.environ, threads.COUNT_VAR: "2", threads.MARK_VAR: f"{threads.COUNT_VAR}=2"}
     one = min(os.sched_getaffinity(0))
-    got, _ = _probe(dict(os.environ), preexec_fn=lambda: os.sched_setaffinity(0, {one}))
+    got, _ = _probe(parent, preexec_fn=lambda: os.sched_setaffinity(0, {one}))
     assert got == {"env": {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": "1"}, "torch": 1}
 
 
