@@ -32,20 +32,6 @@ QUICK = ["num_samples=4", "max_concurrent=2", "base.epochs=2", "base.attack.step
          "base.batch_size=128", "scheduler.grace_period=1"]  # the quickstart space, shrunk (--set overrides)
 
 
-def load_benchmark(name: str):
-    """The script ``benchmarks/<name>.py`` as a module, for tests of its pieces (the scripts are run by path,
-    not imported as a package)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # a dataclass in the script resolves its annotations through it
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

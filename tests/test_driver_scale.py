@@ -10,14 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ds():
-    return load_benchmark("driver_scale")
+    from benchmarks import driver_scale
+
+    return driver_scale
 
 
 def test_driver_vs_stock_is_the_ratio_of_the_medians(ds):

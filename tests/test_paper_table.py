@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def pt():
-    return load_benchmark("paper_table")
+    from benchmarks import paper_table
+
+    return paper_table
 
 
 @pytest.mark.parametrize("argv", [["--seeds", "3"],

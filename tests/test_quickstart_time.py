@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def qt():
-    return load_benchmark("quickstart_time")
+    from benchmarks import quickstart_time
+
+    return quickstart_time
 
 
 def test_the_split_reads_the_stamped_autoattack_lines_of_the_search(qt):

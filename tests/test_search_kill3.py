@@ -8,7 +8,6 @@ import pickle
 from types import SimpleNamespace
 
 import pytest
-from conftest import load_benchmark
 
 TRIALS, EPOCHS = 6, 4
 pytestmark = pytest.mark.slow
@@ -19,7 +18,8 @@ def killed(tmp_path_factory):
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
-    bench = load_benchmark("kill_resume")
+    from benchmarks import kill_resume as bench
+
     folder = tmp_path_factory.mktemp("kill3")
     space, log = bench.write_space(folder, "killed", trials=TRIALS, epochs=EPOCHS), folder / "driver.log"
     rc = bench.killed_then_resumed(space, log, kills=3)
