@@ -322,9 +322,115 @@ tune.Tuner(counting, run_config=tune.RunConfig(name="race", storage_path={str(tm
     assert restore_pruned_checkpoints(str(exp), lines.append) == []  # nothing left to put back
 
 
-def _counting():
+def _cut_snapshot(folder: Path, session: str) -> list[str]:
+    """What a kill during Tune's upload of its snapshot left (seen in a killed search): these three empty."""
+    names = [f"experiment_state-{session}.json", f"search_gen_state-{session}.json", f"searcher-state-{session}.pkl"]
+    for name in names:
+        (folder / name).write_bytes(b"")
+    return names
+
+
+def _tune_snapshot(folder: Path, session: str = "2026-12-07_10-00-00") -> None:
+    import pickle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"experiment_state-{session}.json").write_text(json.dumps({"trial_data": [], "stats": {}}))
+    (folder / f"search_gen_state-{session}.json").write_bytes(pickle.dumps({"counter": 3}))  # Tune's is a pickle
+    (folder / f"searcher-state-{session}.pkl").write_bytes(pickle.dumps({"trials": [1, 2, 3]}))
+    (folder / "tuner.pkl").write_bytes(pickle.dumps({"tuner": 1}))
+
+
+def test_the_keeper_copies_only_a_complete_snapshot_that_has_been_still(tmp_path):
+    from scoretune.search.resume import KEPT_DIR, keep_snapshot
+
+    _tune_snapshot(tmp_path)
+    assert not keep_snapshot(tmp_path, settle=60.0)  # just written: an upload may be under way
+    assert keep_snapshot(tmp_path, settle=0.0)
+    kept = tmp_path / KEPT_DIR
+    assert sorted(f.name for f in kept.iterdir()) == sorted(f.name for f in tmp_path.glob("*.*") if f.is_file())
+    (tmp_path / "searcher-state-2026-12-07_10-00-00.pkl").write_bytes(b"\x80\x05\x95")  # cut mid-pickle
+    assert not keep_snapshot(tmp_path, settle=0.0)
+    assert (kept / "searcher-state-2026-12-07_10-00-00.pkl").read_bytes().endswith(b".")  # the complete copy stays
+
+
+def test_a_snapshot_cut_with_no_kept_copy_is_one_line_saying_what_to_do(tmp_path):
+    from scoretune.search.resume import repair_snapshot
+
+    _tune_snapshot(tmp_path)
+    _cut_snapshot(tmp_path, "2026-12-07_10-00-00")
+    with pytest.raises(UserError, match=r"cut short when the search was killed \(experiment_state-.*another --name"):
+        repair_snapshot(str(tmp_path))
+
+
+def test_a_newer_attempts_cut_upload_is_set_aside_for_the_kept_older_one(tmp_path):
+    import pickle
+
+    from scoretune.search.resume import keep_snapshot, repair_snapshot
+
+    _tune_snapshot(tmp_path, "2026-12-07_10-00-00")
+    assert keep_snapshot(tmp_path, settle=0.0)
+    _cut_snapshot(tmp_path, "2026-12-07_11-00-00")  # attempt 2, killed during its first upload
+    lines: list[str] = []
+    assert len(repair_snapshot(str(tmp_path), lines.append)) == 3
+    assert not list(tmp_path.glob("*2026-12-07_11-00-00.json")) and len(list(tmp_path.glob("*11-00-00*.cut"))) == 3
+    assert pickle.loads((tmp_path / "search_gen_state-2026-12-07_10-00-00.json").read_bytes()) == {"counter": 3}
+    assert lines and "goes on from the last complete one" in lines[0]
+    assert repair_snapshot(str(tmp_path), lines.append) == [] and len(lines) == 1  # whole now: nothing to do
+
+
+@pytest.mark.slow
+def test_a_search_killed_while_tune_uploaded_its_snapshot_resumes_from_the_kept_copy(ray_local, tmp_path):
+    """The kill left Tune's snapshot files empty (Tune rewrites them in place); ``Tuner.restore`` cannot read
+    them. The copy the keeper kept goes back, and the trial goes on from a checkpoint, not from scratch."""
+    import time
+
+    from ray import tune
+    from scoretune.search.resume import KEPT_DIR, repair_snapshot, restore_pruned_checkpoints
+
+    exp = tmp_path / "ray" / "cut"
+    script = tmp_path / "cut.py"
+    script.write_text(COUNTING_TRAINABLE.replace("range(start + 1, 9)", "range(start + 1, 21)") + f'''
+import ray
+from scoretune.search.resume import SnapshotKeeper
+ray.init(address={ray_local.get_runtime_context().gcs_address!r}, log_to_driver=False)
+tune.Tuner(counting, run_config=tune.RunConfig(name="cut", storage_path={str(tmp_path / "ray")!r},
+    callbacks=[SnapshotKeeper({str(exp)!r}, every=0.0, settle=0.2)],
+    checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="score"))).fit()
+''')
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, named_at = time.time() + 120, None
+        while time.time() < deadline and proc.poll() is None:
+            if named_at is None:
+                try:
+                    trials = tune.ExperimentAnalysis(str(exp)).trials
+                except (ValueError, OSError):  # no snapshot yet, or one being uploaded
+                    trials = []
+                if trials and trials[0].checkpoint is not None and trials[0].status != "TERMINATED":
+                    named_at = time.time()  # Tune's snapshot names a checkpoint of the running trial ...
+            elif (exp / KEPT_DIR).is_dir() and (exp / KEPT_DIR).stat().st_mtime > named_at + 0.1:
+                break  # ... and the keeper kept a copy since
+            time.sleep(0.1)
+        assert proc.poll() is None, "the trial ended before the keeper kept a snapshot naming its checkpoint"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    (session,) = [f.name[len("experiment_state-"):-len(".json")] for f in exp.glob("experiment_state-*.json")]
+    cut = _cut_snapshot(exp, session)
+    with pytest.raises(ValueError):  # what --resume hit before
+        tune.ExperimentAnalysis(str(exp))
+    lines: list[str] = []
+    assert sorted(repair_snapshot(str(exp), lines.append)) == sorted(cut)
+    assert len(lines) == 1 and "goes on from the last complete one" in lines[0]
+    restore_pruned_checkpoints(str(exp), lines.append)
+    (result,) = tune.Tuner.restore(str(exp), trainable=_counting(epochs=20), resume_unfinished=True).fit()
+    assert result.error is None
+    assert result.metrics["epoch"] == 20 and result.metrics["started_at"] >= 1  # from a checkpoint
+
+
+def _counting(epochs: int = 8):
     namespace: dict = {}
-    exec(COUNTING_TRAINABLE, namespace)
+    exec(COUNTING_TRAINABLE.replace("range(start + 1, 9)", f"range(start + 1, {epochs + 1})"), namespace)
     return namespace["counting"]
 
 

@@ -29,7 +29,7 @@ from ..tracking.runs import CONFIRM_STAGE, search_trials
 from .callback import MlflowSearchCallback, ProgressCallback, experiment_id_for, log_metrics
 from .finalize import log_and_attack, settle_trials
 from .report import SEED, ConfigRow, SearchSummary, config_id, format_groups, group_by_config
-from .resume import end_superseded, restore_pruned_checkpoints, saved_trials
+from .resume import SnapshotKeeper, end_superseded, repair_snapshot, restore_pruned_checkpoints, saved_trials
 from .space import SearchSpace
 from .tuner import build_stoppers, combined_stopper, interrupted, quiet_tune, trainable_for, trial_name, trial_settings
 
@@ -134,6 +134,7 @@ def run_confirmation(space: SearchSpace, summary: SearchSummary, *, name: str, u
     cl = client(uri)
     cl.update_run(parent_run_id, status="RUNNING")
     if tune.Tuner.can_restore(path):
+        repair_snapshot(path, out)
         out(f"the confirmation of search '{name}' goes on from {path} (seeds that finished are not trained again)")
         end_superseded(cl, parent_run_id, saved_trials(path), superseded_by, out, stage=CONFIRM_STAGE)
         restore_pruned_checkpoints(path, out)
@@ -187,7 +188,7 @@ def build_confirm_tuner(cspace: SearchSpace, points: list[dict[str, Any]], *, na
     p = cspace.primary
     run_config = tune.RunConfig(
         name=CONFIRM_DIR, storage_path=ray_path, stop=combined_stopper(stoppers),
-        callbacks=[mlflow_cb, ProgressCallback(cspace, stoppers, out, judge=mlflow_cb.verdict)],
+        callbacks=[mlflow_cb, ProgressCallback(cspace, stoppers, out, judge=mlflow_cb.verdict), SnapshotKeeper(path)],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=cspace.keep_checkpoints,
                                                 checkpoint_score_attribute=p.metric, checkpoint_score_order=p.mode),
         failure_config=tune.FailureConfig(max_failures=0), verbose=0,

@@ -42,7 +42,8 @@ from .callback import MlflowSearchCallback, ProgressCallback, experiment_id_for,
 from .confirm import run_confirmation
 from .finalize import finalize_search
 from .report import SearchSummary
-from .resume import attempt_label, end_superseded, read_state, restore_pruned_checkpoints, saved_trials, write_state
+from .resume import (SnapshotKeeper, attempt_label, end_superseded, read_state, repair_snapshot,
+                     restore_pruned_checkpoints, saved_trials, write_state)
 from .space import SearchSpace
 from .study import (
     abandon_running,
@@ -129,6 +130,7 @@ def run_search(space: SearchSpace, *, name: str | None = None, resume: bool = Fa
         if not tune.Tuner.can_restore(ray_path):
             raise UserError(f"nothing to resume: no search '{name}' in {storage} (run it without --resume first)")
         check_trusted_storage(ray_path)
+        repair_snapshot(ray_path, out)
         state = read_state(ray_path)
         space = SearchSpace.model_validate(state["space"])
         uri = state["tracking_uri"]
@@ -306,7 +308,7 @@ def build_tuner(space: SearchSpace, *, name: str, storage: str, ray_path: str, t
     p = space.primary
     run_config = tune.RunConfig(
         name=name, storage_path=storage, stop=combined_stopper(stoppers),
-        callbacks=[mlflow_cb, ProgressCallback(space, stoppers, out, judge=mlflow_cb.verdict)],
+        callbacks=[mlflow_cb, ProgressCallback(space, stoppers, out, judge=mlflow_cb.verdict), SnapshotKeeper(ray_path)],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=space.keep_checkpoints, checkpoint_score_attribute=p.metric,
                                                 checkpoint_score_order=p.mode),
         failure_config=tune.FailureConfig(max_failures=0), verbose=0,

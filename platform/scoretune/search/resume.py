@@ -13,14 +13,23 @@ trials write them: a kill between the two can leave the snapshot naming a checkp
 Tune would fail that trial. :func:`restore_pruned_checkpoints` puts the trial's newest checkpoint on
 disk in its place first, so the trial goes on from there (or ends at once when that one holds its
 whole budget).
+
+Tune uploads its snapshot files into the experiment folder in a background thread, rewriting them in
+place: a kill during that copy leaves them empty or cut, and Tune cannot read them back. While the search
+runs, :class:`SnapshotKeeper` keeps the last complete set in ``.scoretune-snapshot/``;
+:func:`repair_snapshot` puts it back before ``--resume`` reads the snapshot.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from ray.tune import Callback
 
 from trainables.ray_checkpoint import read_json_file, storage_fs
 
@@ -102,6 +111,109 @@ def restore_pruned_checkpoints(ray_path: str, out: Callable[[str], None] = print
         out(f"trial {trial.trial_id}: Tune's snapshot named checkpoint {Path(ckpt.path).name}, which pruning "
             f"deleted after the snapshot; it goes on from its newest, {newest.name}")
     return restored
+
+
+# ----------------------------------------------------------------------------- Tune's snapshot, kept whole
+SNAPSHOT_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl",
+                  "callback-states-*.pkl", "tuner.pkl")  # what Tune writes into the experiment folder to restore it
+KEPT_DIR = ".scoretune-snapshot"
+
+
+def snapshot_files(folder: Path) -> list[Path]:
+    """Tune's snapshot files in ``folder`` (by name; a file set aside as ``.cut`` is not one)."""
+    return sorted(f for pattern in SNAPSHOT_FILES for f in folder.glob(pattern) if f.is_file())
+
+
+def is_complete(path: Path) -> bool:
+    """Whether a snapshot file was written to its end: a pickle (whatever its name says: Tune's
+    ``search_gen_state-*.json`` is one) that ends with its STOP opcode, checked without unpickling; else
+    JSON that parses."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if data[:1] == b"\x80":  # pickle protocol 2 and later
+        return data.endswith(b".")
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+def keep_snapshot(folder: Path, *, settle: float = 1.0) -> bool:
+    """Copy Tune's snapshot files in ``folder`` to ``folder/.scoretune-snapshot`` when every one is complete
+    and none changed in the last ``settle`` s (an upload may be under way); returns whether it copied."""
+    files = snapshot_files(folder)
+    stamps = {f.name: f.stat() for f in files}
+    if not files or any(time.time() - st.st_mtime < settle for st in stamps.values()):
+        return False
+    if not all(is_complete(f) for f in files):
+        return False
+    tmp, kept, old = folder / f"{KEPT_DIR}.tmp", folder / KEPT_DIR, folder / f"{KEPT_DIR}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in files:
+        shutil.copy2(f, tmp / f.name)
+    if any((folder / name).stat().st_mtime_ns != st.st_mtime_ns for name, st in stamps.items()):
+        shutil.rmtree(tmp, ignore_errors=True)  # Tune rewrote one while it was copied: the next call
+        return False
+    shutil.rmtree(old, ignore_errors=True)
+    if kept.exists():
+        kept.rename(old)
+    tmp.rename(kept)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+class SnapshotKeeper(Callback):
+    """Keeps the last complete copy of Tune's snapshot of a search on local storage (at most every
+    ``every`` s, when it changed and has been still for ``settle`` s), for :func:`repair_snapshot`."""
+
+    def __init__(self, ray_path: str, every: float = 5.0, settle: float = 1.0):
+        self.folder = None if "://" in ray_path else str(Path(ray_path))
+        self.every, self.settle = every, settle
+        self._next = 0.0
+        self._kept: dict[str, int] = {}
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self.folder is None or time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.every
+        folder = Path(self.folder)
+        now = {f.name: f.stat().st_mtime_ns for f in snapshot_files(folder)}
+        if now != self._kept and keep_snapshot(folder, settle=self.settle):
+            self._kept = now
+
+
+def repair_snapshot(ray_path: str, out: Callable[[str], None] = print) -> list[str]:
+    """Before Tune reads its snapshot at ``ray_path``: when a kill cut one of its files short, put the
+    kept copy (:class:`SnapshotKeeper`) back, setting aside (``.cut``) the files of a newer upload it does
+    not hold; returns the names of the cut files. A one-line UserError when no complete copy is kept."""
+    if "://" in ray_path:
+        return []
+    folder = Path(ray_path)
+    cut = [f.name for f in snapshot_files(folder) if not is_complete(f)]
+    if not cut:
+        return []
+    kept_dir = next((d for d in (folder / KEPT_DIR, folder / f"{KEPT_DIR}.old") if d.is_dir()), None)
+    kept = snapshot_files(kept_dir) if kept_dir is not None else []
+    if not kept or not all(is_complete(f) for f in kept):
+        raise UserError(f"Tune's snapshot in {ray_path} was cut short when the search was killed ({', '.join(cut)}) "
+                        "and no complete copy of it is kept; start the search again under another --name (MLflow "
+                        "keeps the trials that ran)")
+    names = {f.name for f in kept}
+    for f in snapshot_files(folder):
+        if f.name not in names:
+            f.rename(f.with_name(f.name + ".cut"))
+    for f in kept:
+        tmp = folder / f".{f.name}.restore"
+        shutil.copy2(f, tmp)
+        os.replace(tmp, folder / f.name)
+    when = time.strftime("%H:%M:%S", time.localtime(max(f.stat().st_mtime for f in kept)))
+    out(f"Tune's snapshot was cut short when the search was killed ({', '.join(cut)}); it goes on from the last "
+        f"complete one, saved at {when}")
+    return cut
 
 
 STATE_FILE = "scoretune_search.json"
