@@ -5,8 +5,10 @@ test module loads torch."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
 
 import pytest
 from scoretune import threads  # applies the thread policy; torch is not loaded yet
@@ -46,7 +48,7 @@ def ray_local():
 
     if not ray.is_initialized():
         with threads.ray_start_env():
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
     yield ray
 
@@ -63,13 +65,11 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    except Exception:
-        pass
+    ray = sys.modules.get("ray")  # not imported by this process's tests: nothing to shut down (and no import)
+    if ray is not None:
+        with contextlib.suppress(Exception):
+            if ray.is_initialized():
+                ray.shutdown()
 
 
 @pytest.fixture(scope="module")
