@@ -124,16 +124,19 @@ def snapshot_files(folder: Path) -> list[Path]:
     return sorted(f for pattern in SNAPSHOT_FILES for f in folder.glob(pattern) if f.is_file())
 
 
-def is_complete(path: Path) -> bool:
+def is_complete(path: Path, *, parse: bool = True) -> bool:
     """Whether a snapshot file was written to its end: a pickle (whatever its name says: Tune's
     ``search_gen_state-*.json`` is one) that ends with its STOP opcode, checked without unpickling; else
-    JSON that parses."""
+    JSON that parses, or (``parse=False``, the cheap check while a search runs: the experiment state holds
+    every trial) whose last character closes it."""
     try:
         data = path.read_bytes()
     except OSError:
         return False
     if data[:1] == b"\x80":  # pickle protocol 2 and later
         return data.endswith(b".")
+    if not parse:
+        return data.rstrip().endswith((b"}", b"]"))
     try:
         json.loads(data)
     except ValueError:
@@ -148,7 +151,7 @@ def keep_snapshot(folder: Path, *, settle: float = 1.0) -> bool:
     stamps = {f.name: f.stat() for f in files}
     if not files or any(time.time() - st.st_mtime < settle for st in stamps.values()):
         return False
-    if not all(is_complete(f) for f in files):
+    if not all(is_complete(f, parse=False) for f in files):
         return False
     tmp, kept, old = folder / f"{KEPT_DIR}.tmp", folder / KEPT_DIR, folder / f"{KEPT_DIR}.old"
     shutil.rmtree(tmp, ignore_errors=True)
