@@ -353,6 +353,23 @@ def test_the_keeper_copies_only_a_complete_snapshot_that_has_been_still(tmp_path
     assert (kept / "searcher-state-2026-12-07_10-00-00.pkl").read_bytes().endswith(b".")  # the complete copy stays
 
 
+def test_the_keeper_never_stops_the_search_when_it_cannot_copy(tmp_path, monkeypatch):
+    from scoretune.search import resume
+
+    _tune_snapshot(tmp_path)
+    keeper = resume.SnapshotKeeper(str(tmp_path), every=0.0, settle=0.0)
+
+    def gone(*a, **k):
+        raise FileNotFoundError("replaced by Tune meanwhile")
+
+    monkeypatch.setattr(resume.shutil, "copy2", gone)
+    keeper.on_step_end(1, [])  # no exception
+    assert not (tmp_path / resume.KEPT_DIR).exists()
+    monkeypatch.undo()
+    keeper.on_step_end(2, [])
+    assert (tmp_path / resume.KEPT_DIR).is_dir()
+
+
 def test_a_snapshot_cut_with_no_kept_copy_is_one_line_saying_what_to_do(tmp_path):
     from scoretune.search.resume import repair_snapshot
 

@@ -184,9 +184,12 @@ class SnapshotKeeper(Callback):
             return
         self._next = time.monotonic() + self.every
         folder = Path(self.folder)
-        now = {f.name: f.stat().st_mtime_ns for f in snapshot_files(folder)}
-        if now != self._kept and keep_snapshot(folder, settle=self.settle):
-            self._kept = now
+        try:
+            now = {f.name: f.stat().st_mtime_ns for f in snapshot_files(folder)}
+            if now != self._kept and keep_snapshot(folder, settle=self.settle):
+                self._kept = now
+        except OSError:  # a file Tune replaced meanwhile, a full disk: the next call tries again; the search goes on
+            pass
 
 
 def repair_snapshot(ray_path: str, out: Callable[[str], None] = print) -> list[str]:
