@@ -346,6 +346,7 @@ def test_the_keeper_copies_only_a_complete_snapshot_that_has_been_still(tmp_path
     _tune_snapshot(tmp_path)
     assert not keep_snapshot(tmp_path, settle=60.0)  # just written: an upload may be under way
     assert keep_snapshot(tmp_path, settle=0.0)
+    assert not keep_snapshot(tmp_path, settle=0.0)  # unchanged since kept: not copied again
     kept = tmp_path / KEPT_DIR
     assert sorted(f.name for f in kept.iterdir()) == sorted(f.name for f in tmp_path.glob("*.*") if f.is_file())
     (tmp_path / "searcher-state-2026-12-07_10-00-00.pkl").write_bytes(b"\x80\x05\x95")  # cut mid-pickle

@@ -145,15 +145,20 @@ def is_complete(path: Path, *, parse: bool = True) -> bool:
 
 
 def keep_snapshot(folder: Path, *, settle: float = 1.0) -> bool:
-    """Copy Tune's snapshot files in ``folder`` to ``folder/.scoretune-snapshot`` when every one is complete
-    and none changed in the last ``settle`` s (an upload may be under way); returns whether it copied."""
+    """Copy Tune's snapshot files in ``folder`` to ``folder/.scoretune-snapshot`` when they differ from the
+    kept ones (the copies keep their mtimes), every one is complete and none changed in the last ``settle`` s
+    (an upload may be under way); returns whether it copied."""
     files = snapshot_files(folder)
     stamps = {f.name: f.stat() for f in files}
+    kept = folder / KEPT_DIR
     if not files or any(time.time() - st.st_mtime < settle for st in stamps.values()):
         return False
+    if kept.is_dir() and {f.name: f.stat().st_mtime_ns for f in snapshot_files(kept)} == {
+            name: st.st_mtime_ns for name, st in stamps.items()}:
+        return False  # kept already
     if not all(is_complete(f, parse=False) for f in files):
         return False
-    tmp, kept, old = folder / f"{KEPT_DIR}.tmp", folder / KEPT_DIR, folder / f"{KEPT_DIR}.old"
+    tmp, old = folder / f"{KEPT_DIR}.tmp", folder / f"{KEPT_DIR}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for f in files:
@@ -171,23 +176,20 @@ def keep_snapshot(folder: Path, *, settle: float = 1.0) -> bool:
 
 class SnapshotKeeper(Callback):
     """Keeps the last complete copy of Tune's snapshot of a search on local storage (at most every
-    ``every`` s, when it changed and has been still for ``settle`` s), for :func:`repair_snapshot`."""
+    ``every`` s, when it changed and has been still for ``settle`` s: :func:`keep_snapshot`), for
+    :func:`repair_snapshot`."""
 
     def __init__(self, ray_path: str, every: float = 5.0, settle: float = 1.0):
         self.folder = None if "://" in ray_path else str(Path(ray_path))
         self.every, self.settle = every, settle
         self._next = 0.0
-        self._kept: dict[str, int] = {}
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         if self.folder is None or time.monotonic() < self._next:
             return
         self._next = time.monotonic() + self.every
-        folder = Path(self.folder)
         try:
-            now = {f.name: f.stat().st_mtime_ns for f in snapshot_files(folder)}
-            if now != self._kept and keep_snapshot(folder, settle=self.settle):
-                self._kept = now
+            keep_snapshot(Path(self.folder), settle=self.settle)
         except OSError:  # a file Tune replaced meanwhile, a full disk: the next call tries again; the search goes on
             pass
 
